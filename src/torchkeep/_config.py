@@ -1,0 +1,18 @@
+"""Tuning constants, in one place so tests can override them."""
+
+from __future__ import annotations
+
+# Largest JSON header we accept; safetensors uses the same bound. Checked before allocating.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+# Header is padded with spaces so the data region starts on this boundary.
+HEADER_ALIGNMENT = 8
+# Tensors below this size are read through a shared buffer instead of one read call each.
+SMALL_TENSOR_BYTES = 256 * 1024
+# Size of that shared buffer (and of the batches small tensors are written in).
+SMALL_BATCH_BYTES = 8 * 1024 * 1024
+# Largest single write or read call; Linux moves at most ~2 GiB per call.
+MAX_IO_CHUNK = 1 << 30
+# Names of the sharded layout, as Hugging Face writes it.
+SHARD_TEMPLATE = "model-{index:05d}-of-{count:05d}.safetensors"
+SINGLE_FILE_NAME = "model.safetensors"
+INDEX_FILE_NAME = "model.safetensors.index.json"

@@ -1,0 +1,92 @@
+"""The exceptions torchkeep raises.
+
+Every error derives from :class:`TorchkeepError`; most also derive from the builtin a caller
+would already catch::
+
+    TorchkeepError
+    ├── CheckpointNotFoundError   (also FileNotFoundError)
+    ├── CorruptCheckpointError    (also ValueError)
+    ├── UnsupportedTensorError    (also TypeError)
+    ├── LoadMismatchError         (also RuntimeError)
+    └── UnsafeCheckpointError     (also pickle.UnpicklingError)
+
+Each carries the context it is about (``.path``, ``.key``, ``.report``) and its message says
+what went wrong, where, and how to fix it.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torchkeep.weights.report import LoadReport
+
+
+class TorchkeepError(Exception):
+    """Root of every error torchkeep raises."""
+
+
+class CheckpointNotFoundError(TorchkeepError, FileNotFoundError):
+    """The path does not exist, or holds nothing torchkeep can read."""
+
+    def __init__(self, path: str | os.PathLike[str], problem: str = "no such file or directory") -> None:
+        self.path = os.fspath(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}"
+
+
+class CorruptCheckpointError(TorchkeepError, ValueError):
+    """The file is damaged or malformed: truncated, a bad header, bad offsets, a checksum mismatch."""
+
+    def __init__(self, path: str | os.PathLike[str], problem: str, *, key: str | None = None) -> None:
+        self.path = os.fspath(path)
+        self.problem = problem
+        self.key = key
+        where = f"{self.path} (tensor {key!r})" if key is not None else self.path
+        super().__init__(f"{where}: {problem}")
+
+
+class UnsupportedTensorError(TorchkeepError, TypeError):
+    """A value cannot be stored in the safe format; the message says how to convert it."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key = key
+        self.problem = problem
+        super().__init__(f"tensor {key!r}: {problem}")
+
+
+class LoadMismatchError(TorchkeepError, RuntimeError):
+    """A strict load found missing, unexpected or mismatched keys; the model was left unchanged."""
+
+    def __init__(self, report: LoadReport, source: str) -> None:
+        self.report = report
+        self.source = source
+        super().__init__(
+            f"cannot load {source} strictly, the model was left unchanged:\n{report}\n"
+            "Pass strict=False to load the keys that match, or remap= to rename keys."
+        )
+
+
+class UnsafeCheckpointError(TorchkeepError, pickle.UnpicklingError):
+    """A file needs code to run (a pickle global outside the allowlist) and was not marked trusted."""
+
+    def __init__(self, path: str | os.PathLike[str], problem: str, *, globals_: tuple[str, ...] = ()) -> None:
+        self.path = os.fspath(path)
+        self.problem = problem
+        self.globals = globals_
+        super().__init__(f"{self.path}: {problem}")
+
+
+__all__ = [
+    "CheckpointNotFoundError",
+    "CorruptCheckpointError",
+    "LoadMismatchError",
+    "TorchkeepError",
+    "UnsafeCheckpointError",
+    "UnsupportedTensorError",
+]

@@ -1,0 +1,1 @@
+"""Bytes <-> tensors: the safetensors layout torchkeep writes and reads, with hard limits."""

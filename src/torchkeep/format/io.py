@@ -1,0 +1,154 @@
+"""Moving a planned file's bytes to a sink, and a validated file's bytes into tensors."""
+
+from __future__ import annotations
+
+import mmap
+from typing import Any, BinaryIO
+
+import torch
+
+from torchkeep import _config
+from torchkeep.errors import CorruptCheckpointError
+from torchkeep.format.layout import FilePlan, Header, TensorEntry, digest, tensor_bytes
+
+
+def write_all(sink: Any, buffer: Any) -> None:
+    """Write every byte of ``buffer``, looping over short writes and capping each call."""
+    view = memoryview(buffer).cast("B")
+    while view.nbytes:
+        written = sink.write(view[: _config.MAX_IO_CHUNK])
+        if written is None:  # a non-blocking sink said "try again": ours never are.
+            raise OSError("write would block")
+        view = view[written:]
+
+
+def write_plan(plan: FilePlan, sink: BinaryIO) -> None:
+    """Write a planned file: header, then tensors; small tensors go out in batches."""
+    write_all(sink, plan.header)
+    batch = bytearray()
+    for item in plan.items:
+        data = tensor_bytes(item.tensor)
+        if item.nbytes < _config.SMALL_TENSOR_BYTES:
+            batch += data
+            if len(batch) >= _config.SMALL_BATCH_BYTES:
+                write_all(sink, batch)
+                batch.clear()
+            continue
+        if batch:
+            write_all(sink, batch)
+            batch.clear()
+        write_all(sink, data)
+    if batch:
+        write_all(sink, batch)
+
+
+def _readinto_exact(f: Any, view: memoryview, path: str, entry: TensorEntry) -> None:
+    while view.nbytes:
+        got = f.readinto(view[: _config.MAX_IO_CHUNK])
+        if not got:
+            raise CorruptCheckpointError(path, "file ended before the tensor's data (truncated?)", key=entry.name)
+        view = view[got:]
+
+
+def _finish(raw: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
+    """Reinterpret a uint8 tensor holding exactly ``entry``'s bytes."""
+    return raw.view(entry.dtype).reshape(entry.shape)
+
+
+def _check(header: Header, entry: TensorEntry, buffer: Any, path: str) -> None:
+    assert header.checksums is not None  # noqa: S101 - callers check first; keeps mypy informed
+    if digest(buffer) != header.checksums[entry.name]:
+        raise CorruptCheckpointError(path, "checksum mismatch: the tensor's bytes are damaged", key=entry.name)
+
+
+def read_tensors(f: Any, header: Header, path: str, *, verify: bool) -> dict[str, torch.Tensor]:
+    """Read every tensor into memory, each with its own storage, verifying checksums if asked.
+
+    Large tensors are read straight into their own storage (no copy); runs of small tensors are
+    read with one call into a scratch buffer and copied out, since a read call per tensor costs
+    more than the copy.
+    """
+    verify = verify and header.checksums is not None
+    out: dict[str, torch.Tensor] = {}
+    entries = header.by_offset()
+    f.seek(header.data_start)
+    scratch = torch.empty(_config.SMALL_BATCH_BYTES, dtype=torch.uint8)
+    i = 0
+    while i < len(entries):
+        entry = entries[i]
+        if entry.nbytes >= _config.SMALL_TENSOR_BYTES:
+            raw = torch.empty(entry.nbytes, dtype=torch.uint8)
+            view = memoryview(raw.numpy())
+            _readinto_exact(f, view, path, entry)
+            if verify:
+                _check(header, entry, view, path)
+            out[entry.name] = _finish(raw, entry)
+            i += 1
+            continue
+        # A run of small tensors that fits in the scratch buffer.
+        j, run_bytes = i, 0
+        while (
+            j < len(entries)
+            and entries[j].nbytes < _config.SMALL_TENSOR_BYTES
+            and run_bytes + entries[j].nbytes <= _config.SMALL_BATCH_BYTES
+        ):
+            run_bytes += entries[j].nbytes
+            j += 1
+        scratch_np = scratch.numpy()
+        _readinto_exact(f, memoryview(scratch_np)[:run_bytes], path, entry)
+        base = entry.start
+        for small in entries[i:j]:
+            lo = small.start - base
+            if small.nbytes == 0:
+                out[small.name] = torch.empty(small.shape, dtype=small.dtype)
+                continue
+            if verify:
+                _check(header, small, scratch_np[lo : lo + small.nbytes], path)
+            out[small.name] = _finish(scratch[lo : lo + small.nbytes].clone(), small)
+        i = j
+    return {entry.name: out[entry.name] for entry in header.entries}
+
+
+def map_tensors(path: str, header: Header) -> dict[str, torch.Tensor]:
+    """Tensors backed by a private (copy-on-write) memory map of the file: nothing is read yet.
+
+    Checksums are not checked here: that would read the whole file, which is what mmap avoids.
+    """
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if header.data_size else None
+    out: dict[str, torch.Tensor] = {}
+    for entry in header.entries:
+        if entry.nbytes == 0 or mapped is None:
+            out[entry.name] = torch.empty(entry.shape, dtype=entry.dtype)
+            continue
+        flat = torch.frombuffer(
+            mapped, dtype=torch.uint8, count=entry.nbytes, offset=header.data_start + entry.start
+        )
+        out[entry.name] = flat.view(entry.dtype).reshape(entry.shape) if _aligned(header, entry) else (
+            flat.clone().view(entry.dtype).reshape(entry.shape)
+        )
+    return out
+
+
+def _aligned(header: Header, entry: TensorEntry) -> bool:
+    return (header.data_start + entry.start) % torch.empty((), dtype=entry.dtype).element_size() == 0
+
+
+def verify_tensors(f: Any, header: Header, path: str) -> int:
+    """Check every tensor's checksum by streaming the file; returns the number checked."""
+    if header.checksums is None:
+        return 0
+    checked = 0
+    f.seek(header.data_start)
+    for entry in header.by_offset():
+        buffer = bytearray(entry.nbytes) if entry.nbytes < _config.SMALL_BATCH_BYTES else None
+        if buffer is not None:
+            _readinto_exact(f, memoryview(buffer), path, entry)
+            _check(header, entry, buffer, path)
+        else:
+            raw = torch.empty(entry.nbytes, dtype=torch.uint8)
+            view = memoryview(raw.numpy())
+            _readinto_exact(f, view, path, entry)
+            _check(header, entry, view, path)
+        checked += 1
+    return checked

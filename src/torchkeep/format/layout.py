@@ -1,0 +1,310 @@
+"""The on-disk layout of one tensor file: a safetensors file with torchkeep's checksums.
+
+A file is ``u64 little-endian header length | JSON header | data``. The header maps each tensor
+name to its dtype code, shape and ``[start, end)`` byte range in the data region, and holds a
+``__metadata__`` object of string pairs. torchkeep adds two reserved metadata keys (see
+docs/FORMAT.md): ``torchkeep.xxh3_64`` (a JSON object: tensor name -> hex digest of its bytes) and
+``torchkeep.aliases`` (a JSON object: alias -> stored name, for tensors that shared storage).
+
+Parsing validates everything before allocating anything: the header length against the file size
+and a hard limit, each dtype, shape and byte range, and that the ranges tile the data region
+exactly. A damaged file therefore fails with :class:`CorruptCheckpointError`, never a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import xxhash
+
+from torchkeep import _config
+from torchkeep.errors import CorruptCheckpointError
+from torchkeep.format.dtypes import CODE_TO_DTYPE, DTYPE_TO_CODE, ITEMSIZE
+
+FORMAT_VERSION = "1"
+META_FORMAT = "torchkeep.format"
+META_CHECKSUMS = "torchkeep.xxh3_64"
+META_ALIASES = "torchkeep.aliases"
+RESERVED_PREFIX = "torchkeep."
+MAX_NDIM = 64
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor's place in a file: dtype code, shape and byte range within the data region."""
+
+    name: str
+    code: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return CODE_TO_DTYPE[self.code]
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Header:
+    """A parsed, validated file header."""
+
+    entries: tuple[TensorEntry, ...]  # in header order
+    metadata: Mapping[str, str]  # the user's pairs, without torchkeep's reserved keys
+    checksums: Mapping[str, str] | None  # None: the file was not written by torchkeep
+    aliases: Mapping[str, str]
+    data_start: int
+    data_size: int
+    format_version: str | None = None
+
+    def by_offset(self) -> list[TensorEntry]:
+        return sorted(self.entries, key=lambda e: (e.start, e.end))
+
+
+def digest(buffer: Any) -> str:
+    """The checksum torchkeep records for a tensor's bytes."""
+    return xxhash.xxh3_64_hexdigest(buffer)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_header(f: Any, path: str, file_size: int) -> Header:
+    """Read and validate the header of an open file positioned anywhere."""
+    if file_size < 8:
+        raise CorruptCheckpointError(path, f"file is {file_size} bytes, too short to hold a header")
+    f.seek(0)
+    prefix = f.read(8)
+    if len(prefix) != 8:
+        raise CorruptCheckpointError(path, "file ended inside the header length")
+    (header_len,) = struct.unpack("<Q", prefix)
+    if header_len == 0:
+        raise CorruptCheckpointError(path, "header length is 0")
+    if header_len > _config.MAX_HEADER_BYTES:
+        raise CorruptCheckpointError(
+            path, f"header length {header_len} exceeds the limit of {_config.MAX_HEADER_BYTES} bytes"
+        )
+    if header_len > file_size - 8:
+        raise CorruptCheckpointError(
+            path, f"header length {header_len} runs past the end of the {file_size}-byte file (truncated?)"
+        )
+    raw = f.read(header_len)
+    if len(raw) != header_len:
+        raise CorruptCheckpointError(path, "file ended inside the header (truncated?)")
+    return parse_header(raw, path=path, data_start=8 + header_len, data_size=file_size - 8 - header_len)
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def parse_header(raw: bytes, *, path: str, data_start: int, data_size: int) -> Header:
+    """Validate a JSON header against the size of the data region that follows it."""
+    try:
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CorruptCheckpointError(path, f"header is not valid JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise CorruptCheckpointError(path, "header is not a JSON object")
+
+    raw_meta = obj.pop("__metadata__", None) or {}
+    if not isinstance(raw_meta, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in raw_meta.items()
+    ):
+        raise CorruptCheckpointError(path, "__metadata__ must be an object of string pairs")
+
+    entries = tuple(_parse_entry(name, info, path) for name, info in obj.items())
+    _check_coverage(entries, data_size, path)
+
+    checksums = _parse_name_map(raw_meta, META_CHECKSUMS, path)
+    aliases = _parse_name_map(raw_meta, META_ALIASES, path) or {}
+    names = {e.name for e in entries}
+    if checksums is not None:
+        missing = names - checksums.keys()
+        if missing:
+            raise CorruptCheckpointError(path, f"no checksum recorded for {sorted(missing)[:5]}")
+    for alias, target in aliases.items():
+        if alias in names or target not in names:
+            raise CorruptCheckpointError(path, f"bad alias {alias!r} -> {target!r}")
+    user_meta = {k: v for k, v in raw_meta.items() if not k.startswith(RESERVED_PREFIX)}
+    return Header(
+        entries=entries,
+        metadata=user_meta,
+        checksums=checksums,
+        aliases=aliases,
+        data_start=data_start,
+        data_size=data_size,
+        format_version=raw_meta.get(META_FORMAT),
+    )
+
+
+def _parse_name_map(meta: Mapping[str, str], key: str, path: str) -> dict[str, str] | None:
+    if key not in meta:
+        return None
+    try:
+        value = json.loads(meta[key])
+    except ValueError as exc:
+        raise CorruptCheckpointError(path, f"metadata {key} is not valid JSON") from exc
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise CorruptCheckpointError(path, f"metadata {key} must map names to strings")
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_entry(name: str, info: Any, path: str) -> TensorEntry:
+    if not name:
+        raise CorruptCheckpointError(path, "a tensor has an empty name")
+    if not isinstance(info, dict):
+        raise CorruptCheckpointError(path, "tensor entry is not an object", key=name)
+    code = info.get("dtype")
+    if code not in CODE_TO_DTYPE:
+        raise CorruptCheckpointError(
+            path, f"unknown dtype {code!r}; known: {', '.join(CODE_TO_DTYPE)}", key=name
+        )
+    shape = info.get("shape")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_NDIM
+        or not all(_is_int(d) and d >= 0 for d in shape)
+    ):
+        raise CorruptCheckpointError(path, f"invalid shape {shape!r}", key=name)
+    offsets = info.get("data_offsets")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_int(o) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise CorruptCheckpointError(path, f"invalid data_offsets {offsets!r}", key=name)
+    start, end = offsets
+    expected = math.prod(shape) * ITEMSIZE[code]
+    if expected != end - start:
+        raise CorruptCheckpointError(
+            path, f"shape {shape} of {code} needs {expected} bytes but data_offsets span {end - start}", key=name
+        )
+    return TensorEntry(name=name, code=code, shape=tuple(shape), start=start, end=end)
+
+
+def _check_coverage(entries: tuple[TensorEntry, ...], data_size: int, path: str) -> None:
+    position = 0
+    previous: TensorEntry | None = None
+    for entry in sorted(entries, key=lambda e: (e.start, e.end)):
+        if entry.end > data_size:
+            raise CorruptCheckpointError(
+                path,
+                f"bytes [{entry.start}, {entry.end}) run past the {data_size}-byte data region (truncated?)",
+                key=entry.name,
+            )
+        if entry.start < position:
+            other = previous.name if previous else "?"
+            raise CorruptCheckpointError(path, f"bytes overlap those of {other!r}", key=entry.name)
+        if entry.start > position:
+            raise CorruptCheckpointError(
+                path, f"gap of {entry.start - position} unclaimed bytes before it", key=entry.name
+            )
+        position = entry.end
+        previous = entry
+    if position != data_size:
+        raise CorruptCheckpointError(
+            path, f"{data_size - position} bytes after the last tensor belong to no tensor"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning a write
+
+
+@dataclass(frozen=True)
+class WriteItem:
+    """One tensor to write: its bytes (a CPU, contiguous tensor) and its place in the data region."""
+
+    name: str
+    tensor: torch.Tensor = field(repr=False)
+    start: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class FilePlan:
+    """Everything needed to write one file: the header bytes and the items in data order."""
+
+    header: bytes
+    items: tuple[WriteItem, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.header) + sum(item.nbytes for item in self.items)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> Any:
+    """A zero-copy buffer over a CPU, contiguous tensor's bytes."""
+    if tensor.numel() == 0:
+        return b""
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def plan_file(
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    aliases: Mapping[str, str] | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> FilePlan:
+    """Lay out ``tensors`` (CPU, contiguous, safetensors dtypes) in a file.
+
+    Data is ordered by element size, largest first, so every tensor starts on its natural
+    alignment, as safetensors does; the header keeps the caller's order. Output is deterministic.
+    """
+    order = sorted(tensors, key=lambda name: -ITEMSIZE[DTYPE_TO_CODE[tensors[name].dtype]])
+    starts: dict[str, int] = {}
+    items: list[WriteItem] = []
+    position = 0
+    for name in order:
+        tensor = tensors[name]
+        nbytes = tensor.numel() * tensor.element_size()
+        starts[name] = position
+        items.append(WriteItem(name=name, tensor=tensor, start=position, nbytes=nbytes))
+        position += nbytes
+
+    meta: dict[str, str] = dict(metadata or {})
+    meta[META_FORMAT] = FORMAT_VERSION
+    meta[META_CHECKSUMS] = json.dumps(
+        {name: digest(tensor_bytes(tensors[name])) for name in tensors}, separators=(",", ":")
+    )
+    if aliases:
+        meta[META_ALIASES] = json.dumps(dict(aliases), separators=(",", ":"))
+    header_obj: dict[str, Any] = {"__metadata__": dict(sorted(meta.items()))}
+    for name, tensor in tensors.items():
+        start = starts[name]
+        header_obj[name] = {
+            "dtype": DTYPE_TO_CODE[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [start, start + tensor.numel() * tensor.element_size()],
+        }
+    body = json.dumps(header_obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    pad = -(8 + len(body)) % _config.HEADER_ALIGNMENT
+    body += b" " * pad
+    return FilePlan(header=struct.pack("<Q", len(body)) + body, items=tuple(items))

@@ -1,0 +1,1 @@
+"""Turning model state into plain tensors and names, and back."""

@@ -1,0 +1,94 @@
+"""Preparing a state dict for the safe format: validation, CPU contiguous bytes, shared storage."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from torchkeep.errors import UnsupportedTensorError
+from torchkeep.format.dtypes import DTYPE_TO_CODE, dtype_name
+from torchkeep.state.keys import drop_compile_segments, unwrap_model
+
+
+@dataclass(frozen=True)
+class PreparedTensors:
+    """Tensors ready to write (CPU, contiguous, one per storage view) and the aliases dropped."""
+
+    tensors: dict[str, torch.Tensor]
+    aliases: dict[str, str]  # alias name -> stored name
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def state_dict_of(obj: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors to save: a module's unwrapped state dict, or a mapping as given."""
+    if isinstance(obj, nn.Module):
+        module = unwrap_model(obj)
+        return {drop_compile_segments(k): v for k, v in module.state_dict().items()}
+    if isinstance(obj, Mapping):
+        out: dict[str, torch.Tensor] = {}
+        for key, value in obj.items():
+            if not isinstance(key, str):
+                raise TypeError(f"state dict keys must be str, got {key!r} ({type(key).__name__})")
+            if not isinstance(value, torch.Tensor):
+                raise UnsupportedTensorError(
+                    key, f"is a {type(value).__name__}, not a tensor; save_checkpoint stores other values"
+                )
+            out[key] = value
+        return out
+    raise TypeError(f"save() takes an nn.Module or a mapping of str to Tensor, not {type(obj).__name__}")
+
+
+def _check_storable(key: str, tensor: torch.Tensor) -> None:
+    if tensor.is_sparse or tensor.layout != torch.strided:
+        raise UnsupportedTensorError(
+            key, f"has layout {tensor.layout}; only dense tensors can be stored: save tensor.to_dense()"
+        )
+    if tensor.is_quantized:
+        raise UnsupportedTensorError(
+            key, "is quantized; store tensor.dequantize(), or int_repr() with its scale and zero point"
+        )
+    if tensor.is_meta:
+        raise UnsupportedTensorError(key, "is on the meta device and has no data to save")
+    if getattr(tensor, "is_nested", False):
+        raise UnsupportedTensorError(key, "is a nested tensor; save its unbind() parts instead")
+    if tensor.dtype not in DTYPE_TO_CODE:
+        hint = " (use .to(torch.complex64) or torch.view_as_real)" if tensor.is_complex() else ""
+        raise UnsupportedTensorError(key, f"has dtype {dtype_name(tensor.dtype)}, which the format cannot hold{hint}")
+
+
+def _view_key(tensor: torch.Tensor) -> tuple[object, ...]:
+    return (
+        tensor.device,
+        tensor.untyped_storage().data_ptr(),
+        tensor.storage_offset(),
+        tuple(tensor.shape),
+        tuple(tensor.stride()),
+        tensor.dtype,
+    )
+
+
+def prepare(state: Mapping[str, torch.Tensor]) -> PreparedTensors:
+    """Validate every tensor and collapse identical views of one storage to a single entry.
+
+    Views that overlap without being identical are stored as their values, each in full.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first_of_view: dict[tuple[object, ...], str] = {}
+    for key, tensor in state.items():
+        _check_storable(key, tensor)
+        if tensor.numel() > 0:
+            view = _view_key(tensor)
+            if view in first_of_view:
+                aliases[key] = first_of_view[view]
+                continue
+            first_of_view[view] = key
+        plain = tensor.detach().resolve_conj().resolve_neg()
+        tensors[key] = plain.to("cpu").contiguous()
+    return PreparedTensors(tensors=tensors, aliases=aliases)

@@ -1,0 +1,41 @@
+"""The storage interface every backend implements.
+
+Names are ``/``-separated relative keys. The call order for a write is::
+
+    with storage.open_write("a/b.safetensors") as sink:   # nothing visible yet
+        sink.write(...)
+    # on a clean exit the object is durable and visible under its name, atomically;
+    # on an exception nothing is left behind and any previous object is untouched.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import BinaryIO, Protocol, runtime_checkable
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """A place to keep named byte objects, with atomic, durable writes."""
+
+    def open_write(self, name: str) -> AbstractContextManager[BinaryIO]:
+        """A sink whose bytes become visible under ``name`` atomically when the block exits."""
+        ...
+
+    def open_read(self, name: str) -> BinaryIO:
+        """A seekable reader; raises CheckpointNotFoundError when ``name`` does not exist."""
+        ...
+
+    def size(self, name: str) -> int: ...
+
+    def exists(self, name: str) -> bool: ...
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Names under ``prefix``, sorted; never temporary objects of unfinished writes."""
+        ...
+
+    def delete(self, name: str) -> None: ...
+
+    def local_path(self, name: str) -> str | None:
+        """A filesystem path for memory mapping, or None if the backend has none."""
+        ...

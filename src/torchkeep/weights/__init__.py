@@ -1,0 +1,1 @@
+"""Weights (state dicts): save, load, load_into, inspect."""

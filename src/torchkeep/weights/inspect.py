@@ -1,0 +1,170 @@
+"""torchkeep.inspect: what a weights file or folder holds, from the headers alone."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from torchkeep.errors import CheckpointNotFoundError
+from torchkeep.format.dtypes import dtype_name
+from torchkeep.weights.files import resolve
+from torchkeep.weights.load import open_header
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    numel: int
+    nbytes: int
+    file: str
+    alias_of: str | None = None
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """The contents of a weights path: tensors, totals, metadata, and how it was written."""
+
+    path: str
+    files: list[str]
+    tensors: list[TensorInfo]
+    metadata: dict[str, str]
+    checksummed: bool
+    format: str
+    file_bytes: int
+    aliases: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors if t.alias_of is None)
+
+    @property
+    def total_params(self) -> int:
+        return sum(t.numel for t in self.tensors if t.alias_of is None)
+
+    def params_by_prefix(self, depth: int = 1) -> dict[str, int]:
+        """Element counts grouped by the first ``depth`` parts of the module path."""
+        groups: dict[str, int] = {}
+        for t in self.tensors:
+            if t.alias_of is not None:
+                continue
+            parts = t.name.split(".")[:-1]
+            prefix = ".".join(parts[:depth]) or "(top level)"
+            groups[prefix] = groups.get(prefix, 0) + t.numel
+        return groups
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "format": self.format,
+            "files": self.files,
+            "file_bytes": self.file_bytes,
+            "checksummed": self.checksummed,
+            "metadata": self.metadata,
+            "total_tensors": len(self.tensors),
+            "total_params": self.total_params,
+            "total_bytes": self.total_bytes,
+            "params_by_prefix": self.params_by_prefix(),
+            "aliases": self.aliases,
+            "tensors": [
+                {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "numel": t.numel,
+                 "bytes": t.nbytes, "file": t.file, "alias_of": t.alias_of}
+                for t in self.tensors
+            ],
+        }
+
+    def table(self) -> str:
+        rows = [("name", "dtype", "shape", "numel", "bytes")]
+        for t in self.tensors:
+            shape = "[" + ", ".join(map(str, t.shape)) + "]"
+            if t.alias_of is not None:
+                rows.append((t.name, t.dtype, shape, "-", f"= {t.alias_of}"))
+            else:
+                rows.append((t.name, t.dtype, shape, f"{t.numel:,}", _human(t.nbytes)))
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        lines = [
+            f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d:>{widths[3]}}  {e:>{widths[4]}}"
+            for a, b, c, d, e in rows
+        ]
+        return "\n".join(lines)
+
+    def tree(self) -> str:
+        """Parameter counts as a module tree."""
+        counts: dict[tuple[str, ...], int] = {}
+        for t in self.tensors:
+            if t.alias_of is not None:
+                continue
+            parts = tuple(t.name.split("."))
+            for i in range(1, len(parts) + 1):
+                counts[parts[:i]] = counts.get(parts[:i], 0) + t.numel
+        lines = [f"(all) {self.total_params:,}"]
+        for parts in sorted(counts):
+            lines.append(f"{'  ' * len(parts)}{parts[-1]}  {counts[parts]:,}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        check = "xxh3-64 per tensor" if self.checksummed else "none (not written by torchkeep: cannot verify)"
+        lines = [
+            f"{self.path}: {self.format}, {len(self.files)} file(s), {_human(self.file_bytes)} on disk",
+            f"checksums: {check}",
+            self.table(),
+            f"total: {len(self.tensors)} tensors, {self.total_params:,} elements, {_human(self.total_bytes)}",
+            "by module: " + ", ".join(f"{k} {v:,}" for k, v in self.params_by_prefix().items()),
+        ]
+        if self.metadata:
+            lines.append("metadata:")
+            lines += [f"  {k}: {v}" for k, v in sorted(self.metadata.items())]
+        return "\n".join(lines)
+
+
+def _human(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    exp = min(int(math.log(n, 1024)), 4)
+    return f"{n / 1024**exp:.1f} {['B', 'KiB', 'MiB', 'GiB', 'TiB'][exp]}"
+
+
+def inspect(path: str | os.PathLike[str]) -> Inspection:
+    """Describe a weights file or folder by reading only its headers.
+
+    Raises:
+        CheckpointNotFoundError: nothing at ``path``.
+        CorruptCheckpointError: a malformed header.
+    """
+    files = resolve(path)
+    tensors: list[TensorInfo] = []
+    metadata: dict[str, str] = {}
+    aliases: dict[str, str] = {}
+    checksummed = True
+    versions: set[str | None] = set()
+    file_bytes = 0
+    for name in files.files:
+        file_path = files.path(name)
+        try:
+            f = open(file_path, "rb", buffering=0)  # noqa: SIM115 - closed below
+        except IsADirectoryError as exc:
+            raise CheckpointNotFoundError(file_path, "is a directory") from exc
+        with f:
+            header = open_header(f, file_path)
+            file_bytes += os.fstat(f.fileno()).st_size
+        checksummed &= header.checksums is not None
+        versions.add(header.format_version)
+        metadata.update(header.metadata)
+        aliases.update(header.aliases)
+        for e in header.entries:
+            tensors.append(TensorInfo(e.name, dtype_name(e.dtype), e.shape, e.numel, e.nbytes, name))
+        for alias, target in header.aliases.items():
+            entry = next(e for e in header.entries if e.name == target)
+            tensors.append(TensorInfo(alias, dtype_name(entry.dtype), entry.shape, entry.numel, entry.nbytes,
+                                      name, alias_of=target))
+    version = versions.pop() if len(versions) == 1 else None
+    kind = f"torchkeep safetensors v{version}" if version else "safetensors"
+    if files.index:
+        kind += f", sharded ({files.index})"
+    return Inspection(
+        path=os.fspath(path), files=list(files.files), tensors=tensors, metadata=metadata,
+        checksummed=checksummed, format=kind, file_bytes=file_bytes, aliases=aliases,
+    )

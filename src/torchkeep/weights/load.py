@@ -1,0 +1,131 @@
+"""torchkeep.load: weights from a file or a sharded folder, validated and checksum-verified."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError
+from torchkeep.format.io import map_tensors, read_tensors
+from torchkeep.format.layout import Header, read_header
+from torchkeep.state.devices import MapLocation, placer
+from torchkeep.weights.files import WeightFiles, resolve
+
+_MAGIC_HINTS = (
+    (b"PK\x03\x04", "a zip archive (torch.save writes these)"),
+    (b"\x80", "a pickle (legacy torch.save or pickle.dump)"),
+    (b"\x93NUMPY", "a NumPy .npy file"),
+)
+
+
+def _describe_foreign(f: Any) -> str | None:
+    f.seek(0)
+    head = f.read(8)
+    for magic, what in _MAGIC_HINTS:
+        if head.startswith(magic):
+            return what
+    return None
+
+
+def open_header(f: Any, path: str) -> Header:
+    """Read a file's header, saying plainly when the file is another format altogether."""
+    size = os.fstat(f.fileno()).st_size if hasattr(f, "fileno") else f.seek(0, os.SEEK_END)
+    try:
+        return read_header(f, path, size)
+    except CorruptCheckpointError as exc:
+        foreign = _describe_foreign(f)
+        if foreign is None:
+            raise
+        raise CorruptCheckpointError(
+            path, f"not a safetensors file: it looks like {foreign}; this version reads safetensors only"
+        ) from exc
+
+
+def read_file(path: str, *, mmap: bool, verify: bool) -> tuple[Header, dict[str, torch.Tensor]]:
+    """One file's header and its stored tensors (aliases not yet expanded)."""
+    try:
+        f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed in finally
+    except FileNotFoundError as exc:
+        raise CheckpointNotFoundError(path) from exc
+    except IsADirectoryError as exc:
+        raise CheckpointNotFoundError(path, "is a directory, not a weights file") from exc
+    try:
+        header = open_header(f, path)
+        _advise_sequential(f)
+        tensors = map_tensors(path, header) if mmap else read_tensors(f, header, path, verify=verify)
+    finally:
+        f.close()
+    return header, tensors
+
+
+def _advise_sequential(f: Any) -> None:
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is not None:
+        advise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
+
+def read_weights(files: WeightFiles, *, mmap: bool, verify: bool) -> dict[str, torch.Tensor]:
+    """All tensors of a resolved set of files, checked against the index if there is one."""
+    out: dict[str, torch.Tensor] = {}
+    for name in files.files:
+        path = files.path(name)
+        header, tensors = read_file(path, mmap=mmap, verify=verify)
+        if files.expected is not None:
+            listed = {k for k, v in files.expected.items() if v == name}
+            stray = set(tensors) - listed
+            if stray:
+                raise CorruptCheckpointError(path, f"holds tensors its index does not list: {sorted(stray)[:5]}")
+            absent = listed - set(tensors)
+            if absent:
+                raise CorruptCheckpointError(path, f"lacks tensors its index lists: {sorted(absent)[:5]}")
+        for alias, target in header.aliases.items():
+            tensors[alias] = tensors[target]
+        for key, tensor in tensors.items():
+            if key in out:
+                raise CorruptCheckpointError(path, "tensor also stored in another shard", key=key)
+            out[key] = tensor
+    return out
+
+
+def load(
+    path: str | os.PathLike[str],
+    *,
+    map_location: MapLocation = "cpu",
+    mmap: bool = False,
+    dtype: torch.dtype | None = None,
+    verify: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Load weights saved by torchkeep or any safetensors writer, without running any code.
+
+    Args:
+        path: a ``.safetensors`` file, a folder, or a ``*.safetensors.index.json`` file.
+        map_location: as ``torch.load`` accepts (str, device, dict, callable), or ``"auto"``
+            for the current accelerator if any.
+        mmap: return tensors backed by the file (copy-on-write); nothing is read until used.
+            Checksums are then not checked, since that would read everything: use
+            ``torchkeep verify`` or a full load for that.
+        dtype: cast floating-point tensors to this dtype; integer and bool tensors keep theirs.
+        verify: check each tensor against the checksum torchkeep recorded (files from other
+            writers have none and are loaded unchecked).
+
+    Returns:
+        A dict of name -> tensor, in the file's order; tensors saved as shared come back shared.
+
+    Raises:
+        CheckpointNotFoundError: nothing at ``path``.
+        CorruptCheckpointError: a damaged or malformed file, naming the file and the problem.
+    """
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+    tensors = read_weights(resolve(path), mmap=mmap, verify=verify)
+    place = placer(map_location)
+    converted: dict[int, torch.Tensor] = {}  # keeps shared tensors shared through the conversion
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        if id(tensor) not in converted:
+            moved = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+            converted[id(tensor)] = place(moved)
+        out[key] = converted[id(tensor)]
+    return out

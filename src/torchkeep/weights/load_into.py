@@ -1,0 +1,121 @@
+"""torchkeep.load_into: weights into a model, all-or-nothing, with a report."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from torchkeep.errors import LoadMismatchError
+from torchkeep.state.devices import MapLocation
+from torchkeep.state.keys import Remap, compile_remap, drop_compile_segments, strip_wrapper_prefix, unwrap_model
+from torchkeep.weights.load import load
+from torchkeep.weights.report import LoadReport, Mismatch
+
+
+def _kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    return "float" if dtype.is_floating_point else "int"
+
+
+def plan_load(
+    model_state: Mapping[str, torch.Tensor], source: Mapping[str, torch.Tensor], *, source_name: str = ""
+) -> tuple[LoadReport, dict[str, torch.Tensor]]:
+    """Match source tensors to the model's keys; nothing is modified.
+
+    Returns the report and, for every loadable key, the tensor to copy in (in the model's naming).
+    Model keys that are the same tensor as a loaded key (tied weights) count as loaded.
+    """
+    report = LoadReport(source=source_name)
+    to_load: dict[str, torch.Tensor] = {}
+    for key, value in source.items():
+        target = model_state.get(key)
+        if target is None:
+            report.unexpected.append(key)
+            continue
+        if tuple(target.shape) != tuple(value.shape) or _kind(target.dtype) != _kind(value.dtype):
+            report.mismatched.append(
+                Mismatch(key, tuple(target.shape), target.dtype, tuple(value.shape), value.dtype)
+            )
+            continue
+        to_load[key] = value
+        report.loaded.append(key)
+        if target.dtype != value.dtype:
+            report.cast.append(key)
+    loaded_ids = {id(model_state[k]) for k in to_load}
+    matched = set(to_load) | {m.key for m in report.mismatched}
+    for key, target in model_state.items():
+        if key in matched:
+            continue
+        if id(target) in loaded_ids:
+            report.loaded.append(key)  # tied to a loaded tensor: it already has its value
+        else:
+            report.missing.append(key)
+    return report, to_load
+
+
+def load_into(
+    model: nn.Module,
+    source: str | os.PathLike[str] | Mapping[str, torch.Tensor],
+    *,
+    strict: bool = True,
+    remap: Remap | None = None,
+    map_location: MapLocation = None,
+    verify: bool = True,
+) -> LoadReport:
+    """Load weights into ``model`` in place and report what happened, key by key.
+
+    ``module.`` (DataParallel / DDP) and ``_orig_mod.`` (torch.compile) prefixes are handled on
+    both sides. With ``strict=True`` any missing, unexpected or mismatched key raises
+    :class:`LoadMismatchError` before anything is touched; with ``strict=False`` every key whose
+    name and shape match is loaded and the rest stay as they were (transfer learning).
+    The model's train/eval mode is not changed.
+
+    Args:
+        model: the module to fill (may be wrapped in DataParallel / DDP / torch.compile).
+        source: a path torchkeep.load reads, or a state dict.
+        strict: all-or-nothing (True) or load what matches (False).
+        remap: a dict of regex -> replacement applied in order to source keys, or a callable.
+        map_location: where to read tensors first (default: CPU, then copied to the model's device).
+        verify: check checksums when reading from a path.
+
+    Returns:
+        The :class:`LoadReport`.
+
+    Raises:
+        LoadMismatchError: strict load with any problem; the model is unchanged. ``.report`` says why.
+    """
+    if isinstance(source, Mapping):
+        raw = dict(source)
+        source_name = "state dict"
+    else:
+        raw = load(source, map_location=map_location or "cpu", verify=verify)
+        source_name = os.fspath(source)
+    target = unwrap_model(model)
+    own_state = target.state_dict(keep_vars=True)
+    model_keys = {drop_compile_segments(k): k for k in own_state}
+    model_state = {clean: own_state[orig] for clean, orig in model_keys.items()}
+
+    cleaned = {drop_compile_segments(k): v for k, v in raw.items()}
+    strip = strip_wrapper_prefix(cleaned, set(model_state))
+    rename = compile_remap(remap)
+    renamed: dict[str, torch.Tensor] = {}
+    for key, value in cleaned.items():
+        new_key = rename(strip(key))
+        if new_key in renamed:
+            raise ValueError(f"remap sends two source keys to {new_key!r}")
+        renamed[new_key] = value
+
+    report, to_load = plan_load(model_state, renamed, source_name=source_name)
+    if strict and not report.ok:
+        raise LoadMismatchError(report, source_name)
+    # load_state_dict (not raw copies) so modules' own load hooks run.
+    result = target.load_state_dict({model_keys[k]: v for k, v in to_load.items()}, strict=False)
+    if result.unexpected_keys:  # cannot happen after plan_load; guard the contract anyway
+        raise RuntimeError(f"load_state_dict rejected keys {result.unexpected_keys}")
+    return report

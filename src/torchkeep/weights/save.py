@@ -1,0 +1,113 @@
+"""torchkeep.save: a state dict (or a module's) to one safetensors file or a sharded folder."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from torchkeep import _config
+from torchkeep.format.io import write_plan
+from torchkeep.format.layout import RESERVED_PREFIX, plan_file
+from torchkeep.format.sharding import SHARD_NAME, index_document, parse_size, shard_names, split_shards
+from torchkeep.state.tensors import PreparedTensors, prepare, state_dict_of
+from torchkeep.storage.base import Storage
+from torchkeep.storage.local import LocalStorage
+from torchkeep.weights.files import FOREIGN_SUFFIXES, SAFETENSORS_SUFFIX
+
+
+def save(
+    obj: nn.Module | Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    *,
+    metadata: Mapping[str, str] | None = None,
+    max_shard_size: int | str | None = None,
+) -> None:
+    """Save weights safely: no pickle, atomic, checksummed.
+
+    Args:
+        obj: an ``nn.Module`` (its state dict, without DataParallel/DDP/compile prefixes) or a
+            mapping of names to tensors.
+        path: a ``.safetensors`` file, or a folder (then ``model.safetensors`` inside it, or the
+            Hugging Face sharded layout when ``max_shard_size`` splits it).
+        metadata: string pairs kept in each file's header.
+        max_shard_size: bytes per shard, as an int or a string such as ``"500MB"`` or ``"2GiB"``.
+
+    Raises:
+        UnsupportedTensorError: a tensor the format cannot hold (sparse, quantized, ...).
+        ValueError: bad metadata, a bad size, or a file name that is not ``.safetensors``.
+
+    Example:
+        >>> torchkeep.save(model, "model.safetensors", metadata={"epoch": "3"})
+    """
+    meta = _check_metadata(metadata)
+    prepared = prepare(state_dict_of(obj))
+    target = Path(path)
+    if target.name.endswith(SAFETENSORS_SUFFIX) and max_shard_size is None:
+        if target.is_dir():
+            raise IsADirectoryError(f"{target} is a directory; a .safetensors file name is needed")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_weights(LocalStorage(target.parent), target.name, prepared, meta)
+        return
+    if target.suffix in FOREIGN_SUFFIXES or target.name.endswith(SAFETENSORS_SUFFIX):
+        raise ValueError(
+            f"{target}: torchkeep writes safetensors; name the file '*.safetensors', or give a folder"
+            + (" (max_shard_size needs a folder)" if max_shard_size is not None else "")
+        )
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"{target} exists and is not a folder")
+    limit = parse_size(max_shard_size) if max_shard_size is not None else None
+    save_folder(LocalStorage(target), prepared, meta, limit)
+
+
+def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    meta = dict(metadata or {})
+    for key, value in meta.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ValueError(f"metadata must map str to str; got {key!r}: {value!r} (use json.dumps for values)")
+        if key.startswith(RESERVED_PREFIX):
+            raise ValueError(f"metadata key {key!r}: the prefix {RESERVED_PREFIX!r} is reserved for torchkeep")
+    return meta
+
+
+def write_weights(storage: Storage, name: str, prepared: PreparedTensors, metadata: Mapping[str, str]) -> int:
+    """Write one file through ``storage``; returns its size."""
+    plan = plan_file(prepared.tensors, aliases=prepared.aliases, metadata=metadata)
+    with storage.open_write(name) as sink:
+        write_plan(plan, sink)
+    return plan.size
+
+
+def save_folder(
+    storage: Storage, prepared: PreparedTensors, metadata: Mapping[str, str], max_shard_size: int | None
+) -> list[str]:
+    """Write ``model.safetensors``, or shards then the index (the commit point), then drop stale shards."""
+    names = list(prepared.tensors)
+    groups = split_shards(
+        names, lambda n: prepared.tensors[n].numel() * prepared.tensors[n].element_size(), max_shard_size or 0
+    ) if max_shard_size is not None else [names]
+    files = shard_names(len(groups))
+    weight_map: dict[str, str] = {}
+    for file, group in zip(files, groups):
+        members = set(group)
+        shard = PreparedTensors(
+            tensors={n: prepared.tensors[n] for n in group},
+            aliases={a: t for a, t in prepared.aliases.items() if t in members},
+        )
+        write_weights(storage, file, shard, metadata)
+        weight_map.update(dict.fromkeys(group, file))
+    written = list(files)
+    if len(files) > 1:
+        with storage.open_write(_config.INDEX_FILE_NAME) as sink:
+            sink.write(index_document(weight_map, prepared.nbytes))
+        written.append(_config.INDEX_FILE_NAME)
+    for stale in storage.list():
+        is_ours = stale in (_config.SINGLE_FILE_NAME, _config.INDEX_FILE_NAME) or SHARD_NAME.match(stale)
+        if is_ours and stale not in written:
+            with contextlib.suppress(FileNotFoundError):
+                storage.delete(stale)
+    return written
