@@ -16,6 +16,7 @@ from torchkeep.weights.load import load
 from torchkeep.weights.load_into import load_into
 from torchkeep.weights.report import LoadReport, Mismatch
 from torchkeep.weights.save import save
+from torchkeep.weights.verify import verify
 
 __version__ = "0.1.0"
 
@@ -35,4 +36,5 @@ __all__ = [
     "load",
     "load_into",
     "save",
+    "verify",
 ]

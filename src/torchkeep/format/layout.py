@@ -164,9 +164,7 @@ def _parse_name_map(meta: Mapping[str, str], key: str, path: str) -> dict[str, s
         value = json.loads(meta[key])
     except ValueError as exc:
         raise CorruptCheckpointError(path, f"metadata {key} is not valid JSON") from exc
-    if not isinstance(value, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-    ):
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
         raise CorruptCheckpointError(path, f"metadata {key} must map names to strings")
     return value
 
@@ -182,15 +180,9 @@ def _parse_entry(name: str, info: Any, path: str) -> TensorEntry:
         raise CorruptCheckpointError(path, "tensor entry is not an object", key=name)
     code = info.get("dtype")
     if code not in CODE_TO_DTYPE:
-        raise CorruptCheckpointError(
-            path, f"unknown dtype {code!r}; known: {', '.join(CODE_TO_DTYPE)}", key=name
-        )
+        raise CorruptCheckpointError(path, f"unknown dtype {code!r}; known: {', '.join(CODE_TO_DTYPE)}", key=name)
     shape = info.get("shape")
-    if (
-        not isinstance(shape, list)
-        or len(shape) > MAX_NDIM
-        or not all(_is_int(d) and d >= 0 for d in shape)
-    ):
+    if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(_is_int(d) and d >= 0 for d in shape):
         raise CorruptCheckpointError(path, f"invalid shape {shape!r}", key=name)
     offsets = info.get("data_offsets")
     if (
@@ -229,9 +221,7 @@ def _check_coverage(entries: tuple[TensorEntry, ...], data_size: int, path: str)
         position = entry.end
         previous = entry
     if position != data_size:
-        raise CorruptCheckpointError(
-            path, f"{data_size - position} bytes after the last tensor belong to no tensor"
-        )
+        raise CorruptCheckpointError(path, f"{data_size - position} bytes after the last tensor belong to no tensor")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,11 +250,17 @@ class FilePlan:
         return len(self.header) + sum(item.nbytes for item in self.items)
 
 
+def byte_view(raw: torch.Tensor) -> memoryview:
+    """A writable memoryview over a CPU uint8 tensor's memory."""
+    array: Any = raw.numpy()
+    return memoryview(array)
+
+
 def tensor_bytes(tensor: torch.Tensor) -> Any:
     """A zero-copy buffer over a CPU, contiguous tensor's bytes."""
     if tensor.numel() == 0:
         return b""
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    return byte_view(tensor.reshape(-1).view(torch.uint8))
 
 
 def plan_file(

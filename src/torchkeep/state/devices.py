@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Union
+from typing import Any, cast
 
 import torch
 
-MapLocation = Union[str, torch.device, Mapping[str, Any], Callable[..., Any], None]
+MapLocation = str | torch.device | Mapping[str, Any] | Callable[..., Any] | None
 
 
 def auto_device() -> torch.device:
@@ -54,7 +54,7 @@ def placer(map_location: MapLocation, *, saved_location: str = "cpu") -> Callabl
             if result is None:
                 return tensor
             if isinstance(result, torch.TypedStorage):
-                result = result.untyped_storage()
+                result = cast(Any, result).untyped()
             if not isinstance(result, torch.UntypedStorage):
                 raise TypeError(f"map_location callable returned {type(result).__name__}, not a storage or None")
             out = torch.empty(0, dtype=tensor.dtype, device=result.device)

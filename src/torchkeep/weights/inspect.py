@@ -70,8 +70,15 @@ class Inspection:
             "params_by_prefix": self.params_by_prefix(),
             "aliases": self.aliases,
             "tensors": [
-                {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "numel": t.numel,
-                 "bytes": t.nbytes, "file": t.file, "alias_of": t.alias_of}
+                {
+                    "name": t.name,
+                    "dtype": t.dtype,
+                    "shape": list(t.shape),
+                    "numel": t.numel,
+                    "bytes": t.nbytes,
+                    "file": t.file,
+                    "alias_of": t.alias_of,
+                }
                 for t in self.tensors
             ],
         }
@@ -158,13 +165,22 @@ def inspect(path: str | os.PathLike[str]) -> Inspection:
             tensors.append(TensorInfo(e.name, dtype_name(e.dtype), e.shape, e.numel, e.nbytes, name))
         for alias, target in header.aliases.items():
             entry = next(e for e in header.entries if e.name == target)
-            tensors.append(TensorInfo(alias, dtype_name(entry.dtype), entry.shape, entry.numel, entry.nbytes,
-                                      name, alias_of=target))
+            tensors.append(
+                TensorInfo(
+                    alias, dtype_name(entry.dtype), entry.shape, entry.numel, entry.nbytes, name, alias_of=target
+                )
+            )
     version = versions.pop() if len(versions) == 1 else None
     kind = f"torchkeep safetensors v{version}" if version else "safetensors"
     if files.index:
         kind += f", sharded ({files.index})"
     return Inspection(
-        path=os.fspath(path), files=list(files.files), tensors=tensors, metadata=metadata,
-        checksummed=checksummed, format=kind, file_bytes=file_bytes, aliases=aliases,
+        path=os.fspath(path),
+        files=list(files.files),
+        tensors=tensors,
+        metadata=metadata,
+        checksummed=checksummed,
+        format=kind,
+        file_bytes=file_bytes,
+        aliases=aliases,
     )

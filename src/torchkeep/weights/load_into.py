@@ -39,9 +39,7 @@ def plan_load(
             report.unexpected.append(key)
             continue
         if tuple(target.shape) != tuple(value.shape) or _kind(target.dtype) != _kind(value.dtype):
-            report.mismatched.append(
-                Mismatch(key, tuple(target.shape), target.dtype, tuple(value.shape), value.dtype)
-            )
+            report.mismatched.append(Mismatch(key, tuple(target.shape), target.dtype, tuple(value.shape), value.dtype))
             continue
         to_load[key] = value
         report.loaded.append(key)

@@ -87,12 +87,16 @@ def save_folder(
 ) -> list[str]:
     """Write ``model.safetensors``, or shards then the index (the commit point), then drop stale shards."""
     names = list(prepared.tensors)
-    groups = split_shards(
-        names, lambda n: prepared.tensors[n].numel() * prepared.tensors[n].element_size(), max_shard_size or 0
-    ) if max_shard_size is not None else [names]
+    groups = (
+        split_shards(
+            names, lambda n: prepared.tensors[n].numel() * prepared.tensors[n].element_size(), max_shard_size or 0
+        )
+        if max_shard_size is not None
+        else [names]
+    )
     files = shard_names(len(groups))
     weight_map: dict[str, str] = {}
-    for file, group in zip(files, groups):
+    for file, group in zip(files, groups, strict=True):
         members = set(group)
         shard = PreparedTensors(
             tensors={n: prepared.tensors[n] for n in group},

@@ -1,0 +1,1 @@
+"""The ``torchkeep`` command line: the top layer, nothing imports it."""

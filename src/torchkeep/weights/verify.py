@@ -1,0 +1,31 @@
+"""torchkeep.verify: check every tensor of a weights path against its recorded checksum."""
+
+from __future__ import annotations
+
+import os
+
+from torchkeep.format.io import verify_tensors
+from torchkeep.weights.files import resolve
+from torchkeep.weights.load import open_header
+
+
+def verify(path: str | os.PathLike[str]) -> int | None:
+    """Read everything once and check it; returns the number of tensors checked.
+
+    Returns None when no file has checksums (written by another tool): only the structure was
+    checked then.
+
+    Raises:
+        CheckpointNotFoundError: nothing at ``path``.
+        CorruptCheckpointError: damage, naming the file and the tensor.
+    """
+    files = resolve(path)
+    checked = 0
+    any_checksums = False
+    for name in files.files:
+        file_path = files.path(name)
+        with open(file_path, "rb", buffering=0) as f:
+            header = open_header(f, file_path)
+            any_checksums |= header.checksums is not None
+            checked += verify_tensors(f, header, file_path)
+    return checked if any_checksums else None
