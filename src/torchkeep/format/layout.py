@@ -260,7 +260,9 @@ def tensor_bytes(tensor: torch.Tensor) -> Any:
     """A zero-copy buffer over a CPU, contiguous tensor's bytes."""
     if tensor.numel() == 0:
         return b""
-    return byte_view(tensor.reshape(-1).view(torch.uint8))
+    # as_strided, not reshape: a contiguous tensor may still carry odd strides on size-1 dims.
+    flat = tensor.as_strided((tensor.numel(),), (1,))
+    return byte_view(flat.view(torch.uint8))
 
 
 def plan_file(
