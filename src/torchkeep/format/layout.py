@@ -4,7 +4,9 @@ A file is ``u64 little-endian header length | JSON header | data``. The header m
 name to its dtype code, shape and ``[start, end)`` byte range in the data region, and holds a
 ``__metadata__`` object of string pairs. torchkeep adds two reserved metadata keys (see
 docs/FORMAT.md): ``torchkeep.xxh3_64`` (a JSON object: tensor name -> hex digest of its bytes) and
-``torchkeep.aliases`` (a JSON object: alias -> stored name, for tensors that shared storage).
+``torchkeep.aliases`` (a JSON object: alias -> stored name, for tensors that shared storage), and
+``torchkeep.header_xxh3_64``, the checksum of the header bytes themselves (computed with this
+value set to sixteen zeros), so a flipped bit anywhere in the file is caught.
 
 Parsing validates everything before allocating anything: the header length against the file size
 and a hard limit, each dtype, shape and byte range, and that the ranges tile the data region
@@ -31,6 +33,8 @@ FORMAT_VERSION = "1"
 META_FORMAT = "torchkeep.format"
 META_CHECKSUMS = "torchkeep.xxh3_64"
 META_ALIASES = "torchkeep.aliases"
+META_HEADER = "torchkeep.header_xxh3_64"
+_HEADER_PLACEHOLDER = "0" * 16
 RESERVED_PREFIX = "torchkeep."
 MAX_NDIM = 64
 
@@ -131,6 +135,12 @@ def parse_header(raw: bytes, *, path: str, data_start: int, data_size: int) -> H
         isinstance(k, str) and isinstance(v, str) for k, v in raw_meta.items()
     ):
         raise CorruptCheckpointError(path, "__metadata__ must be an object of string pairs")
+    ours = [k for k in (META_FORMAT, META_CHECKSUMS, META_HEADER) if k in raw_meta]
+    if ours and len(ours) != 3:
+        # All three are always written together; one missing means a damaged key name.
+        raise CorruptCheckpointError(path, f"torchkeep header is incomplete: has only {ours}")
+    if META_HEADER in raw_meta:
+        _check_header_digest(raw, raw_meta[META_HEADER], path)
 
     entries = tuple(_parse_entry(name, info, path) for name, info in obj.items())
     _check_coverage(entries, data_size, path)
@@ -155,6 +165,19 @@ def parse_header(raw: bytes, *, path: str, data_start: int, data_size: int) -> H
         data_size=data_size,
         format_version=raw_meta.get(META_FORMAT),
     )
+
+
+def _header_field(value: str) -> bytes:
+    return json.dumps({META_HEADER: value}, separators=(",", ":"))[1:-1].encode()
+
+
+def _check_header_digest(raw: bytes, recorded: str, path: str) -> None:
+    """The header's own checksum covers every header byte, with its own value zeroed."""
+    field = _header_field(recorded)
+    if len(recorded) != len(_HEADER_PLACEHOLDER) or raw.count(field) != 1:
+        raise CorruptCheckpointError(path, "header checksum field is malformed")
+    if digest(raw.replace(field, _header_field(_HEADER_PLACEHOLDER))) != recorded:
+        raise CorruptCheckpointError(path, "header checksum mismatch: the header is damaged")
 
 
 def _parse_name_map(meta: Mapping[str, str], key: str, path: str) -> dict[str, str] | None:
@@ -294,6 +317,7 @@ def plan_file(
     )
     if aliases:
         meta[META_ALIASES] = json.dumps(dict(aliases), separators=(",", ":"))
+    meta[META_HEADER] = _HEADER_PLACEHOLDER
     header_obj: dict[str, Any] = {"__metadata__": dict(sorted(meta.items()))}
     for name, tensor in tensors.items():
         start = starts[name]
@@ -305,4 +329,6 @@ def plan_file(
     body = json.dumps(header_obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     pad = -(8 + len(body)) % _config.HEADER_ALIGNMENT
     body += b" " * pad
+    placeholder = _header_field(_HEADER_PLACEHOLDER)
+    body = body.replace(placeholder, _header_field(digest(body)))
     return FilePlan(header=struct.pack("<Q", len(body)) + body, items=tuple(items))

@@ -1,0 +1,203 @@
+"""Hostile and damaged files: always a typed error, quickly, with bounded memory."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import torchkeep
+from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError
+
+
+def good_file(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    state = {"a.weight": torch.randn(6, 5), "a.bias": torch.randn(5), "n": torch.tensor(3), "h": torch.randn(4).half()}
+    path = tmp_path / "good.safetensors"
+    torchkeep.save(state, path, metadata={"epoch": "1"})
+    return path
+
+
+def handmade(path: Path, header: object, data: bytes = b"", *, raw_header: bytes | None = None) -> Path:
+    body = raw_header if raw_header is not None else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(body)) + body + data)
+    return path
+
+
+def expect_corrupt(path: Path, *, problem: str | None = None) -> CorruptCheckpointError:
+    with pytest.raises(CorruptCheckpointError) as info:
+        torchkeep.load(path)
+    assert str(path) in str(info.value)
+    if problem is not None:
+        assert problem in str(info.value)
+    return info.value
+
+
+def test_truncation_at_every_point_is_detected(tmp_path: Path) -> None:
+    path = good_file(tmp_path)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    for n in range(len(data)):
+        cut.write_bytes(data[:n])
+        with pytest.raises(CorruptCheckpointError):
+            torchkeep.load(cut)
+        with pytest.raises(CorruptCheckpointError):
+            torchkeep.inspect(cut)
+
+
+def test_every_single_byte_flip_is_detected(tmp_path: Path) -> None:
+    path = good_file(tmp_path)
+    data = path.read_bytes()
+    bad = tmp_path / "flip.safetensors"
+    for i in range(len(data)):
+        flipped = bytearray(data)
+        flipped[i] ^= 0x01
+        bad.write_bytes(bytes(flipped))
+        with pytest.raises(CorruptCheckpointError):
+            torchkeep.load(bad)
+        with pytest.raises(CorruptCheckpointError):
+            torchkeep.verify(bad)
+
+
+def test_flipped_data_byte_names_the_tensor(tmp_path: Path) -> None:
+    path = good_file(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    err = expect_corrupt(path, problem="checksum mismatch")
+    assert err.key is not None
+    assert torchkeep.load(path, verify=False)  # the user can still get at the bytes on purpose
+    assert torchkeep.load(path, mmap=True)  # mmap checks structure only, as documented
+
+
+def test_header_length_of_ten_to_the_fifteen(tmp_path: Path) -> None:
+    path = tmp_path / "huge.safetensors"
+    path.write_bytes(struct.pack("<Q", 10**15) + b"{}")
+    expect_corrupt(path, problem="exceeds the limit")
+
+
+def test_header_length_past_end_of_file(tmp_path: Path) -> None:
+    path = tmp_path / "long.safetensors"
+    path.write_bytes(struct.pack("<Q", 1000) + b"{}")
+    expect_corrupt(path, problem="runs past the end")
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "problem"),
+    [
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+          "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12), "overlap"),
+        ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, bytes(8), "run past"),
+        ({"a": {"dtype": "F32", "shape": [10**6, 10**6], "data_offsets": [0, 4 * 10**12]}}, bytes(8), "run past"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 12]}}, bytes(12), "needs 8 bytes"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12), "gap"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(16), "belong to no tensor"),
+        ({"a": {"dtype": "F33", "shape": [2], "data_offsets": [0, 8]}}, bytes(8), "unknown dtype"),
+        ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, bytes(8), "invalid shape"),
+        ({"a": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, bytes(4), "invalid shape"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, bytes(8), "invalid data_offsets"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": "0-8"}}, bytes(8), "invalid data_offsets"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "__metadata__": {"k": 1}}, bytes(8), "string pairs"),
+        ({"a": [1, 2]}, b"", "not an object"),
+        ([1, 2], b"", "not a JSON object"),
+        ({"": {"dtype": "F32", "shape": [], "data_offsets": [0, 4]}}, bytes(4), "empty name"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+          "__metadata__": {"torchkeep.xxh3_64": "{}"}}, bytes(4), "incomplete"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+          "__metadata__": {"torchkeep.aliases": "{\"b\": \"zz\"}"}}, bytes(4), "bad alias"),
+    ],
+    ids=["overlap", "out-of-bounds", "huge-shape", "size-mismatch", "gap", "trailing", "dtype", "negative-dim",
+         "bool-dim", "reversed", "offsets-type", "metadata-type", "entry-type", "not-object", "empty-name",
+         "checksums-missing", "bad-alias"],
+)
+def test_malformed_headers(tmp_path: Path, header: object, data: bytes, problem: str) -> None:
+    path = handmade(tmp_path / "bad.safetensors", header, data)
+    expect_corrupt(path, problem=problem)
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [(b"{not json", "not valid JSON"), (b"\xff\xfe{}", "not valid JSON"),
+     (b'{"a": 1, "a": 2}', "duplicate"), (b"[" * 100_000, "not valid JSON")],
+    ids=["syntax", "utf8", "duplicate-key", "deep-nesting"],
+)
+def test_invalid_json(tmp_path: Path, raw: bytes, problem: str) -> None:
+    expect_corrupt(handmade(tmp_path / "j.safetensors", None, raw_header=raw), problem=problem)
+
+
+def test_empty_file_random_bytes_and_foreign_formats(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    expect_corrupt(empty, problem="too short")
+    noise = tmp_path / "noise.safetensors"
+    noise.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+                      .numpy().tobytes())
+    expect_corrupt(noise)
+    pickled = tmp_path / "model.safetensors"
+    torch.save({"w": torch.ones(2)}, pickled)  # a torch zip under the wrong name
+    expect_corrupt(pickled, problem="zip archive")
+
+
+def test_missing_path_and_directory(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointNotFoundError) as info:
+        torchkeep.load(tmp_path / "absent.safetensors")
+    assert isinstance(info.value, FileNotFoundError) and info.value.path.endswith("absent.safetensors")
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(CheckpointNotFoundError, match="no .safetensors"):
+        torchkeep.load(tmp_path / "empty_dir")
+    with pytest.raises(CheckpointNotFoundError):
+        torchkeep.inspect(tmp_path / "absent")
+
+
+def test_damaged_index_files(tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    torchkeep.save({f"w{i}": torch.randn(100) for i in range(4)}, out, max_shard_size=900)
+    index = out / "model.safetensors.index.json"
+    doc = json.loads(index.read_text())
+    index.write_text("{broken")
+    with pytest.raises(CorruptCheckpointError, match="not valid JSON"):
+        torchkeep.load(out)
+    index.write_text(json.dumps({"weight_map": {"w0": "../../etc/passwd"}}))
+    with pytest.raises(CorruptCheckpointError, match="not a file in the same folder"):
+        torchkeep.load(out)
+    index.write_text(json.dumps({"weight_map": {**doc["weight_map"], "ghost": "model-00009-of-00009.safetensors"}}))
+    with pytest.raises(CorruptCheckpointError, match="does not exist"):
+        torchkeep.load(out)
+    lying = dict(doc["weight_map"])
+    lying["w0"], lying["w3"] = lying["w3"], lying["w0"]
+    index.write_text(json.dumps({"weight_map": lying}))
+    with pytest.raises(CorruptCheckpointError, match="index"):
+        torchkeep.load(out)
+
+
+def test_hostile_files_fail_within_a_small_memory_limit(tmp_path: Path) -> None:
+    """In a child limited to 3 GiB of address space: claims of terabytes must not be believed."""
+    files = {
+        "len.safetensors": struct.pack("<Q", 10**15) + b"{}",
+        "shape.safetensors": (lambda b: struct.pack("<Q", len(b)) + b + bytes(8))(json.dumps(
+            {"a": {"dtype": "F64", "shape": [10**9, 10**9], "data_offsets": [0, 8 * 10**18]}}).encode()),
+        "header.safetensors": struct.pack("<Q", 90 * 2**20) + b"{" + bytes(100),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    script = textwrap.dedent(f"""
+        import resource, sys
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+        import torchkeep
+        for name in {sorted(files)!r}:
+            try:
+                torchkeep.load({str(tmp_path)!r} + "/" + name)
+            except torchkeep.CorruptCheckpointError:
+                continue
+            sys.exit("loaded " + name)
+        print("all refused")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "all refused" in done.stdout
