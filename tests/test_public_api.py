@@ -4,9 +4,22 @@ import torchkeep.errors as errors
 
 def test_exported_names_are_the_documented_api() -> None:
     expected = {
-        "save", "load", "load_into", "inspect", "verify", "LoadReport", "Mismatch", "Inspection", "TensorInfo",
-        "TorchkeepError", "CheckpointNotFoundError", "CorruptCheckpointError", "LoadMismatchError",
-        "UnsafeCheckpointError", "UnsupportedTensorError", "__version__",
+        "save",
+        "load",
+        "load_into",
+        "inspect",
+        "verify",
+        "LoadReport",
+        "Mismatch",
+        "Inspection",
+        "TensorInfo",
+        "TorchkeepError",
+        "CheckpointNotFoundError",
+        "CorruptCheckpointError",
+        "LoadMismatchError",
+        "UnsafeCheckpointError",
+        "UnsupportedTensorError",
+        "__version__",
     }
     assert set(torchkeep.__all__) == expected
     for name in expected:

@@ -91,8 +91,14 @@ def test_header_length_past_end_of_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("header", "data", "problem"),
     [
-        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-          "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12), "overlap"),
+        (
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
+            bytes(12),
+            "overlap",
+        ),
         ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, bytes(8), "run past"),
         ({"a": {"dtype": "F32", "shape": [10**6, 10**6], "data_offsets": [0, 4 * 10**12]}}, bytes(8), "run past"),
         ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 12]}}, bytes(12), "needs 8 bytes"),
@@ -103,18 +109,47 @@ def test_header_length_past_end_of_file(tmp_path: Path) -> None:
         ({"a": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, bytes(4), "invalid shape"),
         ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, bytes(8), "invalid data_offsets"),
         ({"a": {"dtype": "F32", "shape": [2], "data_offsets": "0-8"}}, bytes(8), "invalid data_offsets"),
-        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "__metadata__": {"k": 1}}, bytes(8), "string pairs"),
+        (
+            {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "__metadata__": {"k": 1}},
+            bytes(8),
+            "string pairs",
+        ),
         ({"a": [1, 2]}, b"", "not an object"),
         ([1, 2], b"", "not a JSON object"),
         ({"": {"dtype": "F32", "shape": [], "data_offsets": [0, 4]}}, bytes(4), "empty name"),
-        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
-          "__metadata__": {"torchkeep.xxh3_64": "{}"}}, bytes(4), "incomplete"),
-        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
-          "__metadata__": {"torchkeep.aliases": "{\"b\": \"zz\"}"}}, bytes(4), "bad alias"),
+        (
+            {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "__metadata__": {"torchkeep.xxh3_64": "{}"}},
+            bytes(4),
+            "incomplete",
+        ),
+        (
+            {
+                "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                "__metadata__": {"torchkeep.aliases": '{"b": "zz"}'},
+            },
+            bytes(4),
+            "bad alias",
+        ),
     ],
-    ids=["overlap", "out-of-bounds", "huge-shape", "size-mismatch", "gap", "trailing", "dtype", "negative-dim",
-         "bool-dim", "reversed", "offsets-type", "metadata-type", "entry-type", "not-object", "empty-name",
-         "checksums-missing", "bad-alias"],
+    ids=[
+        "overlap",
+        "out-of-bounds",
+        "huge-shape",
+        "size-mismatch",
+        "gap",
+        "trailing",
+        "dtype",
+        "negative-dim",
+        "bool-dim",
+        "reversed",
+        "offsets-type",
+        "metadata-type",
+        "entry-type",
+        "not-object",
+        "empty-name",
+        "checksums-missing",
+        "bad-alias",
+    ],
 )
 def test_malformed_headers(tmp_path: Path, header: object, data: bytes, problem: str) -> None:
     path = handmade(tmp_path / "bad.safetensors", header, data)
@@ -123,8 +158,12 @@ def test_malformed_headers(tmp_path: Path, header: object, data: bytes, problem:
 
 @pytest.mark.parametrize(
     ("raw", "problem"),
-    [(b"{not json", "not valid JSON"), (b"\xff\xfe{}", "not valid JSON"),
-     (b'{"a": 1, "a": 2}', "duplicate"), (b"[" * 100_000, "not valid JSON")],
+    [
+        (b"{not json", "not valid JSON"),
+        (b"\xff\xfe{}", "not valid JSON"),
+        (b'{"a": 1, "a": 2}', "duplicate"),
+        (b"[" * 100_000, "not valid JSON"),
+    ],
     ids=["syntax", "utf8", "duplicate-key", "deep-nesting"],
 )
 def test_invalid_json(tmp_path: Path, raw: bytes, problem: str) -> None:
@@ -136,8 +175,9 @@ def test_empty_file_random_bytes_and_foreign_formats(tmp_path: Path) -> None:
     empty.write_bytes(b"")
     expect_corrupt(empty, problem="too short")
     noise = tmp_path / "noise.safetensors"
-    noise.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
-                      .numpy().tobytes())
+    noise.write_bytes(
+        torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(1), dtype=torch.uint8).numpy().tobytes()
+    )
     expect_corrupt(noise)
     pickled = tmp_path / "model.safetensors"
     torch.save({"w": torch.ones(2)}, pickled)  # a torch zip under the wrong name
@@ -149,7 +189,7 @@ def test_missing_path_and_directory(tmp_path: Path) -> None:
         torchkeep.load(tmp_path / "absent.safetensors")
     assert isinstance(info.value, FileNotFoundError) and info.value.path.endswith("absent.safetensors")
     (tmp_path / "empty_dir").mkdir()
-    with pytest.raises(CheckpointNotFoundError, match="no .safetensors"):
+    with pytest.raises(CheckpointNotFoundError, match=r"no \.safetensors"):
         torchkeep.load(tmp_path / "empty_dir")
     with pytest.raises(CheckpointNotFoundError):
         torchkeep.inspect(tmp_path / "absent")
@@ -180,8 +220,9 @@ def test_hostile_files_fail_within_a_small_memory_limit(tmp_path: Path) -> None:
     """In a child limited to 3 GiB of address space: claims of terabytes must not be believed."""
     files = {
         "len.safetensors": struct.pack("<Q", 10**15) + b"{}",
-        "shape.safetensors": (lambda b: struct.pack("<Q", len(b)) + b + bytes(8))(json.dumps(
-            {"a": {"dtype": "F64", "shape": [10**9, 10**9], "data_offsets": [0, 8 * 10**18]}}).encode()),
+        "shape.safetensors": (lambda b: struct.pack("<Q", len(b)) + b + bytes(8))(
+            json.dumps({"a": {"dtype": "F64", "shape": [10**9, 10**9], "data_offsets": [0, 8 * 10**18]}}).encode()
+        ),
         "header.safetensors": struct.pack("<Q", 90 * 2**20) + b"{" + bytes(100),
     }
     for name, data in files.items():

@@ -34,9 +34,9 @@ def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torc
 
 
 shapes = s.lists(s.integers(0, 5), min_size=0, max_size=4).map(tuple)
-names = s.text(
-    alphabet=s.characters(blacklist_categories=["Cs"]), min_size=1, max_size=20
-).filter(lambda n: n != "__metadata__")
+names = s.text(alphabet=s.characters(blacklist_categories=["Cs"]), min_size=1, max_size=20).filter(
+    lambda n: n != "__metadata__"
+)
 
 
 @given(
@@ -118,8 +118,12 @@ def test_same_state_saves_to_the_same_bytes(tmp_path: Path) -> None:
 
 
 def test_tensors_are_naturally_aligned_in_the_file(tmp_path: Path) -> None:
-    state = {"u8": torch.ones(3, dtype=torch.uint8), "f64": torch.ones(3, dtype=torch.float64),
-             "f16": torch.ones(5, dtype=torch.float16), "f32": torch.ones(7)}
+    state = {
+        "u8": torch.ones(3, dtype=torch.uint8),
+        "f64": torch.ones(3, dtype=torch.float64),
+        "f16": torch.ones(5, dtype=torch.float16),
+        "f32": torch.ones(7),
+    }
     path = tmp_path / "a.safetensors"
     torchkeep.save(state, path)
     with open(path, "rb") as f:

@@ -95,7 +95,7 @@ def test_metadata_is_kept_and_validated(tmp_path: Path) -> None:
 def test_bad_targets_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"\.safetensors"):
         torchkeep.save({"w": torch.ones(1)}, tmp_path / "model.pth")
-    with pytest.raises(TypeError, match="nn.Module or a mapping"):
+    with pytest.raises(TypeError, match=r"nn\.Module or a mapping"):
         torchkeep.save([torch.ones(1)], tmp_path / "x.safetensors")  # type: ignore[arg-type]
     with pytest.raises(torchkeep.UnsupportedTensorError, match="not a tensor"):
         torchkeep.save({"w": 3}, tmp_path / "x.safetensors")  # type: ignore[dict-item]
@@ -113,7 +113,9 @@ def test_bad_targets_are_refused(tmp_path: Path) -> None:
     ids=["sparse_coo", "sparse_csr", "quantized", "complex128", "meta"],
 )
 @pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta", "ignore:torch.quantize_per_tensor")
-def test_unstorable_tensors_get_a_clear_error_naming_the_key(tmp_path: Path, make: Callable[[], torch.Tensor], hint: str) -> None:
+def test_unstorable_tensors_get_a_clear_error_naming_the_key(
+    tmp_path: Path, make: Callable[[], torch.Tensor], hint: str
+) -> None:
     tensor = make()
     with pytest.raises(torchkeep.UnsupportedTensorError, match=hint) as info:
         torchkeep.save({"ok": torch.ones(1), "bad.weight": tensor}, tmp_path / "x.safetensors")
