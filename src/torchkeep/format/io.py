@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 from typing import Any, BinaryIO
 
@@ -9,7 +10,7 @@ import torch
 
 from torchkeep import _config
 from torchkeep.errors import CorruptCheckpointError
-from torchkeep.format.layout import FilePlan, Header, TensorEntry, byte_view, digest, tensor_bytes
+from torchkeep.format.layout import FilePlan, Header, TensorEntry, byte_view, digest
 
 
 def write_all(sink: Any, buffer: Any) -> None:
@@ -27,7 +28,7 @@ def write_plan(plan: FilePlan, sink: BinaryIO) -> None:
     write_all(sink, plan.header)
     batch = bytearray()
     for item in plan.items:
-        data = tensor_bytes(item.tensor)
+        data = item.data
         if item.nbytes < _config.SMALL_TENSOR_BYTES:
             batch += data
             if len(batch) >= _config.SMALL_BATCH_BYTES:
@@ -50,11 +51,6 @@ def _readinto_exact(f: Any, view: memoryview, path: str, entry: TensorEntry) -> 
         view = view[got:]
 
 
-def _finish(raw: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
-    """Reinterpret a uint8 tensor holding exactly ``entry``'s bytes."""
-    return raw.view(entry.dtype).reshape(entry.shape)
-
-
 def _check(header: Header, entry: TensorEntry, buffer: Any, path: str) -> None:
     if header.checksums is not None and digest(buffer) != header.checksums[entry.name]:
         raise CorruptCheckpointError(path, "checksum mismatch: the tensor's bytes are damaged", key=entry.name)
@@ -68,42 +64,43 @@ def read_tensors(f: Any, header: Header, path: str, *, verify: bool) -> dict[str
     more than the copy.
     """
     verify = verify and header.checksums is not None
+    small_limit = _config.SMALL_TENSOR_BYTES
+    batch_limit = _config.SMALL_BATCH_BYTES
     out: dict[str, torch.Tensor] = {}
     entries = header.by_offset()
     f.seek(header.data_start)
-    scratch = torch.empty(_config.SMALL_BATCH_BYTES, dtype=torch.uint8)
+    scratch: bytearray | None = None
     i = 0
     while i < len(entries):
         entry = entries[i]
-        if entry.nbytes >= _config.SMALL_TENSOR_BYTES:
-            raw = torch.empty(entry.nbytes, dtype=torch.uint8)
-            view = byte_view(raw)
+        if entry.nbytes >= small_limit:
+            tensor = torch.empty(entry.shape, dtype=entry.dtype)
+            view = byte_view(tensor)
             _readinto_exact(f, view, path, entry)
             if verify:
                 _check(header, entry, view, path)
-            out[entry.name] = _finish(raw, entry)
+            out[entry.name] = tensor
             i += 1
             continue
-        # A run of small tensors that fits in the scratch buffer.
+        # A run of small tensors that fits in the scratch buffer: one read, then a copy each.
         j, run_bytes = i, 0
-        while (
-            j < len(entries)
-            and entries[j].nbytes < _config.SMALL_TENSOR_BYTES
-            and run_bytes + entries[j].nbytes <= _config.SMALL_BATCH_BYTES
-        ):
+        while j < len(entries) and entries[j].nbytes < small_limit and run_bytes + entries[j].nbytes <= batch_limit:
             run_bytes += entries[j].nbytes
             j += 1
-        scratch_np = byte_view(scratch)
-        _readinto_exact(f, scratch_np[:run_bytes], path, entry)
+        if scratch is None:
+            scratch = bytearray(batch_limit)
+        scratch_view = memoryview(scratch)
+        _readinto_exact(f, scratch_view[:run_bytes], path, entry)
+        base_address = ctypes.addressof(ctypes.c_char.from_buffer(scratch))
         base = entry.start
         for small in entries[i:j]:
-            lo = small.start - base
-            if small.nbytes == 0:
-                out[small.name] = torch.empty(small.shape, dtype=small.dtype)
-                continue
-            if verify:
-                _check(header, small, scratch_np[lo : lo + small.nbytes], path)
-            out[small.name] = _finish(scratch[lo : lo + small.nbytes].clone(), small)
+            tensor = torch.empty(small.shape, dtype=small.dtype)
+            if small.nbytes:
+                lo = small.start - base
+                if verify:
+                    _check(header, small, scratch_view[lo : lo + small.nbytes], path)
+                ctypes.memmove(tensor.data_ptr(), base_address + lo, small.nbytes)
+            out[small.name] = tensor
         i = j
     return {entry.name: out[entry.name] for entry in header.entries}
 

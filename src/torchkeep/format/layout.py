@@ -15,12 +15,13 @@ exactly. A damaged file therefore fails with :class:`CorruptCheckpointError`, ne
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import xxhash
@@ -39,9 +40,11 @@ RESERVED_PREFIX = "torchkeep."
 MAX_NDIM = 64
 
 
-@dataclass(frozen=True)
-class TensorEntry:
-    """One tensor's place in a file: dtype code, shape and byte range within the data region."""
+class TensorEntry(NamedTuple):
+    """One tensor's place in a file: dtype code, shape and byte range within the data region.
+
+    A NamedTuple, not a dataclass: files may hold many thousands of entries.
+    """
 
     name: str
     code: str
@@ -75,7 +78,11 @@ class Header:
     format_version: str | None = None
 
     def by_offset(self) -> list[TensorEntry]:
-        return sorted(self.entries, key=lambda e: (e.start, e.end))
+        return sorted(self.entries, key=_by_offset)
+
+
+def _by_offset(entry: TensorEntry) -> tuple[int, int]:
+    return entry.start, entry.end
 
 
 def digest(buffer: Any) -> str:
@@ -113,11 +120,11 @@ def read_header(f: Any, path: str, file_size: int) -> Header:
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ValueError(f"duplicate key {duplicate!r}")
     return out
 
 
@@ -192,42 +199,39 @@ def _parse_name_map(meta: Mapping[str, str], key: str, path: str) -> dict[str, s
     return value
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _parse_entry(name: str, info: Any, path: str) -> TensorEntry:
+    # Exact type checks (bool is an int subclass and must not pass as a dimension).
     if not name:
         raise CorruptCheckpointError(path, "a tensor has an empty name")
-    if not isinstance(info, dict):
+    if type(info) is not dict:
         raise CorruptCheckpointError(path, "tensor entry is not an object", key=name)
     code = info.get("dtype")
     if code not in CODE_TO_DTYPE:
         raise CorruptCheckpointError(path, f"unknown dtype {code!r}; known: {', '.join(CODE_TO_DTYPE)}", key=name)
     shape = info.get("shape")
-    if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(_is_int(d) and d >= 0 for d in shape):
+    if type(shape) is not list or len(shape) > MAX_NDIM:
         raise CorruptCheckpointError(path, f"invalid shape {shape!r}", key=name)
+    for dim in shape:
+        if type(dim) is not int or dim < 0:
+            raise CorruptCheckpointError(path, f"invalid shape {shape!r}", key=name)
     offsets = info.get("data_offsets")
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(_is_int(o) for o in offsets)
-        or not 0 <= offsets[0] <= offsets[1]
-    ):
+    if type(offsets) is not list or len(offsets) != 2:
         raise CorruptCheckpointError(path, f"invalid data_offsets {offsets!r}", key=name)
     start, end = offsets
+    if type(start) is not int or type(end) is not int or not 0 <= start <= end:
+        raise CorruptCheckpointError(path, f"invalid data_offsets {offsets!r}", key=name)
     expected = math.prod(shape) * ITEMSIZE[code]
     if expected != end - start:
         raise CorruptCheckpointError(
             path, f"shape {shape} of {code} needs {expected} bytes but data_offsets span {end - start}", key=name
         )
-    return TensorEntry(name=name, code=code, shape=tuple(shape), start=start, end=end)
+    return TensorEntry(name, code, tuple(shape), start, end)
 
 
 def _check_coverage(entries: tuple[TensorEntry, ...], data_size: int, path: str) -> None:
     position = 0
     previous: TensorEntry | None = None
-    for entry in sorted(entries, key=lambda e: (e.start, e.end)):
+    for entry in sorted(entries, key=_by_offset):
         if entry.end > data_size:
             raise CorruptCheckpointError(
                 path,
@@ -253,10 +257,14 @@ def _check_coverage(entries: tuple[TensorEntry, ...], data_size: int, path: str)
 
 @dataclass(frozen=True)
 class WriteItem:
-    """One tensor to write: its bytes (a CPU, contiguous tensor) and its place in the data region."""
+    """One tensor to write: a zero-copy view of its bytes and its place in the data region.
+
+    ``data`` borrows the memory of ``tensor``, which the item keeps alive.
+    """
 
     name: str
     tensor: torch.Tensor = field(repr=False)
+    data: memoryview = field(repr=False)
     start: int
     nbytes: int
 
@@ -274,18 +282,19 @@ class FilePlan:
 
 
 def byte_view(raw: torch.Tensor) -> memoryview:
-    """A writable memoryview over a CPU uint8 tensor's memory."""
-    array: Any = raw.numpy()
-    return memoryview(array)
+    """A writable memoryview over a CPU tensor's bytes (contiguous, any dtype and shape).
+
+    The view borrows the tensor's memory: the caller keeps the tensor alive while using it.
+    """
+    nbytes = raw.numel() * raw.element_size()
+    if nbytes == 0:
+        return memoryview(bytearray())
+    return memoryview((ctypes.c_char * nbytes).from_address(raw.data_ptr())).cast("B")
 
 
-def tensor_bytes(tensor: torch.Tensor) -> Any:
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """A zero-copy buffer over a CPU, contiguous tensor's bytes."""
-    if tensor.numel() == 0:
-        return b""
-    # as_strided, not reshape: a contiguous tensor may still carry odd strides on size-1 dims.
-    flat = tensor.as_strided((tensor.numel(),), (1,))
-    return byte_view(flat.view(torch.uint8))
+    return byte_view(tensor)
 
 
 def plan_file(
@@ -299,33 +308,28 @@ def plan_file(
     Data is ordered by element size, largest first, so every tensor starts on its natural
     alignment, as safetensors does; the header keeps the caller's order. Output is deterministic.
     """
-    order = sorted(tensors, key=lambda name: -ITEMSIZE[DTYPE_TO_CODE[tensors[name].dtype]])
-    starts: dict[str, int] = {}
+    views = {name: tensor_bytes(tensor) for name, tensor in tensors.items()}
+    codes = {name: DTYPE_TO_CODE[tensor.dtype] for name, tensor in tensors.items()}
+    order = sorted(tensors, key=lambda name: -ITEMSIZE[codes[name]])
+    offsets: dict[str, list[int]] = {}
     items: list[WriteItem] = []
     position = 0
     for name in order:
-        tensor = tensors[name]
-        nbytes = tensor.numel() * tensor.element_size()
-        starts[name] = position
-        items.append(WriteItem(name=name, tensor=tensor, start=position, nbytes=nbytes))
+        data = views[name]
+        nbytes = data.nbytes
+        offsets[name] = [position, position + nbytes]
+        items.append(WriteItem(name=name, tensor=tensors[name], data=data, start=position, nbytes=nbytes))
         position += nbytes
 
     meta: dict[str, str] = dict(metadata or {})
     meta[META_FORMAT] = FORMAT_VERSION
-    meta[META_CHECKSUMS] = json.dumps(
-        {name: digest(tensor_bytes(tensors[name])) for name in tensors}, separators=(",", ":")
-    )
+    meta[META_CHECKSUMS] = json.dumps({name: digest(data) for name, data in views.items()}, separators=(",", ":"))
     if aliases:
         meta[META_ALIASES] = json.dumps(dict(aliases), separators=(",", ":"))
     meta[META_HEADER] = _HEADER_PLACEHOLDER
     header_obj: dict[str, Any] = {"__metadata__": dict(sorted(meta.items()))}
     for name, tensor in tensors.items():
-        start = starts[name]
-        header_obj[name] = {
-            "dtype": DTYPE_TO_CODE[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [start, start + tensor.numel() * tensor.element_size()],
-        }
+        header_obj[name] = {"dtype": codes[name], "shape": list(tensor.shape), "data_offsets": offsets[name]}
     body = json.dumps(header_obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     pad = -(8 + len(body)) % _config.HEADER_ALIGNMENT
     body += b" " * pad

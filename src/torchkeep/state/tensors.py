@@ -63,14 +63,22 @@ def _check_storable(key: str, tensor: torch.Tensor) -> None:
 
 
 def _view_key(tensor: torch.Tensor) -> tuple[object, ...]:
-    return (
-        tensor.device,
-        tensor.untyped_storage().data_ptr(),
-        tensor.storage_offset(),
-        tuple(tensor.shape),
-        tuple(tensor.stride()),
-        tensor.dtype,
-    )
+    # Identical views share a data pointer, shape, strides, dtype and device.
+    return (tensor.device, tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype)
+
+
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    """CPU and contiguous, with lazy conj/neg bits resolved; no copy when already so.
+
+    Autograd flags do not matter: bytes are read through the data pointer.
+    """
+    if tensor.is_complex():
+        tensor = tensor.detach().resolve_conj().resolve_neg()
+    if not tensor.is_cpu:
+        tensor = tensor.detach().cpu()
+    if not tensor.is_contiguous():
+        tensor = tensor.detach().contiguous()
+    return tensor
 
 
 def prepare(state: Mapping[str, torch.Tensor]) -> PreparedTensors:
@@ -81,14 +89,21 @@ def prepare(state: Mapping[str, torch.Tensor]) -> PreparedTensors:
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     first_of_view: dict[tuple[object, ...], str] = {}
+    strided = torch.strided
     for key, tensor in state.items():
-        _check_storable(key, tensor)
+        if (
+            tensor.layout is not strided
+            or tensor.is_quantized
+            or tensor.is_meta
+            or tensor.is_nested
+            or tensor.dtype not in DTYPE_TO_CODE
+        ):
+            _check_storable(key, tensor)
         if tensor.numel() > 0:
             view = _view_key(tensor)
             if view in first_of_view:
                 aliases[key] = first_of_view[view]
                 continue
             first_of_view[view] = key
-        plain = tensor.detach().resolve_conj().resolve_neg()
-        tensors[key] = plain.to("cpu").contiguous()
+        tensors[key] = _plain(tensor)
     return PreparedTensors(tensors=tensors, aliases=aliases)

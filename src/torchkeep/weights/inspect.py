@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from torchkeep._gc import gc_paused
 from torchkeep.errors import CheckpointNotFoundError
 from torchkeep.format.dtypes import dtype_name
 from torchkeep.weights.files import resolve
@@ -134,6 +135,7 @@ def _human(n: int) -> str:
     return f"{n / 1024**exp:.1f} {['B', 'KiB', 'MiB', 'GiB', 'TiB'][exp]}"
 
 
+@gc_paused
 def inspect(path: str | os.PathLike[str]) -> Inspection:
     """Describe a weights file or folder by reading only its headers.
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from torchkeep._gc import gc_paused
 from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError
 from torchkeep.format.io import map_tensors, read_tensors
 from torchkeep.format.layout import Header, read_header
@@ -89,6 +90,7 @@ def read_weights(files: WeightFiles, *, mmap: bool, verify: bool) -> dict[str, t
     return out
 
 
+@gc_paused
 def load(
     path: str | os.PathLike[str],
     *,

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from torchkeep import _config
+from torchkeep._gc import gc_paused
 from torchkeep.format.io import write_plan
 from torchkeep.format.layout import RESERVED_PREFIX, plan_file
 from torchkeep.format.sharding import SHARD_NAME, index_document, parse_size, shard_names, split_shards
@@ -20,6 +21,7 @@ from torchkeep.storage.local import LocalStorage
 from torchkeep.weights.files import FOREIGN_SUFFIXES, SAFETENSORS_SUFFIX
 
 
+@gc_paused
 def save(
     obj: nn.Module | Mapping[str, torch.Tensor],
     path: str | os.PathLike[str],
