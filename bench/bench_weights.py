@@ -39,12 +39,18 @@ def gpt2_medium_state() -> dict[str, torch.Tensor]:
     for i in range(24):
         p = f"h.{i}."
         state |= {
-            p + "ln_1.weight": r(d), p + "ln_1.bias": r(d),
-            p + "attn.c_attn.weight": r(d, 3 * d), p + "attn.c_attn.bias": r(3 * d),
-            p + "attn.c_proj.weight": r(d, d), p + "attn.c_proj.bias": r(d),
-            p + "ln_2.weight": r(d), p + "ln_2.bias": r(d),
-            p + "mlp.c_fc.weight": r(d, 4 * d), p + "mlp.c_fc.bias": r(4 * d),
-            p + "mlp.c_proj.weight": r(4 * d, d), p + "mlp.c_proj.bias": r(d),
+            p + "ln_1.weight": r(d),
+            p + "ln_1.bias": r(d),
+            p + "attn.c_attn.weight": r(d, 3 * d),
+            p + "attn.c_attn.bias": r(3 * d),
+            p + "attn.c_proj.weight": r(d, d),
+            p + "attn.c_proj.bias": r(d),
+            p + "ln_2.weight": r(d),
+            p + "ln_2.bias": r(d),
+            p + "mlp.c_fc.weight": r(d, 4 * d),
+            p + "mlp.c_fc.bias": r(4 * d),
+            p + "mlp.c_proj.weight": r(4 * d, d),
+            p + "mlp.c_proj.bias": r(d),
         }
     state |= {"ln_f.weight": r(d), "ln_f.bias": r(d)}
     return state
@@ -145,6 +151,12 @@ def bench_case(case: str, workdir: Path, repeats: int, cold: bool) -> dict[str, 
         with open(paths["raw"], "rb", buffering=0) as f:
             f.readinto(buf)
 
+    def raw_load_fresh() -> torch.Tensor:
+        fresh = torch.empty(len(buf), dtype=torch.uint8)
+        with open(paths["raw"], "rb", buffering=0) as f:
+            f.readinto(memoryview(fresh.numpy()))
+        return fresh
+
     def st_load() -> dict[str, torch.Tensor]:
         loaded = st.load_file(paths["st"])
         touch(loaded)
@@ -163,6 +175,7 @@ def bench_case(case: str, workdir: Path, repeats: int, cold: bool) -> dict[str, 
 
     loads: dict[str, Callable[[], object]] = {
         "raw readinto": raw_load,
+        "raw readinto, fresh buffer": raw_load_fresh,
         "torchkeep.load (verify)": lambda: torchkeep.load(paths["tk"]),
         "torchkeep.load (verify=False)": lambda: torchkeep.load(paths["tk"], verify=False),
         "torchkeep.load mmap, touched": tk_mmap_touch,
@@ -173,16 +186,28 @@ def bench_case(case: str, workdir: Path, repeats: int, cold: bool) -> dict[str, 
     floor = statistics.median(warm["raw readinto"])
     results["load (warm)"] = [row(k, v, floor) for k, v in warm.items()]
     ttft = timed(first_tensor, repeats)
-    results["time to first tensor (mmap, warm)"] = [{"method": "torchkeep.load(mmap=True) + first value",
-                                                     "min": min(ttft), "median": statistics.median(ttft)}]
+    results["time to first tensor (mmap, warm)"] = [
+        {"method": "torchkeep.load(mmap=True) + first value", "min": min(ttft), "median": statistics.median(ttft)}
+    ]
     if cold and drop_caches():
-        cold_loads = {k: loads[k] for k in ("raw readinto", "torchkeep.load (verify)", "torch.load(weights_only=True)",
-                                            "safetensors.load_file, touched")}
+        cold_loads = {
+            k: loads[k]
+            for k in (
+                "raw readinto",
+                "raw readinto, fresh buffer",
+                "torchkeep.load (verify)",
+                "torch.load(weights_only=True)",
+                "safetensors.load_file, touched",
+            )
+        }
         cold_times = {k: timed(fn, max(2, repeats - 2), before=drop_caches) for k, fn in cold_loads.items()}
         floor = statistics.median(cold_times["raw readinto"])
         results["load (cold cache)"] = [row(k, v, floor) for k, v in cold_times.items()]
-    results["peak RSS of a full load"] = [peak_rss(paths["tk"], "torchkeep"), peak_rss(paths["st"], "safetensors"),
-                                          peak_rss(paths["torch"], "torch")]
+    results["peak RSS of a full load"] = [
+        peak_rss(paths["tk"], "torchkeep"),
+        peak_rss(paths["st"], "safetensors"),
+        peak_rss(paths["torch"], "torch"),
+    ]
     for p in paths.values():
         p.unlink(missing_ok=True)
     return results
@@ -192,25 +217,39 @@ RSS_SCRIPT = """
 import resource, sys, torch, torchkeep, safetensors.torch as st
 def rss():
     return int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize()
-path, kind = sys.argv[1], sys.argv[2]
+path, kind, warmup = sys.argv[1], sys.argv[2], sys.argv[3]
+def full_load(p):
+    if kind == 'torchkeep':
+        return torchkeep.load(p)
+    if kind == 'safetensors':
+        out = st.load_file(p)
+        for t in out.values():
+            if t.numel(): t.reshape(-1).view(torch.uint8)[::4096].sum()
+        return out
+    return torch.load(p, weights_only=True)
+full_load(warmup)  # first-call initialisation is not the load's memory
 base = rss()
-if kind == 'torchkeep':
-    out = torchkeep.load(path)
-elif kind == 'safetensors':
-    out = st.load_file(path)
-    for t in out.values():
-        if t.numel(): t.reshape(-1).view(torch.uint8)[::4096].sum()
-else:
-    out = torch.load(path, weights_only=True)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+out = full_load(path)
+# VmHWM, not ru_maxrss: ru_maxrss survives exec and would report the parent's peak.
+peak = int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024
 print(peak - base)
 """
 
 
 def peak_rss(path: Path, kind: str) -> dict[str, object]:
     size = path.stat().st_size
-    done = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(path), kind], capture_output=True, text=True,
-                          check=True)
+    warmup = path.with_name("warmup" + "".join(path.suffixes))
+    tiny = {"w": torch.ones(4)}
+    if kind == "torch":
+        torch.save(tiny, warmup)
+    elif kind == "torchkeep":
+        torchkeep.save(tiny, warmup)
+    else:
+        st.save_file(tiny, warmup)
+    done = subprocess.run(
+        [sys.executable, "-c", RSS_SCRIPT, str(path), kind, str(warmup)], capture_output=True, text=True, check=True
+    )
+    warmup.unlink()
     grown = int(done.stdout.strip())
     return {"method": kind, "peak_rss_growth_mb": grown / 1e6, "x_file_size": grown / size}
 

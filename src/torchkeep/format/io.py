@@ -10,6 +10,7 @@ import torch
 
 from torchkeep import _config
 from torchkeep.errors import CorruptCheckpointError
+from torchkeep.format.dtypes import CODE_TO_DTYPE
 from torchkeep.format.layout import FilePlan, Header, TensorEntry, byte_view, digest
 
 
@@ -93,14 +94,15 @@ def read_tensors(f: Any, header: Header, path: str, *, verify: bool) -> dict[str
         _readinto_exact(f, scratch_view[:run_bytes], path, entry)
         base_address = ctypes.addressof(ctypes.c_char.from_buffer(scratch))
         base = entry.start
-        for small in entries[i:j]:
-            tensor = torch.empty(small.shape, dtype=small.dtype)
-            if small.nbytes:
-                lo = small.start - base
-                if verify:
-                    _check(header, small, scratch_view[lo : lo + small.nbytes], path)
-                ctypes.memmove(tensor.data_ptr(), base_address + lo, small.nbytes)
-            out[small.name] = tensor
+        checksums = header.checksums if verify else None
+        for name, code, shape, start, end in entries[i:j]:
+            tensor = torch.empty(shape, dtype=CODE_TO_DTYPE[code])
+            if end > start:
+                lo = start - base
+                if checksums is not None and digest(scratch_view[lo : lo + end - start]) != checksums[name]:
+                    raise CorruptCheckpointError(path, "checksum mismatch: the tensor's bytes are damaged", key=name)
+                ctypes.memmove(tensor.data_ptr(), base_address + lo, end - start)
+            out[name] = tensor
         i = j
     return {entry.name: out[entry.name] for entry in header.entries}
 

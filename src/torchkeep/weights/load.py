@@ -122,6 +122,8 @@ def load(
     if dtype is not None and not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
     tensors = read_weights(resolve(path), mmap=mmap, verify=verify)
+    if dtype is None and isinstance(map_location, str) and map_location == "cpu":
+        return tensors  # already where and what they should be
     place = placer(map_location)
     converted: dict[int, torch.Tensor] = {}  # keeps shared tensors shared through the conversion
     out: dict[str, torch.Tensor] = {}
