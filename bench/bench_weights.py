@@ -142,7 +142,7 @@ def bench_case(case: str, workdir: Path, repeats: int, cold: bool) -> dict[str, 
     }
     floor = statistics.median(save["raw write + fsync"])
     results["save"] = [row(k, v, floor) for k, v in save.items()]
-    del state
+    state.clear()  # free the source tensors before measuring loads
     gc.collect()
 
     buf = bytearray(os.path.getsize(paths["raw"]))
