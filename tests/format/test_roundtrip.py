@@ -173,3 +173,22 @@ def test_each_loaded_tensor_owns_its_storage(tmp_path: Path) -> None:
     loaded = torchkeep.load(tmp_path / "m.safetensors")
     for t in loaded.values():
         assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+def test_misaligned_tensors_from_other_writers_load_in_both_modes(tmp_path: Path) -> None:
+    import json
+    import struct
+
+    u8 = bytes([1, 2, 3])
+    f32 = torch.tensor([1.5, -2.25])
+    header = {
+        "u": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
+        "f": {"dtype": "F32", "shape": [2], "data_offsets": [3, 11]},
+    }
+    body = json.dumps(header).encode()
+    body += b" " * (-(8 + len(body)) % 8)
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(struct.pack("<Q", len(body)) + body + u8 + f32.numpy().tobytes())
+    for mmap in (False, True):
+        loaded = torchkeep.load(path, mmap=mmap)
+        assert torch.equal(loaded["f"], f32) and loaded["u"].tolist() == [1, 2, 3]

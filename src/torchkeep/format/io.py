@@ -10,7 +10,7 @@ import torch
 
 from torchkeep import _config
 from torchkeep.errors import CorruptCheckpointError
-from torchkeep.format.dtypes import CODE_TO_DTYPE
+from torchkeep.format.dtypes import CODE_TO_DTYPE, ITEMSIZE
 from torchkeep.format.layout import FilePlan, Header, TensorEntry, byte_view, digest
 
 
@@ -115,21 +115,19 @@ def map_tensors(path: str, header: Header) -> dict[str, torch.Tensor]:
     with open(path, "rb") as f:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if header.data_size else None
     out: dict[str, torch.Tensor] = {}
-    for entry in header.entries:
-        if entry.nbytes == 0 or mapped is None:
-            out[entry.name] = torch.empty(entry.shape, dtype=entry.dtype)
+    for name, code, shape, start, end in header.entries:
+        dtype = CODE_TO_DTYPE[code]
+        if end == start or mapped is None:
+            out[name] = torch.empty(shape, dtype=dtype)
             continue
-        flat = torch.frombuffer(mapped, dtype=torch.uint8, count=entry.nbytes, offset=header.data_start + entry.start)
-        out[entry.name] = (
-            flat.view(entry.dtype).reshape(entry.shape)
-            if _aligned(header, entry)
-            else (flat.clone().view(entry.dtype).reshape(entry.shape))
-        )
+        offset = header.data_start + start
+        itemsize = ITEMSIZE[code]
+        if offset % itemsize == 0:
+            flat = torch.frombuffer(mapped, dtype=dtype, count=(end - start) // itemsize, offset=offset)
+        else:  # misaligned (another writer's layout): copy this one tensor
+            flat = torch.frombuffer(mapped, dtype=torch.uint8, count=end - start, offset=offset).clone().view(dtype)
+        out[name] = flat if len(shape) == 1 else flat.reshape(shape)
     return out
-
-
-def _aligned(header: Header, entry: TensorEntry) -> bool:
-    return (header.data_start + entry.start) % torch.empty((), dtype=entry.dtype).element_size() == 0
 
 
 def verify_tensors(f: Any, header: Header, path: str) -> int:
