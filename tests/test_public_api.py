@@ -1,28 +1,19 @@
 import torchkeep
 import torchkeep.errors as errors
 
+EXPECTED = {
+    "save", "load", "load_into", "inspect", "verify", "LoadReport", "Mismatch", "Inspection", "TensorInfo",
+    "save_checkpoint", "load_checkpoint", "CheckpointManager", "CheckpointInfo",
+    "KeepLast", "KeepBest", "KeepEvery", "SaveEvery", "ResumableSampler",
+    "TorchkeepError", "CheckpointNotFoundError", "CorruptCheckpointError", "LoadMismatchError",
+    "UnsafeCheckpointError", "UnsupportedTensorError", "UnsupportedValueError", "CheckpointWriteError",
+    "TorchkeepWarning", "__version__",
+}  # fmt: skip
+
 
 def test_exported_names_are_the_documented_api() -> None:
-    expected = {
-        "save",
-        "load",
-        "load_into",
-        "inspect",
-        "verify",
-        "LoadReport",
-        "Mismatch",
-        "Inspection",
-        "TensorInfo",
-        "TorchkeepError",
-        "CheckpointNotFoundError",
-        "CorruptCheckpointError",
-        "LoadMismatchError",
-        "UnsafeCheckpointError",
-        "UnsupportedTensorError",
-        "__version__",
-    }
-    assert set(torchkeep.__all__) == expected
-    for name in expected:
+    assert set(torchkeep.__all__) == EXPECTED
+    for name in EXPECTED:
         assert hasattr(torchkeep, name), name
 
 
@@ -31,5 +22,9 @@ def test_error_tree_inherits_the_builtins_callers_catch() -> None:
     assert issubclass(errors.CorruptCheckpointError, ValueError)
     assert issubclass(errors.LoadMismatchError, RuntimeError)
     assert issubclass(errors.UnsupportedTensorError, TypeError)
+    assert issubclass(errors.UnsupportedValueError, TypeError)
+    assert issubclass(errors.CheckpointWriteError, OSError)
+    assert issubclass(errors.TorchkeepWarning, UserWarning)
     for name in errors.__all__:
-        assert issubclass(getattr(errors, name), errors.TorchkeepError)
+        if name != "TorchkeepWarning":
+            assert issubclass(getattr(errors, name), errors.TorchkeepError)

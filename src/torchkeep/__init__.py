@@ -3,14 +3,21 @@
 The public API is what ``__all__`` lists; everything else is private and may change.
 """
 
+from torchkeep.checkpoint.io import load_checkpoint, save_checkpoint
+from torchkeep.data import ResumableSampler
 from torchkeep.errors import (
     CheckpointNotFoundError,
+    CheckpointWriteError,
     CorruptCheckpointError,
     LoadMismatchError,
     TorchkeepError,
+    TorchkeepWarning,
     UnsafeCheckpointError,
     UnsupportedTensorError,
+    UnsupportedValueError,
 )
+from torchkeep.manager.manager import CheckpointInfo, CheckpointManager
+from torchkeep.manager.policies import KeepBest, KeepEvery, KeepLast, SaveEvery
 from torchkeep.weights.inspect import Inspection, TensorInfo, inspect
 from torchkeep.weights.load import load
 from torchkeep.weights.load_into import load_into
@@ -21,20 +28,32 @@ from torchkeep.weights.verify import verify
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointInfo",
+    "CheckpointManager",
     "CheckpointNotFoundError",
+    "CheckpointWriteError",
     "CorruptCheckpointError",
     "Inspection",
+    "KeepBest",
+    "KeepEvery",
+    "KeepLast",
     "LoadMismatchError",
     "LoadReport",
     "Mismatch",
+    "ResumableSampler",
+    "SaveEvery",
     "TensorInfo",
     "TorchkeepError",
+    "TorchkeepWarning",
     "UnsafeCheckpointError",
     "UnsupportedTensorError",
+    "UnsupportedValueError",
     "__version__",
     "inspect",
     "load",
+    "load_checkpoint",
     "load_into",
     "save",
+    "save_checkpoint",
     "verify",
 ]

@@ -7,6 +7,8 @@ would already catch::
     ├── CheckpointNotFoundError   (also FileNotFoundError)
     ├── CorruptCheckpointError    (also ValueError)
     ├── UnsupportedTensorError    (also TypeError)
+    ├── UnsupportedValueError     (also TypeError)
+    ├── CheckpointWriteError      (also OSError: disk full, no space, locked)
     ├── LoadMismatchError         (also RuntimeError)
     └── UnsafeCheckpointError     (also pickle.UnpicklingError)
 
@@ -60,6 +62,31 @@ class UnsupportedTensorError(TorchkeepError, TypeError):
         super().__init__(f"tensor {key!r}: {problem}")
 
 
+class UnsupportedValueError(TorchkeepError, TypeError):
+    """A value in training state cannot be stored without pickle; ``.where`` says where it is."""
+
+    def __init__(self, where: str, problem: str) -> None:
+        self.where = where
+        self.problem = problem
+        super().__init__(f"{where or 'value'}: {problem}")
+
+
+class CheckpointWriteError(TorchkeepError, OSError):
+    """A checkpoint could not be written (no space, a full disk, another writer). Nothing earlier was touched."""
+
+    def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
+        self.path = os.fspath(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}"
+
+
+class TorchkeepWarning(UserWarning):
+    """Something was restored imperfectly or skipped; the message says what and why."""
+
+
 class LoadMismatchError(TorchkeepError, RuntimeError):
     """A strict load found missing, unexpected or mismatched keys; the model was left unchanged."""
 
@@ -84,9 +111,12 @@ class UnsafeCheckpointError(TorchkeepError, pickle.UnpicklingError):
 
 __all__ = [
     "CheckpointNotFoundError",
+    "CheckpointWriteError",
     "CorruptCheckpointError",
     "LoadMismatchError",
     "TorchkeepError",
+    "TorchkeepWarning",
     "UnsafeCheckpointError",
     "UnsupportedTensorError",
+    "UnsupportedValueError",
 ]

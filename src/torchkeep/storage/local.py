@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,3 +98,50 @@ class LocalStorage:
 
     def local_path(self, name: str) -> str | None:
         return str(self._path(name))
+
+
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return bool(result == 0)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root`` (bottom-up), and ``root`` itself."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(folder)
+
+
+def temporary_sibling(target: Path) -> Path:
+    return target.with_name(f".{target.name}{TEMP_MARKER}{uuid.uuid4().hex[:12]}")
+
+
+def commit_dir(temp: Path, target: Path) -> None:
+    """Move a fully written (and fsynced) directory into place atomically.
+
+    A new target is one rename. An existing one is swapped in one step where the OS can
+    (renameat2); elsewhere it is moved aside first, so a crash in between leaves it under a
+    temporary name, never half-replaced.
+    """
+    if not target.exists():
+        os.rename(temp, target)
+    elif _rename_exchange(temp, target):
+        shutil.rmtree(temp)  # now holds the old contents
+    else:
+        old = temporary_sibling(target)
+        os.rename(target, old)
+        os.rename(temp, target)
+        shutil.rmtree(old)
+    fsync_dir(target.parent)

@@ -94,6 +94,32 @@ def load_into(
     else:
         raw = load(source, map_location=map_location or "cpu", verify=verify)
         source_name = os.fspath(source)
+    pending = match_model(model, raw, remap=remap, source_name=source_name)
+    if strict and not pending.report.ok:
+        raise LoadMismatchError(pending.report, source_name)
+    pending.apply()
+    return pending.report
+
+
+class PendingLoad:
+    """A matched, not yet applied load into one model: check ``report``, then ``apply()``."""
+
+    def __init__(self, target: nn.Module, report: LoadReport, to_load: dict[str, torch.Tensor]) -> None:
+        self.target = target
+        self.report = report
+        self.to_load = to_load
+
+    def apply(self) -> None:
+        # load_state_dict (not raw copies) so modules' own load hooks run.
+        result = self.target.load_state_dict(self.to_load, strict=False)
+        if result.unexpected_keys:  # cannot happen after plan_load; guard the contract anyway
+            raise RuntimeError(f"load_state_dict rejected keys {result.unexpected_keys}")
+
+
+def match_model(
+    model: nn.Module, raw: Mapping[str, torch.Tensor], *, remap: Remap | None = None, source_name: str = ""
+) -> PendingLoad:
+    """Match a state dict to a (possibly wrapped) model's keys, handling prefixes; touches nothing."""
     target = unwrap_model(model)
     own_state = target.state_dict(keep_vars=True)
     model_keys = {drop_compile_segments(k): k for k in own_state}
@@ -108,12 +134,5 @@ def load_into(
         if new_key in renamed:
             raise ValueError(f"remap sends two source keys to {new_key!r}")
         renamed[new_key] = value
-
     report, to_load = plan_load(model_state, renamed, source_name=source_name)
-    if strict and not report.ok:
-        raise LoadMismatchError(report, source_name)
-    # load_state_dict (not raw copies) so modules' own load hooks run.
-    result = target.load_state_dict({model_keys[k]: v for k, v in to_load.items()}, strict=False)
-    if result.unexpected_keys:  # cannot happen after plan_load; guard the contract anyway
-        raise RuntimeError(f"load_state_dict rejected keys {result.unexpected_keys}")
-    return report
+    return PendingLoad(target, report, {model_keys[k]: v for k, v in to_load.items()})

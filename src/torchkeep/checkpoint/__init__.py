@@ -1,0 +1,1 @@
+"""Training checkpoints: one directory = a tensor file + a versioned JSON manifest."""

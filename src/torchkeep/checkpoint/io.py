@@ -1,0 +1,266 @@
+"""save_checkpoint / load_checkpoint: training state in, training state out, no pickle."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from torchkeep._gc import gc_paused
+from torchkeep.checkpoint.layout import (
+    MANIFEST_FILE,
+    TENSORS_FILE,
+    CheckpointPlan,
+    manifest_bytes,
+    parse_manifest,
+    plan_checkpoint,
+)
+from torchkeep.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    LoadMismatchError,
+    TorchkeepWarning,
+)
+from torchkeep.state.devices import MapLocation, placer
+from torchkeep.state.rng import restore_rng
+from torchkeep.state.values import Decoder
+from torchkeep.storage.base import Storage
+from torchkeep.storage.local import LocalStorage, commit_dir, fsync_dir, temporary_sibling
+from torchkeep.weights.load import read_file
+from torchkeep.weights.load_into import PendingLoad, match_model
+from torchkeep.weights.report import LoadReport
+from torchkeep.weights.save import write_weights
+
+
+def write_checkpoint(storage: Storage, plan: CheckpointPlan) -> int:
+    """Write the tensor file, then the manifest that names it; returns bytes written."""
+    size = write_weights(storage, TENSORS_FILE, plan.tensors, {})
+    manifest = manifest_bytes(plan.manifest, {"name": TENSORS_FILE, "size": size})
+    with storage.open_write(MANIFEST_FILE) as sink:
+        sink.write(manifest)
+    return size + len(manifest)
+
+
+def write_checkpoint_dir(target: Path, plan: CheckpointPlan) -> int:
+    """Write a checkpoint directory beside ``target`` and commit it atomically."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = temporary_sibling(target)
+    temp.mkdir()
+    try:
+        size = write_checkpoint(LocalStorage(temp), plan)
+        fsync_dir(temp)
+        commit_dir(temp, target)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return size
+
+
+@gc_paused
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    model: nn.Module | None = None,
+    optimizer: Any = None,
+    scheduler: Any = None,
+    scaler: Any = None,
+    components: Mapping[str, Any] | None = None,
+    rng: bool = True,
+    **state: Any,
+) -> None:
+    """Save everything needed to resume training, bit-exactly, as a directory. No pickle.
+
+    Args:
+        path: the checkpoint directory (replaced atomically if it exists).
+        model: its state dict, unwrapped from DataParallel / DDP / torch.compile.
+        optimizer, scheduler, scaler: any object with ``state_dict()`` / ``load_state_dict()``.
+        components: more such objects by name (a GAN's two models and two optimizers, an EMA...).
+        rng: capture Python, NumPy, torch CPU and CUDA random states.
+        **state: plain values to keep (``epoch=3, loss=loss_tensor, config={...}``).
+
+    Raises:
+        UnsupportedValueError: a value that cannot be stored without pickle, naming where it is.
+
+    Example:
+        >>> torchkeep.save_checkpoint("ckpt", model=model, optimizer=opt, epoch=epoch, loss=loss)
+    """
+    plan = plan_checkpoint(
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        components=components,
+        rng=rng,
+        state=state,
+    )
+    write_checkpoint_dir(Path(path), plan)
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint read and verified, decoded on demand."""
+
+    path: str
+    manifest: dict[str, Any]
+    decoder: Decoder
+
+    @property
+    def objects(self) -> dict[str, Any]:
+        objects: dict[str, Any] = self.manifest.get("objects", {})
+        return objects
+
+    def decode(self, node: Any) -> Any:
+        return self.decoder.decode(node)
+
+    def info(self) -> dict[str, Any]:
+        return dict(self.decode(self.manifest.get("info", {})))
+
+    def state(self) -> dict[str, Any]:
+        return dict(self.decode(self.manifest.get("state", {})))
+
+
+def is_checkpoint_dir(path: str | os.PathLike[str]) -> bool:
+    return (Path(path) / MANIFEST_FILE).is_file()
+
+
+@gc_paused
+def read_checkpoint(
+    path: str | os.PathLike[str], *, map_location: MapLocation = "cpu", verify: bool = True
+) -> LoadedCheckpoint:
+    """Read a checkpoint directory: manifest checksum, tensor file checksums, and that they belong together."""
+    root = Path(path)
+    if not root.exists():
+        raise CheckpointNotFoundError(root)
+    manifest_path = root / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise CorruptCheckpointError(root, f"no {MANIFEST_FILE}: not a checkpoint, or an incomplete one")
+    manifest = parse_manifest(manifest_path.read_bytes(), str(manifest_path))
+    tensors_file = manifest.get("tensors_file") or {}
+    tensors_path = root / str(tensors_file.get("name", TENSORS_FILE))
+    if not tensors_path.is_file():
+        raise CorruptCheckpointError(root, f"{tensors_path.name} is missing")
+    if tensors_path.stat().st_size != tensors_file.get("size"):
+        raise CorruptCheckpointError(
+            tensors_path, f"size {tensors_path.stat().st_size} differs from the {tensors_file.get('size')} recorded"
+        )
+    header, tensors = read_file(str(tensors_path), mmap=False, verify=verify)
+    for alias, target in header.aliases.items():
+        tensors[alias] = tensors[target]
+
+    def place_tensor(tensor: Any, saved_device: str) -> Any:
+        return placer(map_location, saved_location=saved_device)(tensor)
+
+    return LoadedCheckpoint(str(root), manifest, Decoder(tensors, str(manifest_path), place_tensor))
+
+
+def _check_optimizer(optimizer: Any, saved: Any, path: str) -> None:
+    """The checks torch's load_state_dict makes, before anything is modified."""
+    groups = getattr(optimizer, "param_groups", None)
+    if groups is None or not isinstance(saved, dict) or "param_groups" not in saved:
+        return
+    saved_groups = saved["param_groups"]
+    if len(groups) != len(saved_groups):
+        raise ValueError(
+            f"{path}: the optimizer has {len(groups)} parameter groups, the checkpoint {len(saved_groups)}"
+        )
+    for i, (mine, theirs) in enumerate(zip(groups, saved_groups, strict=True)):
+        if len(mine["params"]) != len(theirs["params"]):
+            raise ValueError(
+                f"{path}: optimizer parameter group {i} has {len(mine['params'])} parameters, "
+                f"the checkpoint {len(theirs['params'])}"
+            )
+
+
+@gc_paused
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    model: nn.Module | None = None,
+    optimizer: Any = None,
+    scheduler: Any = None,
+    scaler: Any = None,
+    components: Mapping[str, Any] | None = None,
+    rng: bool = True,
+    map_location: MapLocation = "cpu",
+    strict: bool = True,
+) -> dict[str, Any]:
+    """Restore the given objects in place from a checkpoint and return the remaining state.
+
+    Everything is read, verified and matched before any object is modified: with
+    ``strict=True`` a mismatch raises and leaves every object as it was.
+
+    Returns:
+        The plain values saved with the checkpoint (``epoch``, ``loss``, ...).
+
+    Raises:
+        CheckpointNotFoundError, CorruptCheckpointError: as for :func:`torchkeep.load`.
+        LoadMismatchError: a model does not match (strict), or an object was not saved.
+        ValueError: an optimizer whose parameter groups differ from the saved ones.
+    """
+    loaded = read_checkpoint(path, map_location=map_location)
+    source = loaded.path
+    objects = loaded.objects
+    wanted: dict[str, Any] = {
+        name: obj
+        for name, obj in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler))
+        if obj is not None
+    }
+    saved_components = objects.get("components", {})
+    for name, obj in (components or {}).items():
+        wanted[f"components.{name}"] = obj
+
+    def saved_node(key: str) -> Any:
+        if key.startswith("components."):
+            return saved_components.get(key.split(".", 1)[1])
+        return objects.get(key)
+
+    absent = [key for key in wanted if saved_node(key) is None]
+    if absent:
+        message = f"{source}: the checkpoint holds no state for {absent}"
+        if strict:
+            raise LoadMismatchError(LoadReport(missing=absent, source=source), source)
+        warnings.warn(message + "; left as they are", TorchkeepWarning, stacklevel=2)
+
+    # Match everything first; apply only when all of it can be applied.
+    pending_models: list[PendingLoad] = []
+    pending_states: list[tuple[Any, Any]] = []
+    for key, obj in wanted.items():
+        node = saved_node(key)
+        if node is None:
+            continue
+        saved = loaded.decode(node)
+        if isinstance(obj, nn.Module):
+            pending = match_model(obj, saved, source_name=f"{source} [{key}]")
+            if strict and not pending.report.ok:
+                raise LoadMismatchError(pending.report, f"{source} [{key}]")
+            pending_models.append(pending)
+        else:
+            if key == "optimizer" or hasattr(obj, "param_groups"):
+                _check_optimizer(obj, saved, f"{source} [{key}]")
+            pending_states.append((obj, saved))
+    rng_state = loaded.decode(objects["rng"]) if rng and "rng" in objects else None
+    user_state = loaded.state()
+
+    for pending in pending_models:
+        pending.apply()
+    for obj, saved in pending_states:
+        obj.load_state_dict(saved)
+    if rng_state is not None:
+        restore_rng(rng_state, source=source)
+    return user_state
+
+
+def checkpoint_size(path: str | os.PathLike[str]) -> int:
+    root = Path(path)
+    total = 0
+    for file in root.iterdir():
+        with contextlib.suppress(OSError):
+            total += file.stat().st_size
+    return total

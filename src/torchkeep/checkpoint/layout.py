@@ -1,0 +1,122 @@
+"""What a checkpoint directory holds, planned as plain data before anything is written."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from torchkeep.errors import CorruptCheckpointError
+from torchkeep.format.layout import digest
+from torchkeep.state.rng import capture_rng
+from torchkeep.state.tensors import PreparedTensors, prepare, state_dict_of
+from torchkeep.state.values import Encoder
+
+FORMAT_NAME = "torchkeep.checkpoint"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+TENSORS_FILE = "tensors.safetensors"
+CHECKSUM_KEY = "xxh3_64"
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """Anything with ``state_dict()`` / ``load_state_dict()``: optimizers, schedulers, your objects."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> Any: ...
+
+
+@dataclass(frozen=True)
+class CheckpointPlan:
+    """Everything one checkpoint will hold: the manifest (JSON) and the tensors it refers to."""
+
+    manifest: dict[str, Any]
+    tensors: PreparedTensors = field(repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensors.nbytes
+
+
+def object_state(obj: Any) -> dict[str, Any]:
+    """A module's unwrapped state dict, or any Stateful's ``state_dict()``."""
+    if isinstance(obj, nn.Module):
+        return state_dict_of(obj)
+    if not isinstance(obj, Stateful):
+        raise TypeError(f"{type(obj).__name__} has no state_dict()/load_state_dict(); it cannot be checkpointed")
+    return obj.state_dict()
+
+
+def plan_checkpoint(
+    *,
+    model: nn.Module | None = None,
+    optimizer: Any = None,
+    scheduler: Any = None,
+    scaler: Any = None,
+    components: Mapping[str, Any] | None = None,
+    rng: bool = True,
+    state: Mapping[str, Any] | None = None,
+    info: Mapping[str, Any] | None = None,
+) -> CheckpointPlan:
+    """Gather and encode the state of every given object; nothing is written."""
+    from torchkeep import __version__
+
+    encoder = Encoder()
+    objects: dict[str, Any] = {}
+    for name, obj in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+        if obj is not None:
+            objects[name] = encoder.encode(object_state(obj), name)
+    if components:
+        objects["components"] = {
+            name: encoder.encode(object_state(obj), f"components.{name}") for name, obj in components.items()
+        }
+    if rng:
+        objects["rng"] = encoder.encode(capture_rng(), "rng")
+    user_state = encoder.encode(dict(state or {}), "")
+    manifest = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "torch": torch.__version__,
+        "torchkeep": __version__,
+        "created": time.time(),
+        "info": encoder.encode(dict(info or {}), "info"),
+        "objects": objects,
+        "state": user_state,
+    }
+    return CheckpointPlan(manifest=manifest, tensors=prepare(encoder.tensors))
+
+
+def _canonical(manifest: Mapping[str, Any]) -> bytes:
+    return json.dumps(manifest, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def manifest_bytes(manifest: Mapping[str, Any], tensors_file: Mapping[str, Any]) -> bytes:
+    """The manifest file: canonical JSON plus a checksum of everything else in it."""
+    body = dict(manifest, tensors_file=dict(tensors_file))
+    body[CHECKSUM_KEY] = digest(_canonical(body))
+    return json.dumps(body, indent=1, ensure_ascii=False).encode("utf-8") + b"\n"
+
+
+def parse_manifest(raw: bytes, path: str) -> dict[str, Any]:
+    """A validated manifest: JSON, the right format and version, and an intact checksum."""
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CorruptCheckpointError(path, f"manifest is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict) or body.get("format") != FORMAT_NAME:
+        raise CorruptCheckpointError(path, "not a torchkeep checkpoint manifest")
+    recorded = body.pop(CHECKSUM_KEY, None)
+    if recorded != digest(_canonical(body)):
+        raise CorruptCheckpointError(path, "manifest checksum mismatch: the manifest is damaged")
+    if body.get("version") != FORMAT_VERSION:
+        raise CorruptCheckpointError(
+            path, f"checkpoint format version {body.get('version')!r}; this torchkeep reads version {FORMAT_VERSION}"
+        )
+    return body

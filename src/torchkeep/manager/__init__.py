@@ -1,0 +1,1 @@
+"""CheckpointManager and its small, composable retention and save policies."""

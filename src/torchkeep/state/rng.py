@@ -1,0 +1,46 @@
+"""Capturing and restoring every random number generator a training run draws from."""
+
+from __future__ import annotations
+
+import random
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+from torchkeep.errors import TorchkeepWarning
+
+
+def capture_rng() -> dict[str, Any]:
+    """Python's ``random``, NumPy's global generator, torch's CPU generator and every CUDA one."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(legacy=True),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any], *, source: str = "checkpoint") -> None:
+    """Put back what :func:`capture_rng` took; warn, naming it, for anything that cannot be."""
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in state:
+        np.random.set_state(tuple(state["numpy"]))
+    if "torch" in state:
+        torch.set_rng_state(state["torch"].cpu())
+    saved = state.get("cuda") or []
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if saved and available != len(saved):
+        warnings.warn(
+            f"{source}: saved the RNG state of {len(saved)} CUDA device(s) but {available} are available; "
+            f"restored {min(len(saved), available)}, so GPU randomness will not repeat exactly",
+            TorchkeepWarning,
+            stacklevel=3,
+        )
+    for index in range(min(len(saved), available)):
+        torch.cuda.set_rng_state(saved[index].cpu(), index)

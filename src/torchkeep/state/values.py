@@ -1,0 +1,192 @@
+"""Any nested training state <-> a JSON tree plus named tensors. No pickle.
+
+Supported, and restored with their exact types: None, bool, int, float (nan, inf and -0.0
+included), str, list, tuple, dict (keys of any supported scalar type), tensors (any device, 0-dim
+included), NumPy arrays and scalars, torch.Size, torch.dtype and torch.device. Anything else
+raises :class:`UnsupportedValueError` naming where it was found (``optimizer.param_groups[0].fn``).
+
+JSON forms (the manifest schema, docs/FORMAT.md): plain JSON for null/bool/int/str/finite float
+and for lists; a dict whose keys are all plain strings not starting with ``$`` is a JSON object;
+every other value is an object with one ``$``-tagged key.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from torchkeep.errors import CorruptCheckpointError, UnsupportedValueError
+from torchkeep.format.dtypes import dtype_name
+
+Json = Any
+TAGS = ("$tensor", "$ndarray", "$npscalar", "$float", "$tuple", "$dict", "$size", "$dtype", "$device")
+
+
+class Encoder:
+    """Turns values into JSON, collecting tensors under unique, readable names."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def _name(self, where: str) -> str:
+        name = where or "value"
+        if name in self.tensors:
+            n = 2
+            while f"{name}#{n}" in self.tensors:
+                n += 1
+            name = f"{name}#{n}"
+        return name
+
+    def encode(self, value: Any, where: str) -> Json:
+        if value is None or isinstance(value, (bool, str)):
+            return value
+        if isinstance(value, int) and type(value) is int:
+            return value
+        if type(value) is float:
+            return value if math.isfinite(value) else {"$float": repr(value)}
+        if isinstance(value, torch.Tensor):
+            return self._tensor(value, where)
+        if isinstance(value, np.ndarray):
+            return self._ndarray(value, where)
+        if isinstance(value, np.generic):
+            return self._npscalar(value, where)
+        if isinstance(value, torch.Size):
+            return {"$size": list(value)}
+        if isinstance(value, torch.dtype):
+            return {"$dtype": dtype_name(value)}
+        if isinstance(value, torch.device):
+            return {"$device": str(value)}
+        if isinstance(value, tuple) and type(value) is tuple:
+            return {"$tuple": [self.encode(v, f"{where}[{i}]") for i, v in enumerate(value)]}
+        if isinstance(value, list):
+            return [self.encode(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        if isinstance(value, dict):
+            return self._dict(value, where)
+        raise UnsupportedValueError(
+            where,
+            f"is a {type(value).__module__}.{type(value).__qualname__}, which cannot be stored without pickle; "
+            "store plain data (numbers, strings, lists, dicts, tensors, arrays) instead",
+        )
+
+    def _dict(self, value: dict[Any, Any], where: str) -> Json:
+        if all(type(k) is str and not k.startswith("$") for k in value):
+            return {k: self.encode(v, f"{where}.{k}" if where else k) for k, v in value.items()}
+        items = []
+        for k, v in value.items():
+            if not (k is None or isinstance(k, (bool, int, float, str, tuple))):
+                raise UnsupportedValueError(where, f"has a key of type {type(k).__name__}, which cannot be stored")
+            items.append([self.encode(k, f"{where}<key>"), self.encode(v, f"{where}[{k!r}]")])
+        return {"$dict": items}
+
+    def _tensor(self, value: torch.Tensor, where: str) -> Json:
+        name = self._name(where)
+        self.tensors[name] = value
+        out: dict[str, Any] = {"$tensor": name}
+        if value.device.type != "cpu":
+            out["device"] = str(value.device)
+        if value.requires_grad:
+            out["requires_grad"] = True
+        return out
+
+    def _ndarray(self, value: np.ndarray[Any, Any], where: str) -> Json:
+        if value.dtype.hasobject or value.dtype.kind not in "biufc":
+            raise UnsupportedValueError(where, f"is a NumPy array of dtype {value.dtype}, which cannot be stored")
+        native = np.ascontiguousarray(value.astype(value.dtype.newbyteorder("="), copy=False))
+        try:
+            tensor = torch.from_numpy(native)
+        except TypeError as exc:
+            raise UnsupportedValueError(where, f"NumPy dtype {value.dtype} has no torch equivalent") from exc
+        name = self._name(where)
+        self.tensors[name] = tensor
+        return {"$ndarray": name, "dtype": value.dtype.str}
+
+    def _npscalar(self, value: np.generic, where: str) -> Json:
+        if value.dtype.kind not in "biufcU":
+            raise UnsupportedValueError(where, f"is a NumPy {value.dtype} scalar, which cannot be stored")
+        item = value.item()
+        if isinstance(item, complex):
+            payload: Json = [self.encode(item.real, where), self.encode(item.imag, where)]
+        else:
+            payload = self.encode(item, where)
+        return {"$npscalar": value.dtype.str, "value": payload}
+
+
+class Decoder:
+    """The inverse of :class:`Encoder`, given the tensors read back."""
+
+    def __init__(
+        self, tensors: dict[str, torch.Tensor], source: str, place: Callable[[torch.Tensor, str], torch.Tensor]
+    ) -> None:
+        self.tensors = tensors
+        self.source = source
+        self.place = place
+
+    def _bad(self, problem: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(self.source, f"manifest: {problem}")
+
+    def decode(self, node: Json) -> Any:
+        if node is None or isinstance(node, (bool, int, float, str)):
+            return node
+        if isinstance(node, list):
+            return [self.decode(v) for v in node]
+        if not isinstance(node, dict):
+            raise self._bad(f"unexpected JSON value {node!r}")
+        tag = next((k for k in node if k.startswith("$")), None)
+        if tag is None:
+            return {k: self.decode(v) for k, v in node.items()}
+        handler = getattr(self, "_" + tag[1:], None)
+        if tag not in TAGS or handler is None:
+            raise self._bad(f"unknown tag {tag!r}")
+        return handler(node)
+
+    def _lookup(self, name: Any) -> torch.Tensor:
+        if not isinstance(name, str) or name not in self.tensors:
+            raise self._bad(f"refers to tensor {name!r}, which the tensor file lacks")
+        return self.tensors[name]
+
+    def _tensor(self, node: dict[str, Any]) -> torch.Tensor:
+        tensor = self.place(self._lookup(node["$tensor"]), node.get("device", "cpu"))
+        if node.get("requires_grad") and (tensor.is_floating_point() or tensor.is_complex()):
+            tensor.requires_grad_(True)
+        return tensor
+
+    def _ndarray(self, node: dict[str, Any]) -> np.ndarray[Any, Any]:
+        array = self._lookup(node["$ndarray"]).numpy().copy()
+        return array.astype(np.dtype(node["dtype"]), copy=False)
+
+    def _npscalar(self, node: dict[str, Any]) -> np.generic:
+        dtype = np.dtype(node["$npscalar"])
+        value = node["value"]
+        item = complex(self.decode(value[0]), self.decode(value[1])) if dtype.kind == "c" else self.decode(value)
+        return dtype.type(item)  # type: ignore[no-any-return]
+
+    def _float(self, node: dict[str, Any]) -> float:
+        text = node["$float"]
+        if text not in ("nan", "inf", "-inf"):
+            raise self._bad(f"bad special float {text!r}")
+        return float(text)
+
+    def _tuple(self, node: dict[str, Any]) -> tuple[Any, ...]:
+        return tuple(self.decode(v) for v in node["$tuple"])
+
+    def _dict(self, node: dict[str, Any]) -> dict[Any, Any]:
+        pairs = node["$dict"]
+        if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+            raise self._bad("$dict must hold [key, value] pairs")
+        return {self.decode(k): self.decode(v) for k, v in pairs}
+
+    def _size(self, node: dict[str, Any]) -> torch.Size:
+        return torch.Size(node["$size"])
+
+    def _dtype(self, node: dict[str, Any]) -> torch.dtype:
+        dtype = getattr(torch, str(node["$dtype"]), None)
+        if not isinstance(dtype, torch.dtype):
+            raise self._bad(f"unknown dtype {node['$dtype']!r}")
+        return dtype
+
+    def _device(self, node: dict[str, Any]) -> torch.device:
+        return torch.device(node["$device"])
