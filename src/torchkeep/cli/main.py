@@ -5,14 +5,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
+from torchkeep.checkpoint.io import is_checkpoint_dir, read_checkpoint
+from torchkeep.checkpoint.layout import TENSORS_FILE
 from torchkeep.errors import TorchkeepError
+from torchkeep.manager.manager import CheckpointManager
 from torchkeep.weights.inspect import inspect
 from torchkeep.weights.verify import verify
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    if is_checkpoint_dir(args.path):
+        return _inspect_checkpoint(args)
     info = inspect(args.path)
     if args.json:
         print(json.dumps(info.to_dict(), indent=2))
@@ -23,7 +31,60 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect_checkpoint(args: argparse.Namespace) -> int:
+    loaded = read_checkpoint(args.path)
+    tensors = inspect(Path(args.path) / TENSORS_FILE)
+    manifest = loaded.manifest
+    summary = {
+        "path": str(args.path),
+        "format": f"{manifest['format']} v{manifest['version']}",
+        "torch": manifest.get("torch"),
+        "torchkeep": manifest.get("torchkeep"),
+        "created": manifest.get("created"),
+        "objects": sorted(manifest.get("objects", {})),
+        "info": loaded.info(),
+        "state": {k: _short(v) for k, v in loaded.state().items()},
+        "tensors": tensors.to_dict()["tensors"],
+        "total_bytes": tensors.total_bytes,
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+        return 0
+    print(f"{args.path}: {summary['format']} (torch {summary['torch']}, torchkeep {summary['torchkeep']})")
+    print(f"objects: {', '.join(summary['objects']) or '-'}")
+    if summary["info"]:
+        print(f"info: {summary['info']}")
+    print("state: " + (", ".join(f"{k}={v}" for k, v in summary["state"].items()) or "-"))
+    print(tensors.tree() if args.tree else tensors.table())
+    return 0
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _ls(args: argparse.Namespace) -> int:
+    manager = CheckpointManager(args.directory, read_only=True, monitor=args.monitor, mode=args.mode)
+    rows = [("step", "time", "size", "metrics", "")]
+    for info in manager.list():
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.time))
+        marks = " ".join(m for m, on in (("latest", info.is_latest), ("best", info.is_best)) if on)
+        metrics = ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.metrics.items())
+        rows.append((str(info.step), when, f"{info.size / 1e6:.2f} MB", metrics, marks))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    for name, why in manager.damaged.items():
+        print(f"damaged: {name}: {why}")
+    return 0
+
+
 def _verify(args: argparse.Namespace) -> int:
+    if is_checkpoint_dir(args.path):
+        loaded = read_checkpoint(args.path)  # verifies manifest and every tensor
+        print(f"{args.path}: OK, checkpoint with {len(loaded.decoder.tensors)} tensors verified")
+        return 0
     checked = verify(args.path)
     if checked is None:
         print(f"{args.path}: no checksums recorded (not written by torchkeep); structure is valid")
@@ -46,9 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--tree", action="store_true", help="parameter counts as a module tree")
     p.set_defaults(func=_inspect)
-    p = sub.add_parser("verify", help="check every tensor against its checksum (exit 1 on damage)")
+    p = sub.add_parser("verify", help="check a weights file or checkpoint against its checksums (exit 1 on damage)")
     p.add_argument("path")
     p.set_defaults(func=_verify)
+    p = sub.add_parser("ls", help="list a CheckpointManager directory: steps, times, sizes, metrics")
+    p.add_argument("directory")
+    p.add_argument("--monitor", help="metric that marks the best checkpoint")
+    p.add_argument("--mode", default="min", choices=["min", "max"])
+    p.set_defaults(func=_ls)
     p = sub.add_parser("demo", help="train the Iris classifier, save, load and partially load it")
     p.add_argument("--dir", default="torchkeep-demo", help="folder to write into (default ./torchkeep-demo)")
     p.set_defaults(func=_demo)

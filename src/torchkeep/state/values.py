@@ -42,9 +42,8 @@ class Encoder:
         return name
 
     def encode(self, value: Any, where: str) -> Json:
-        if value is None or isinstance(value, (bool, str)):
-            return value
-        if isinstance(value, int) and type(value) is int:
+        # Exact types: subclasses (np.str_, np.float64, IntEnum) must keep their own type.
+        if value is None or type(value) in (bool, str, int):
             return value
         if type(value) is float:
             return value if math.isfinite(value) else {"$float": repr(value)}
