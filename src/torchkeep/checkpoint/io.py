@@ -155,6 +155,8 @@ def read_checkpoint(
         tensors[alias] = tensors[target]
 
     def place_tensor(tensor: Any, saved_device: str) -> Any:
+        if map_location is None:  # as torch.load: back where it was saved
+            return tensor if saved_device == "cpu" else tensor.to(saved_device)
         return placer(map_location, saved_location=saved_device)(tensor)
 
     return LoadedCheckpoint(str(root), manifest, Decoder(tensors, str(manifest_path), place_tensor))

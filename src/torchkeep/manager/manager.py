@@ -96,6 +96,7 @@ class CheckpointManager:
         template: str = "step-{step:08d}",
         read_only: bool = False,
     ) -> None:
+        self._lock_fd: int | None = None
         self.directory = Path(directory)
         self.mode = parse_mode(mode)
         self.monitor = monitor
@@ -112,7 +113,6 @@ class CheckpointManager:
         self.template = template
         self._name_pattern = _template_pattern(template)
         self.read_only = read_only
-        self._lock_fd: int | None = None
         self.damaged: dict[str, str] = {}
         if read_only:
             if not self.directory.is_dir():
@@ -140,8 +140,9 @@ class CheckpointManager:
 
     def close(self) -> None:
         """Release the directory lock."""
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
+        fd = getattr(self, "_lock_fd", None)  # absent when __init__ failed early
+        if fd is not None:
+            os.close(fd)
             self._lock_fd = None
 
     def __enter__(self) -> CheckpointManager:
