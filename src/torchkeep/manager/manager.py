@@ -35,7 +35,7 @@ from torchkeep.manager.policies import (
     to_delete,
 )
 from torchkeep.state.devices import MapLocation
-from torchkeep.storage.local import TEMP_MARKER, atomic_write, fsync_dir
+from torchkeep.storage.local import TEMP_MARKER, atomic_write, fsync_dir, temporary_sibling
 
 LOCK_FILE = ".torchkeep.lock"
 LATEST_FILE = "latest"
@@ -158,12 +158,13 @@ class CheckpointManager:
         """Remove what a crashed save left: temporary siblings of our own checkpoint names."""
         for entry in self.directory.iterdir():
             name = entry.name
-            if (
-                name.startswith(".")
-                and TEMP_MARKER in name
-                and self._name_pattern.match(name[1:].split(TEMP_MARKER)[0])
-            ):
+            if not (name.startswith(".") and TEMP_MARKER in name):
+                continue
+            base = name[1:].split(TEMP_MARKER)[0]
+            if self._name_pattern.match(base):
                 shutil.rmtree(entry, ignore_errors=True)
+            elif base == LATEST_FILE:
+                entry.unlink(missing_ok=True)
 
     def _scan(self) -> dict[int, CheckpointInfo]:
         found: dict[int, CheckpointInfo] = {}
@@ -306,7 +307,10 @@ class CheckpointManager:
             protected.add(best)
         for step in sorted(to_delete(self._candidates(), self.policies, protected=protected)):
             info = self._checkpoints.pop(step)
-            shutil.rmtree(info.path, ignore_errors=True)
+            # Renamed first: a crash mid-delete leaves a temporary name, cleaned at the next start.
+            doomed = temporary_sibling(info.path)
+            os.rename(info.path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
         fsync_dir(self.directory)
 
     # -- restore -----------------------------------------------------------------------------
