@@ -108,7 +108,7 @@ def test_damaged_files_raise_corrupt_checkpoint(tmp_path: Path, victim: str) -> 
     with pytest.raises(torchkeep.CorruptCheckpointError):
         torchkeep.load_checkpoint(tmp_path / "c")
     path.unlink()
-    with pytest.raises(torchkeep.CorruptCheckpointError, match="missing|no manifest"):
+    with pytest.raises(torchkeep.CorruptCheckpointError, match=r"missing|no manifest"):
         torchkeep.load_checkpoint(tmp_path / "c")
 
 
@@ -138,7 +138,7 @@ def test_map_location_for_returned_tensors(tmp_path: Path) -> None:
 @requires_cuda
 def test_cuda_tensors_and_generators(tmp_path: Path) -> None:
     torch.cuda.manual_seed_all(7)
-    model, opt = model_and_opt()
+    model, _ = model_and_opt()
     model.cuda()
     torchkeep.save_checkpoint(tmp_path / "c", model=model, loss=torch.tensor(2.0, device="cuda"))
     expected = torch.rand(2, device="cuda")

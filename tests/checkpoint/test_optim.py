@@ -123,7 +123,7 @@ def test_grad_scaler_round_trips(tmp_path: Path) -> None:
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for step in range(4):
+    for _ in range(4):
         opt.zero_grad()
         scaler.scale(model(torch.randn(3, 5)).sum()).backward()
         scaler.step(opt)
@@ -145,7 +145,9 @@ def test_components_gan_with_two_models_and_two_optimizers(tmp_path: Path) -> No
     torchkeep.save_checkpoint(tmp_path / "gan", components=components, rng=False, epoch=7)
 
     fresh = {
-        "generator": make_model(5), "discriminator": make_model(6), "ema": make_model(7),
+        "generator": make_model(5),
+        "discriminator": make_model(6),
+        "ema": make_model(7),
     }
     fresh["opt_g"] = torch.optim.Adam(fresh["generator"].parameters())
     fresh["opt_d"] = torch.optim.AdamW(fresh["discriminator"].parameters())

@@ -25,9 +25,9 @@ scalars = (
 keys = s.none() | s.booleans() | s.integers(-5, 5) | s.text(max_size=6) | s.floats(allow_nan=False)
 values = s.recursive(
     scalars,
-    lambda children: s.lists(children, max_size=4)
-    | s.tuples(children, children)
-    | s.dictionaries(keys, children, max_size=4),
+    lambda children: (
+        s.lists(children, max_size=4) | s.tuples(children, children) | s.dictionaries(keys, children, max_size=4)
+    ),
     max_leaves=12,
 )
 

@@ -1,6 +1,6 @@
 """A training run for the resume tests: run it whole, or stop (and be SIGKILLed) after a step, then resume.
 
-    python resume_script.py DIR OUT TOTAL OPTIMIZER [STOP_AT]
+python resume_script.py DIR OUT TOTAL OPTIMIZER [STOP_AT]
 """
 
 from __future__ import annotations

@@ -50,8 +50,9 @@ def test_sigkilled_then_resumed_run_is_bit_identical(tmp_path: Path, optimizer: 
     resumed = torchkeep.load_checkpoint(tmp_path / "cut.out", rng=False)
     assert len(whole["losses"]) == total
     assert whole["losses"] == resumed["losses"]
-    a, b = torchkeep.load(tmp_path / "whole.out" / "tensors.safetensors"), torchkeep.load(
-        tmp_path / "cut.out" / "tensors.safetensors"
+    a, b = (
+        torchkeep.load(tmp_path / "whole.out" / "tensors.safetensors"),
+        torchkeep.load(tmp_path / "cut.out" / "tensors.safetensors"),
     )
     assert_same_state(a, b)  # parameters, optimizer moments, step counters, bit for bit
     manifest = json.loads((tmp_path / "whole.out" / "manifest.json").read_text())

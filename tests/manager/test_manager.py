@@ -106,8 +106,12 @@ def reference_kept(
     keep_every=s.none() | s.integers(2, 5),
 )
 def test_retention_equals_the_policy(
-    tmp_path_factory: pytest.TempPathFactory, deltas: list[int], losses: list[float | None], keep_last: int,
-    keep_best: int | None, keep_every: int | None,
+    tmp_path_factory: pytest.TempPathFactory,
+    deltas: list[int],
+    losses: list[float | None],
+    keep_last: int,
+    keep_best: int | None,
+    keep_every: int | None,
 ) -> None:
     directory = tmp_path_factory.mktemp("ret")
     steps = [sum(deltas[: i + 1]) for i in range(len(deltas))]
