@@ -66,4 +66,40 @@ def test_demo_trains_saves_and_reloads(tmp_path: Path, capsys: pytest.CaptureFix
     out = capsys.readouterr().out
     assert "predictions identical to the trained model: True" in out
     assert "mismatched  fc.2.weight" in out
+    assert "child killed with SIGKILL (exit -9)" in out
+    assert "loss sequence identical: True; parameters bit-identical: True" in out
     assert (tmp_path / "demo" / "iris.safetensors").exists()
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    with torchkeep.CheckpointManager(tmp_path / "run", keep_last=3) as mgr:
+        for step, acc in [(100, 0.5), (200, 0.75), (300, 0.6)]:
+            mgr.save(step, metrics={"val_acc": acc}, model=torch.nn.Linear(2, 2), epoch=step // 100)
+    return tmp_path / "run"
+
+
+def test_ls_lists_steps_with_marks(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ls", str(run_dir), "--monitor", "val_acc", "--mode", "max"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["step", "time", "size", "metrics"]
+    assert [line.split()[0] for line in lines[1:]] == ["100", "200", "300"]
+    assert lines[2].endswith("best") and "val_acc=0.75" in lines[2]
+    assert lines[3].endswith("latest")
+
+
+def test_verify_and_inspect_a_checkpoint(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = run_dir / "step-00000200"
+    assert main(["verify", str(ckpt)]) == 0
+    assert main(["inspect", str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert "OK, checkpoint" in out and "model.weight" in out and "epoch=2" in out
+    assert main(["inspect", str(ckpt), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["info"]["step"] == 200 and doc["objects"] == ["model", "rng"]
+    tensors = ckpt / "tensors.safetensors"
+    data = bytearray(tensors.read_bytes())
+    data[-1] ^= 1
+    tensors.write_bytes(bytes(data))
+    assert main(["verify", str(ckpt)]) == 1
+    assert "checksum mismatch" in capsys.readouterr().err

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import torchkeep
 
@@ -14,14 +21,16 @@ EPOCHS = 300
 
 
 class IrisNet(nn.Module):
-    """The tutorial's classifier: Linear(4, 8) - ReLU - Linear(8, classes)."""
+    """The tutorial's classifier: Linear(4, 8) - ReLU - Linear(8, classes), with optional dropout."""
 
-    def __init__(self, classes: int = 3) -> None:
+    def __init__(self, classes: int = 3, dropout: float = 0.0) -> None:
         super().__init__()
         self.fc = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, classes))
+        self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x)  # type: ignore[no-any-return]
+        hidden = self.drop(self.fc[1](self.fc[0](x)))
+        return self.fc[2](hidden)  # type: ignore[no-any-return]
 
 
 def iris_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -96,6 +105,93 @@ def run(out_dir: str | Path = "torchkeep-demo") -> int:
     body_same = torch.equal(binary.state_dict()["fc.0.weight"], model.state_dict()["fc.0.weight"])
     print(f"shared body loaded: {body_same}; the new head keeps its fresh initialisation")
 
-    ok = same and report.ok and body_same and len(partial.mismatched) == 2
+    resumed_same = checkpoint_demo(out)
+
+    ok = same and report.ok and body_same and len(partial.mismatched) == 2 and resumed_same
     print(f"\ndemo {'OK' if ok else 'FAILED'}; files are under {out}/")
     return 0 if ok else 1
+
+
+# -- 5. training checkpoints that survive kill -9 ----------------------------------------------
+
+TOTAL_STEPS = 64  # 8 epochs of 8 batches
+KILL_AFTER = 28  # mid-epoch
+
+
+def train_with_checkpoints(directory: Path, stop_after: int | None = None) -> dict[str, Any]:
+    """Train with dropout and a shuffled loader, checkpointing through a manager; resume if it has any."""
+    x_train, y_train, x_val, y_val = iris_data()
+    data = TensorDataset(x_train, y_train)
+    torch.manual_seed(SEED)
+    model = IrisNet(dropout=0.2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.005)
+    sampler = torchkeep.ResumableSampler(data, seed=SEED)
+    loader = DataLoader(data, batch_size=15, sampler=sampler, generator=torch.Generator())
+    manager = torchkeep.CheckpointManager(
+        directory, keep_last=2, keep_best=1, monitor="val_acc", mode="max", save_every=4
+    )
+    objects: dict[str, Any] = {"model": model, "optimizer": optimizer, "components": {"sampler": sampler}}
+    step, losses = 0, []
+    if manager.latest() is not None:
+        state = manager.restore(**objects)
+        step, losses = state["step"], state["losses"]
+        print(f"   resumed from step {step} ({manager.latest().path.name})")  # type: ignore[union-attr]
+    loss_fn = nn.CrossEntropyLoss()
+    while step < TOTAL_STEPS:
+        for x, y in loader:
+            model.train()
+            optimizer.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            losses.append(loss.item())
+            if manager.should_save(step):
+                model.eval()
+                manager.save(step, metrics={"val_acc": accuracy(model, x_val, y_val)}, losses=losses, **objects)
+                if step == stop_after:
+                    print(f"   saved step {step}; waiting to be killed", flush=True)
+                    time.sleep(600)
+            if step >= TOTAL_STEPS:
+                break
+    manager.close()
+    return {"losses": losses, "state": {k: v.clone() for k, v in model.state_dict().items()}}
+
+
+def _child(directory: str, stop_after: str) -> None:
+    train_with_checkpoints(Path(directory), int(stop_after))
+
+
+def checkpoint_demo(out: Path) -> bool:
+    print("\n== 5. checkpoints that survive kill -9: train, SIGKILL mid-epoch, resume")
+    runs = out / "runs"
+    shutil.rmtree(runs, ignore_errors=True)
+    whole = train_with_checkpoints(runs / "uninterrupted")
+    print(f"   uninterrupted run: {TOTAL_STEPS} steps, final loss {whole['losses'][-1]:.4f}")
+
+    code = "import sys; from torchkeep.cli.demo import _child; _child(sys.argv[1], sys.argv[2])"
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, str(runs / "killed"), str(KILL_AFTER)], stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None
+    print("   child: " + child.stdout.readline().strip())
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    child.stdout.close()
+    print(f"   child killed with SIGKILL (exit {child.returncode})")
+    print("   " + "\n   ".join(_ls_lines(runs / "killed")))
+    resumed = train_with_checkpoints(runs / "killed")
+    same_losses = resumed["losses"] == whole["losses"]
+    same_params = all(torch.equal(whole["state"][k], v) for k, v in resumed["state"].items())
+    print(f"   resumed run: loss sequence identical: {same_losses}; parameters bit-identical: {same_params}")
+    print("   " + "\n   ".join(_ls_lines(runs / "killed")))
+    return same_losses and same_params
+
+
+def _ls_lines(directory: Path) -> list[str]:
+    manager = torchkeep.CheckpointManager(directory, read_only=True, monitor="val_acc", mode="max")
+    lines = []
+    for info in manager.list():
+        marks = " ".join(m for m, on in (("latest", info.is_latest), ("best", info.is_best)) if on)
+        lines.append(f"{info.path.name}  val_acc={info.metrics['val_acc']:.3f}  {marks}".rstrip())
+    return lines
