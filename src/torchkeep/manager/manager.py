@@ -7,6 +7,7 @@ import fcntl
 import os
 import re
 import shutil
+import threading
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -97,6 +98,8 @@ class CheckpointManager:
         read_only: bool = False,
     ) -> None:
         self._lock_fd: int | None = None
+        self._doomed: list[Path] = []
+        self._deleter: threading.Thread | None = None
         self.directory = Path(directory)
         self.mode = parse_mode(mode)
         self.monitor = monitor
@@ -139,7 +142,9 @@ class CheckpointManager:
         self._lock_fd = fd
 
     def close(self) -> None:
-        """Release the directory lock."""
+        """Finish pending deletions and release the directory lock."""
+        if getattr(self, "_deleter", None) is not None:
+            self.wait()
         fd = getattr(self, "_lock_fd", None)  # absent when __init__ failed early
         if fd is not None:
             os.close(fd)
@@ -310,8 +315,22 @@ class CheckpointManager:
             # Renamed first: a crash mid-delete leaves a temporary name, cleaned at the next start.
             doomed = temporary_sibling(info.path)
             os.rename(info.path, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
+            self._doomed.append(doomed)
         fsync_dir(self.directory)
+        if self._doomed and (self._deleter is None or not self._deleter.is_alive()):
+            # Unlinking gigabytes takes a while; training need not wait for it.
+            self._deleter = threading.Thread(target=self._delete_doomed, name="torchkeep-retention", daemon=True)
+            self._deleter.start()
+
+    def _delete_doomed(self) -> None:
+        while self._doomed:
+            shutil.rmtree(self._doomed.pop(0), ignore_errors=True)
+
+    def wait(self) -> None:
+        """Wait for background deletions of retired checkpoints to finish."""
+        if self._deleter is not None:
+            self._deleter.join()
+        self._delete_doomed()
 
     # -- restore -----------------------------------------------------------------------------
 
