@@ -77,6 +77,7 @@ def main() -> None:
     for step in range(args.repeats):
         for name in results:
             gc.collect()
+            os.sync()  # start each measurement with no writeback pending from the previous one
             start = time.perf_counter()
             if name == "raw write + fsync":
                 raw_write()
@@ -86,6 +87,8 @@ def main() -> None:
                 torch_idiom(step)
             results[name].append(time.perf_counter() - start)
         mgr.wait()  # background deletion of the retired checkpoint, outside the timings
+        results = dict(reversed(list(results.items())))  # alternate the order between repeats
+    results = {k: results[k] for k in ("raw write + fsync", "torch.save idiom + fsync", "mgr.save")}
     floor = statistics.median(results["raw write + fsync"])
     print("| method | min (s) | median (s) | median / raw |")
     print("|---|---|---|---|")
