@@ -1,0 +1,1 @@
+"""Reading pickles without running their code: a reviewed allowlist, a restricted unpickler, a scanner."""
