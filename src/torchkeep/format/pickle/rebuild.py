@@ -3,16 +3,76 @@
 from __future__ import annotations
 
 import collections
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+QUANTIZED_ITEMSIZE = {torch.qint8: 1, torch.quint8: 1, torch.qint32: 4, torch.quint4x2: 1, torch.quint2x4: 1}
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    return QUANTIZED_ITEMSIZE.get(dtype) or torch.empty((), dtype=dtype).element_size()
+
 
 class RefusedData(Exception):
     """Arguments to an allowed global that are not plain data of the expected kind."""
+
+
+class DeferredChecks:
+    """Sparse tensors are checked once their storages hold data (legacy files fill them last)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sparse: list[torch.Tensor] = []
+
+    def run(self) -> None:
+        from torchkeep.errors import CorruptCheckpointError
+
+        for tensor in self.sparse:
+            try:
+                if tensor.layout == torch.sparse_coo:
+                    torch._validate_sparse_coo_tensor_args(tensor._indices(), tensor._values(), tensor.size())
+                else:
+                    compressed, plain = (
+                        (tensor.crow_indices(), tensor.col_indices())
+                        if tensor.layout in (torch.sparse_csr, torch.sparse_bsr)
+                        else (tensor.ccol_indices(), tensor.row_indices())
+                    )
+                    torch._validate_sparse_compressed_tensor_args(
+                        compressed, plain, tensor.values(), tensor.size(), tensor.layout
+                    )
+            except RuntimeError as exc:
+                raise CorruptCheckpointError(self.path, f"invalid sparse tensor: {exc}") from exc
+        self.sparse.clear()
+
+
+_CHECKS: contextvars.ContextVar[DeferredChecks | None] = contextvars.ContextVar("torchkeep_checks", default=None)
+
+
+@contextlib.contextmanager
+def deferred_checks(path: str, *, run_on_exit: bool = True) -> Iterator[DeferredChecks]:
+    checks = DeferredChecks(path)
+    token = _CHECKS.set(checks)
+    try:
+        yield checks
+    finally:
+        _CHECKS.reset(token)
+    if run_on_exit:
+        checks.run()
+
+
+def _defer(tensor: torch.Tensor) -> torch.Tensor:
+    checks = _CHECKS.get()
+    if checks is None:
+        raise RefusedData("sparse tensor outside a reader")
+    checks.sparse.append(tensor)
+    return tensor
 
 
 @dataclass(frozen=True)
@@ -33,8 +93,7 @@ class LoadedStorage:
 
     @property
     def numel(self) -> int:
-        itemsize = torch.empty((), dtype=self.dtype).element_size() if not self.dtype.is_quantized else 1
-        return self.untyped.nbytes() // itemsize
+        return self.untyped.nbytes() // itemsize(self.dtype)
 
 
 class PlainDict(dict[Any, Any]):
@@ -88,7 +147,7 @@ def rebuild_tensor_v2(
     if len(shape) != len(strides):
         raise RefusedData("size and stride differ in length")
     _check_hooks(backward_hooks)
-    if storage.dtype.is_quantized:
+    if storage.dtype in QUANTIZED_ITEMSIZE:
         raise RefusedData("quantized storage outside _rebuild_qtensor")
     if math.prod(shape) > 0:
         extent = storage_offset + sum((n - 1) * s for n, s in zip(shape, strides, strict=True)) + 1
@@ -124,31 +183,40 @@ def get_layout(name: Any) -> torch.layout:
 
 
 def rebuild_sparse_tensor(layout: Any, data: Any) -> torch.Tensor:
-    if not isinstance(data, tuple) or not all(isinstance(d, (torch.Tensor, tuple, list, torch.Size, bool)) for d in data):
+    if not isinstance(data, tuple) or not all(
+        isinstance(d, (torch.Tensor, tuple, list, torch.Size, bool)) for d in data
+    ):
         raise RefusedData("sparse tensor parts are not tensors and sizes")
     if layout == torch.sparse_coo:
         if len(data) == 2:
             indices, values, size = data[0], data[1], None
         else:
             indices, values, size = data[0], data[1], data[2]
-        result = torch.sparse_coo_tensor(indices, values, size, check_invariants=True)
-        return result._coalesced_(bool(data[3])) if len(data) > 3 else result
+        result = torch.sparse_coo_tensor(indices, values, size, check_invariants=False)
+        if len(data) > 3:
+            result._coalesced_(bool(data[3]))
+        return _defer(result)
     if layout in (torch.sparse_csr, torch.sparse_bsr):
         crow, col, values, size = data
-        return torch.sparse_compressed_tensor(crow, col, values, _ints(size, "size"), layout=layout,
-                                              check_invariants=True)  # fmt: skip
+        return _defer(torch.sparse_compressed_tensor(crow, col, values, _ints(size, "size"), layout=layout,
+                                                     check_invariants=False))  # fmt: skip
     if layout in (torch.sparse_csc, torch.sparse_bsc):
         ccol, row, values, size = data
-        return torch.sparse_compressed_tensor(ccol, row, values, _ints(size, "size"), layout=layout,
-                                              check_invariants=True)  # fmt: skip
+        return _defer(torch.sparse_compressed_tensor(ccol, row, values, _ints(size, "size"), layout=layout,
+                                                     check_invariants=False))  # fmt: skip
     raise RefusedData(f"unsupported sparse layout {layout!r}")
 
 
 def rebuild_qtensor(
-    storage: Any, storage_offset: Any, size: Any, stride: Any, quantizer_params: Any, requires_grad: Any,
+    storage: Any,
+    storage_offset: Any,
+    size: Any,
+    stride: Any,
+    quantizer_params: Any,
+    requires_grad: Any,
     backward_hooks: Any,
 ) -> torch.Tensor:
-    if not isinstance(storage, LoadedStorage) or not storage.dtype.is_quantized:
+    if not isinstance(storage, LoadedStorage) or storage.dtype not in QUANTIZED_ITEMSIZE:
         raise RefusedData("quantized tensor without a quantized storage")
     _check_hooks(backward_hooks)
     shape, strides = _ints(size, "size"), _ints(stride, "stride")

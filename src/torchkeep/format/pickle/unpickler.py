@@ -39,6 +39,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         if not isinstance(pid, tuple) or not pid or pid[0] != "storage" or len(pid) < 5:
             raise UnsafeCheckpointError(self.path, f"refused persistent id {pid!r:.80}")
         storage_type, key, location, numel = pid[1], pid[2], pid[3], pid[4]
+        if len(pid) > 5 and pid[5] is not None:
+            raise CorruptCheckpointError(self.path, "legacy storage views are not supported")
         if not isinstance(storage_type, StorageType) or not isinstance(key, str) or not isinstance(numel, int):
             raise CorruptCheckpointError(self.path, f"malformed storage reference {pid!r:.80}")
         if self.load_storage is None:
