@@ -55,10 +55,26 @@ def _resolve_dir(folder: Path) -> WeightFiles:
     if len(files) == 1:
         return WeightFiles(root=folder, files=(files[0],))
     if not files:
-        raise CheckpointNotFoundError(folder, "folder holds no .safetensors weights")
+        return _resolve_pickled_dir(folder)
     raise CheckpointNotFoundError(
         folder, f"folder holds {len(files)} .safetensors files and no index; pass one file: {files[:5]}"
     )
+
+
+def _resolve_pickled_dir(folder: Path) -> WeightFiles:
+    """Hugging Face ``pytorch_model.bin`` (sharded or not), or one torch.save file."""
+    index = folder / "pytorch_model.bin.index.json"
+    if index.is_file():
+        return _from_index(index)
+    single = folder / "pytorch_model.bin"
+    if single.is_file():
+        return WeightFiles(root=folder, files=(single.name,))
+    files = sorted(q.name for q in folder.iterdir() if q.is_file() and q.suffix in FOREIGN_SUFFIXES)
+    if len(files) == 1:
+        return WeightFiles(root=folder, files=(files[0],))
+    if not files:
+        raise CheckpointNotFoundError(folder, "folder holds no .safetensors weights (nor .bin/.pt/.pth/.ckpt)")
+    raise CheckpointNotFoundError(folder, f"folder holds {len(files)} weight files and no index; pass one: {files[:5]}")
 
 
 def _from_index(index: Path) -> WeightFiles:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from torchkeep.format.io import map_tensors, read_tensors
 from torchkeep.format.layout import Header, read_header
 from torchkeep.state.devices import MapLocation, placer
 from torchkeep.weights.files import WeightFiles, resolve
+from torchkeep.weights.legacy import detect_kind, extract_state_dict, read_raw
 
 _MAGIC_HINTS = (
     (b"PK\x03\x04", "a zip archive (torch.save writes these)"),
@@ -67,12 +69,18 @@ def _advise_sequential(f: Any) -> None:
         advise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
 
 
-def read_weights(files: WeightFiles, *, mmap: bool, verify: bool) -> dict[str, torch.Tensor]:
+def read_weights(files: WeightFiles, *, mmap: bool, verify: bool, trusted: bool = False) -> dict[str, torch.Tensor]:
     """All tensors of a resolved set of files, checked against the index if there is one."""
     out: dict[str, torch.Tensor] = {}
     for name in files.files:
         path = files.path(name)
-        header, tensors = read_file(path, mmap=mmap, verify=verify)
+        kind = detect_kind(path)
+        if kind in ("safetensors", "unknown"):
+            header, tensors = read_file(path, mmap=mmap, verify=verify)
+            aliases = dict(header.aliases)
+        else:
+            tensors = extract_state_dict(read_raw(path, trusted=trusted), path)
+            aliases = {}
         if files.expected is not None:
             listed = {k for k, v in files.expected.items() if v == name}
             stray = set(tensors) - listed
@@ -81,7 +89,7 @@ def read_weights(files: WeightFiles, *, mmap: bool, verify: bool) -> dict[str, t
             absent = listed - set(tensors)
             if absent:
                 raise CorruptCheckpointError(path, f"lacks tensors its index lists: {sorted(absent)[:5]}")
-        for alias, target in header.aliases.items():
+        for alias, target in aliases.items():
             tensors[alias] = tensors[target]
         for key, tensor in tensors.items():
             if key in out:
@@ -98,8 +106,14 @@ def load(
     mmap: bool = False,
     dtype: torch.dtype | None = None,
     verify: bool = True,
+    trusted: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Load weights saved by torchkeep or any safetensors writer, without running any code.
+    """Load weights from any file users have, without running any code from it.
+
+    Safetensors (torchkeep's or anyone's, single or sharded), torch.save archives (``.pt``,
+    ``.pth``, ``.bin``, ``.ckpt``; zip or the legacy pre-1.6 format), Hugging Face
+    ``pytorch_model.bin`` (sharded too), Lightning and dict checkpoints (their model state dict
+    is returned), and NumPy ``.npz``. The format is found from the content, not the name.
 
     Args:
         path: a ``.safetensors`` file, a folder, or a ``*.safetensors.index.json`` file.
@@ -110,7 +124,9 @@ def load(
             ``torchkeep verify`` or a full load for that.
         dtype: cast floating-point tensors to this dtype; integer and bool tensors keep theirs.
         verify: check each tensor against the checksum torchkeep recorded (files from other
-            writers have none and are loaded unchecked).
+            writers have none and are loaded unchecked; zip archives are CRC-checked).
+        trusted: for pickle-based files only: allow full unpickling, which runs any code the file
+            holds. Only for files you vouch for; a warning says so.
 
     Returns:
         A dict of name -> tensor, in the file's order; tensors saved as shared come back shared.
@@ -118,10 +134,11 @@ def load(
     Raises:
         CheckpointNotFoundError: nothing at ``path``.
         CorruptCheckpointError: a damaged or malformed file, naming the file and the problem.
+        UnsafeCheckpointError: a pickle that would run code (every refused global is named).
     """
     if dtype is not None and not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
-    tensors = read_weights(resolve(path), mmap=mmap, verify=verify)
+    tensors = read_weights(resolve(path), mmap=mmap, verify=verify, trusted=trusted)
     if dtype is None and isinstance(map_location, str) and map_location == "cpu":
         return tensors  # already where and what they should be
     place = placer(map_location)
@@ -133,3 +150,35 @@ def load(
             converted[id(tensor)] = place(moved)
         out[key] = converted[id(tensor)]
     return out
+
+
+@gc_paused
+def load_raw(path: str | os.PathLike[str], *, trusted: bool = False, map_location: MapLocation = "cpu") -> Any:
+    """The whole structure a file holds (nested dicts, lists, tensors, plain values), safely.
+
+    For a torchkeep checkpoint directory, its plain state and objects; for safetensors, the
+    tensors; for pickle-based files, the unpickled object built from torchkeep's allowlist
+    (``trusted=True`` allows anything, running the file's code).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointNotFoundError(p)
+    if p.is_dir() or detect_kind(str(p)) in ("safetensors", "unknown"):
+        return load(p, map_location=map_location)
+    obj = read_raw(str(p), trusted=trusted)
+    place = placer(map_location)
+    return _map_tensors(obj, place)
+
+
+def _map_tensors(obj: Any, place: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return place(obj)
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            obj[key] = _map_tensors(value, place)
+        return obj
+    if isinstance(obj, list):
+        return [_map_tensors(v, place) for v in obj]
+    if isinstance(obj, tuple) and type(obj) is tuple:
+        return tuple(_map_tensors(v, place) for v in obj)
+    return obj

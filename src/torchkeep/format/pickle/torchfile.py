@@ -9,6 +9,7 @@ import zipfile
 import zlib
 from typing import Any
 
+import numpy as np
 import torch
 
 from torchkeep.errors import CorruptCheckpointError, UnsafeCheckpointError
@@ -44,7 +45,7 @@ def _new_storage(nbytes: int) -> torch.UntypedStorage:
 def _fill(storage: torch.UntypedStorage, data: memoryview) -> None:
     if data.nbytes:
         target = torch.empty(0, dtype=torch.uint8).set_(storage)
-        target.copy_(torch.frombuffer(data, dtype=torch.uint8))
+        target.numpy()[:] = np.frombuffer(data, dtype=np.uint8)
 
 
 def is_zip(head: bytes) -> bool:

@@ -1,0 +1,118 @@
+"""Files torchkeep did not write: torch.save archives (.pt/.pth/.bin/.ckpt, zip or legacy), NumPy.
+
+Formats are told apart by content, not by name. Nothing here runs code from a file unless the
+caller passes ``trusted=True``.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import warnings
+import zipfile
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from torchkeep.errors import CorruptCheckpointError, TorchkeepWarning, UnsafeCheckpointError
+from torchkeep.format.pickle.torchfile import read_torch_file
+
+Kind = Literal["safetensors", "torch", "npy", "npz", "unknown"]
+
+# Where common checkpoint layouts keep the model's weights, in the order they are tried.
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights")
+
+
+def detect_kind(path: str) -> Kind:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head.startswith(b"\x93NUMPY"):
+        return "npy"
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return "torch"  # damaged: the torch reader reports it
+        return "npz" if names and all(n.endswith(".npy") for n in names) else "torch"
+    # Safetensors first: its length prefix may begin with any byte, a pickle opcode included.
+    if len(head) == 9 and head[8:9] == b"{" and 0 < struct.unpack("<Q", head[:8])[0] < os.path.getsize(path):
+        return "safetensors"
+    if head[:1] == b"\x80" or head[:1] in (b"(", b"}", b"]", b"c"):
+        return "torch"
+    return "unknown"
+
+
+def read_raw(path: str, *, trusted: bool = False) -> Any:
+    """The whole object a non-safetensors file holds: tensors and plain values."""
+    kind = detect_kind(path)
+    if kind == "npy":
+        return _numpy(path)
+    if kind == "npz":
+        return _numpy(path)
+    if trusted:
+        warnings.warn(
+            f"{path}: loading with full pickle because trusted=True; this runs any code the file holds",
+            TorchkeepWarning,
+            stacklevel=3,
+        )
+        return torch.load(path, map_location="cpu", weights_only=False)  # trusted-path
+    return read_torch_file(path)
+
+
+def _numpy(path: str) -> Any:
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
+            raise UnsafeCheckpointError(path, "holds NumPy object arrays, which are pickles; refused") from exc
+        raise CorruptCheckpointError(path, f"unreadable NumPy file: {exc}") from exc
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise CorruptCheckpointError(path, f"unreadable NumPy file: {exc}") from exc
+    if isinstance(loaded, np.ndarray):
+        return loaded
+    with loaded:
+        try:
+            return {name: loaded[name] for name in loaded.files}
+        except ValueError as exc:
+            raise UnsafeCheckpointError(path, "holds NumPy object arrays, which are pickles; refused") from exc
+
+
+def _tensors_only(mapping: Mapping[Any, Any]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, value in mapping.items():
+        if isinstance(value, np.ndarray) and not value.dtype.hasobject:
+            value = torch.from_numpy(np.ascontiguousarray(value))
+        if isinstance(key, str) and isinstance(value, torch.Tensor):
+            out[key] = value.detach() if value.requires_grad else value
+    return out
+
+
+def _is_state_dict(value: Any) -> bool:
+    return (
+        isinstance(value, Mapping)
+        and bool(value)
+        and all(isinstance(k, str) and isinstance(v, (torch.Tensor, np.ndarray)) for k, v in value.items())
+    )
+
+
+def extract_state_dict(obj: Any, path: str) -> dict[str, torch.Tensor]:
+    """The model state dict inside what a file holds: itself, or under a usual key."""
+    if isinstance(obj, np.ndarray):
+        raise CorruptCheckpointError(path, "holds a single NumPy array, not named weights; use load_raw")
+    if _is_state_dict(obj):
+        return _tensors_only(obj)
+    if isinstance(obj, Mapping):
+        for key in STATE_DICT_KEYS:
+            if _is_state_dict(obj.get(key)):
+                return _tensors_only(obj[key])
+        tensors = _tensors_only(obj)
+        if tensors:
+            return tensors
+    if isinstance(obj, torch.nn.Module):
+        return dict(obj.state_dict())
+    raise CorruptCheckpointError(
+        path, f"found no state dict in it (a {type(obj).__name__}); torchkeep.load_raw returns the whole object"
+    )
