@@ -16,10 +16,11 @@ from torchkeep.errors import (
     UnsupportedTensorError,
     UnsupportedValueError,
 )
+from torchkeep.format.pickle.scan import ScanReport, scan
 from torchkeep.manager.manager import CheckpointInfo, CheckpointManager
 from torchkeep.manager.policies import KeepBest, KeepEvery, KeepLast, SaveEvery
 from torchkeep.weights.inspect import Inspection, TensorInfo, inspect
-from torchkeep.weights.load import load
+from torchkeep.weights.load import load, load_raw
 from torchkeep.weights.load_into import load_into
 from torchkeep.weights.report import LoadReport, Mismatch
 from torchkeep.weights.save import save
@@ -42,6 +43,7 @@ __all__ = [
     "Mismatch",
     "ResumableSampler",
     "SaveEvery",
+    "ScanReport",
     "TensorInfo",
     "TorchkeepError",
     "TorchkeepWarning",
@@ -53,7 +55,9 @@ __all__ = [
     "load",
     "load_checkpoint",
     "load_into",
+    "load_raw",
     "save",
     "save_checkpoint",
+    "scan",
     "verify",
 ]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from torchkeep._gc import gc_paused
@@ -33,6 +34,7 @@ from torchkeep.state.rng import restore_rng
 from torchkeep.state.values import Decoder
 from torchkeep.storage.base import Storage
 from torchkeep.storage.local import LocalStorage, commit_dir, fsync_dir, temporary_sibling
+from torchkeep.weights.legacy import read_raw
 from torchkeep.weights.load import read_file
 from torchkeep.weights.load_into import PendingLoad, match_model
 from torchkeep.weights.report import LoadReport
@@ -192,8 +194,14 @@ def load_checkpoint(
     rng: bool = True,
     map_location: MapLocation = "cpu",
     strict: bool = True,
+    trusted: bool = False,
 ) -> dict[str, Any]:
     """Restore the given objects in place from a checkpoint and return the remaining state.
+
+    ``path`` is a torchkeep checkpoint directory, or a file written by ``torch.save`` the way the
+    tutorials do (``{'epoch', 'model_state_dict', 'optimizer_state_dict', ...}``) or by
+    Lightning (``state_dict``, ``optimizer_states``, ``lr_schedulers``...), read without running
+    code unless ``trusted=True``.
 
     Everything is read, verified and matched before any object is modified: with
     ``strict=True`` a mismatch raises and leaves every object as it was.
@@ -206,24 +214,28 @@ def load_checkpoint(
         LoadMismatchError: a model does not match (strict), or an object was not saved.
         ValueError: an optimizer whose parameter groups differ from the saved ones.
     """
-    loaded = read_checkpoint(path, map_location=map_location)
-    source = loaded.path
-    objects = loaded.objects
+    if Path(path).is_file():
+        saved, user_state = _legacy_objects(str(path), trusted=trusted)
+        source = os.fspath(path)
+        rng_node = None
+    else:
+        loaded = read_checkpoint(path, map_location=map_location)
+        source = loaded.path
+        objects = loaded.objects
+        saved = {k: v for k, v in objects.items() if k not in ("components", "rng")}
+        saved.update({f"components.{k}": v for k, v in objects.get("components", {}).items()})
+        saved = {k: _Encoded(v, loaded) for k, v in saved.items()}
+        rng_node = objects.get("rng")
+        user_state = loaded.state()
     wanted: dict[str, Any] = {
         name: obj
         for name, obj in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler))
         if obj is not None
     }
-    saved_components = objects.get("components", {})
     for name, obj in (components or {}).items():
         wanted[f"components.{name}"] = obj
 
-    def saved_node(key: str) -> Any:
-        if key.startswith("components."):
-            return saved_components.get(key.split(".", 1)[1])
-        return objects.get(key)
-
-    absent = [key for key in wanted if saved_node(key) is None]
+    absent = [key for key in wanted if saved.get(key) is None]
     if absent:
         message = f"{source}: the checkpoint holds no state for {absent}"
         if strict:
@@ -234,29 +246,68 @@ def load_checkpoint(
     pending_models: list[PendingLoad] = []
     pending_states: list[tuple[Any, Any]] = []
     for key, obj in wanted.items():
-        node = saved_node(key)
-        if node is None:
+        value = saved.get(key)
+        if value is None:
             continue
-        saved = loaded.decode(node)
+        state = value.decode() if isinstance(value, _Encoded) else value
         if isinstance(obj, nn.Module):
-            pending = match_model(obj, saved, source_name=f"{source} [{key}]")
+            pending = match_model(obj, state, source_name=f"{source} [{key}]")
             if strict and not pending.report.ok:
                 raise LoadMismatchError(pending.report, f"{source} [{key}]")
             pending_models.append(pending)
         else:
             if key == "optimizer" or hasattr(obj, "param_groups"):
-                _check_optimizer(obj, saved, f"{source} [{key}]")
-            pending_states.append((obj, saved))
-    rng_state = loaded.decode(objects["rng"]) if rng and "rng" in objects else None
-    user_state = loaded.state()
+                _check_optimizer(obj, state, f"{source} [{key}]")
+            pending_states.append((obj, state))
+    rng_state = loaded.decode(rng_node) if rng and rng_node is not None else None
 
     for pending in pending_models:
         pending.apply()
-    for obj, saved in pending_states:
-        obj.load_state_dict(saved)
+    for obj, state in pending_states:
+        obj.load_state_dict(state)
     if rng_state is not None:
         restore_rng(rng_state, source=source)
-    return user_state
+    return dict(user_state)
+
+
+@dataclass
+class _Encoded:
+    """A manifest node, decoded only when an object asks for it."""
+
+    node: Any
+    loaded: LoadedCheckpoint
+
+    def decode(self) -> Any:
+        return self.loaded.decode(self.node)
+
+
+# Where dict checkpoints written by hand (the tutorials' idiom) and by Lightning keep each object.
+LEGACY_KEYS: dict[str, tuple[str, ...]] = {
+    "model": ("model_state_dict", "state_dict", "model", "net", "module"),
+    "optimizer": ("optimizer_state_dict", "optimizer", "optimizer_states", "optim"),
+    "scheduler": ("scheduler_state_dict", "scheduler", "lr_scheduler", "lr_schedulers"),
+    "scaler": ("scaler_state_dict", "scaler", "grad_scaler", "amp_scaling_state"),
+}
+
+
+def _legacy_objects(path: str, *, trusted: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a torch.save'd checkpoint dict into the objects it holds and the remaining values."""
+    raw = read_raw(path, trusted=trusted)
+    if not isinstance(raw, dict):
+        raise CorruptCheckpointError(path, f"holds a {type(raw).__name__}, not a checkpoint dict")
+    rest = dict(raw)
+    objects: dict[str, Any] = {}
+    if raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
+        return {"model": raw}, {}
+    for name, keys in LEGACY_KEYS.items():
+        for key in keys:
+            if key in rest:
+                value = rest.pop(key)
+                if isinstance(value, list) and len(value) == 1:  # Lightning keeps lists of one
+                    value = value[0]
+                objects[name] = value
+                break
+    return objects, rest
 
 
 def checkpoint_size(path: str | os.PathLike[str]) -> int:

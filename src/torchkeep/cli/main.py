@@ -13,6 +13,7 @@ from typing import Any
 from torchkeep.checkpoint.io import is_checkpoint_dir, read_checkpoint
 from torchkeep.checkpoint.layout import TENSORS_FILE
 from torchkeep.errors import TorchkeepError
+from torchkeep.format.pickle.scan import scan
 from torchkeep.manager.manager import CheckpointManager
 from torchkeep.weights.inspect import inspect
 from torchkeep.weights.verify import verify
@@ -93,6 +94,16 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scan(args: argparse.Namespace) -> int:
+    reports = [scan(path) for path in args.paths]
+    if args.json:
+        print(json.dumps([r.to_dict() for r in reports], indent=2))
+    else:
+        for report in reports:
+            print(report)
+    return 1 if any(r.verdict == "dangerous" for r in reports) else 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from torchkeep.cli.demo import run
 
@@ -110,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check a weights file or checkpoint against its checksums (exit 1 on damage)")
     p.add_argument("path")
     p.set_defaults(func=_verify)
+    p = sub.add_parser("scan", help="statically scan pickles for code they would run (exit 1 if dangerous)")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_scan)
     p = sub.add_parser("ls", help="list a CheckpointManager directory: steps, times, sizes, metrics")
     p.add_argument("directory")
     p.add_argument("--monitor", help="metric that marks the best checkpoint")

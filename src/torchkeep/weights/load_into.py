@@ -65,6 +65,7 @@ def load_into(
     remap: Remap | None = None,
     map_location: MapLocation = None,
     verify: bool = True,
+    trusted: bool = False,
 ) -> LoadReport:
     """Load weights into ``model`` in place and report what happened, key by key.
 
@@ -81,6 +82,7 @@ def load_into(
         remap: a dict of regex -> replacement applied in order to source keys, or a callable.
         map_location: where to read tensors first (default: CPU, then copied to the model's device).
         verify: check checksums when reading from a path.
+        trusted: allow full unpickling of a pickle-based file you vouch for (runs its code).
 
     Returns:
         The :class:`LoadReport`.
@@ -92,7 +94,7 @@ def load_into(
         raw = dict(source)
         source_name = "state dict"
     else:
-        raw = load(source, map_location=map_location or "cpu", verify=verify)
+        raw = load(source, map_location=map_location or "cpu", verify=verify, trusted=trusted)
         source_name = os.fspath(source)
     pending = match_model(model, raw, remap=remap, source_name=source_name)
     if strict and not pending.report.ok:
