@@ -7,6 +7,7 @@ import os
 import struct
 import zipfile
 import zlib
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -133,7 +134,7 @@ def _read_legacy(path: str) -> Any:
 
     A plain pickle (not written by torch.save) is read as one restricted pickle.
     """
-    data = open(path, "rb").read()  # noqa: SIM115 - closed by refcount; files here are small
+    data = Path(path).read_bytes()
     refuse_unsafe(data, path)
     stream = io.BytesIO(data)
     try:
