@@ -71,8 +71,10 @@ def payloads(marker: Path, workdir: Path) -> dict[str, tuple[Any, int]]:
         "builtins_exec": (Reduce(builtins.exec, _py_touch(marker)), 2),
         "builtins_open": (Reduce(builtins.open, str(marker), "w"), 4),
         "builtins_getattr_chain": (Reduce(Reduce(builtins.getattr, _os_module(), "system"), _sh_touch(marker)), 4),
-        "builtins_import": (Reduce(Reduce(builtins.getattr, Reduce(builtins.__import__, "os"), "system"),
-                                   _sh_touch(marker)), 2),  # fmt: skip
+        "builtins_import": (
+            Reduce(Reduce(builtins.getattr, Reduce(builtins.__import__, "os"), "system"), _sh_touch(marker)),
+            2,
+        ),
         "importlib_import_module": (Reduce(Reduce(getattr, _os_module(), "system"), _sh_touch(marker)), 3),
         "runpy_run_path": (Reduce(runpy.run_path, str(script)), 4),
         "functools_partial": (Reduce(functools.partial(os.system, _sh_touch(marker))), 4),
@@ -81,12 +83,26 @@ def payloads(marker: Path, workdir: Path) -> dict[str, tuple[Any, int]]:
         "pickle_loads": (Reduce(pickle.loads, pickle.dumps(Reduce(os.system, _sh_touch(marker)))), 4),
         "torch_load_gadget": (Reduce(functools.partial(torch.load, str(inner), weights_only=False)), 4),
         "numpy_load_gadget": (Reduce(functools.partial(np.load, str(inner_npy), allow_pickle=True)), 4),
-        "in_optimizer_state": ({"model_state_dict": {"w": torch.ones(2)}, "optimizer_state_dict": {
-            "state": {0: {"exp_avg": Reduce(os.system, _sh_touch(marker))}}, "param_groups": []}}, 2),
-        "in_hyper_parameters": ({"state_dict": {"w": torch.ones(2)}, "epoch": 3,
-                                 "hyper_parameters": {"lr": 0.1, "cb": Reduce(builtins.eval, _py_touch(marker))}}, 4),
+        "in_optimizer_state": (
+            {
+                "model_state_dict": {"w": torch.ones(2)},
+                "optimizer_state_dict": {
+                    "state": {0: {"exp_avg": Reduce(os.system, _sh_touch(marker))}},
+                    "param_groups": [],
+                },
+            },
+            2,
+        ),
+        "in_hyper_parameters": (
+            {
+                "state_dict": {"w": torch.ones(2)},
+                "epoch": 3,
+                "hyper_parameters": {"lr": 0.1, "cb": Reduce(builtins.eval, _py_touch(marker))},
+            },
+            4,
+        ),
         "beside_real_weights": ({"w": torch.randn(3), "x": Reduce(os.system, _sh_touch(marker))}, 2),
-    }  # fmt: skip
+    }
 
 
 def write_corpus(directory: Path, marker: Path) -> dict[str, Path]:
@@ -97,8 +113,13 @@ def write_corpus(directory: Path, marker: Path) -> dict[str, Path]:
         raw = directory / f"{name}.pkl"
         raw.write_bytes(pickle.dumps(obj, protocol=protocol))
         files[f"{name}.pkl"] = raw
-        if name in ("os_system_p2", "in_optimizer_state", "in_hyper_parameters", "beside_real_weights",
-                    "torch_load_gadget"):  # fmt: skip
+        if name in (
+            "os_system_p2",
+            "in_optimizer_state",
+            "in_hyper_parameters",
+            "beside_real_weights",
+            "torch_load_gadget",
+        ):
             archive = directory / f"{name}.pt"
             torch.save(obj, archive, pickle_protocol=max(protocol, 2))
             files[f"{name}.pt"] = archive
@@ -107,11 +128,13 @@ def write_corpus(directory: Path, marker: Path) -> dict[str, Path]:
             files[f"{name}.legacy.pth"] = legacy
     files["swapped_data_pkl.pt"] = _swap_data_pkl(directory, marker)
     files["object_array.npy"] = directory / "object_array.npy"
-    np.save(files["object_array.npy"], np.array([Reduce(os.system, _sh_touch(marker))], dtype=object),
-            allow_pickle=True)  # fmt: skip
+    np.save(
+        files["object_array.npy"], np.array([Reduce(os.system, _sh_touch(marker))], dtype=object), allow_pickle=True
+    )
     files["object_array.npz"] = directory / "object_array.npz"
-    np.savez(files["object_array.npz"], ok=np.ones(2), bad=np.array([Reduce(os.system, _sh_touch(marker))],
-                                                                    dtype=object))  # fmt: skip
+    np.savez(
+        files["object_array.npz"], ok=np.ones(2), bad=np.array([Reduce(os.system, _sh_touch(marker))], dtype=object)
+    )
     files["legacy_evil_sys_info.pt"] = _legacy_with_evil_header(directory, marker)
     return files
 

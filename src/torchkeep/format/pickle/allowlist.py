@@ -61,6 +61,8 @@ _FIXED: dict[tuple[str, str], Any] = {
     ("torch", "device"): torch.device,
     ("torch._utils", "_rebuild_tensor"): rebuild.rebuild_tensor,
     ("torch._utils", "_rebuild_tensor_v2"): rebuild.rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor_v3"): rebuild.rebuild_tensor_v3,
+    ("torch.storage", "UntypedStorage"): rebuild.StorageType(torch.uint8, "UntypedStorage"),
     ("torch._utils", "_rebuild_parameter"): rebuild.rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): rebuild.rebuild_parameter_with_state,
     ("torch._utils", "_rebuild_sparse_tensor"): rebuild.rebuild_sparse_tensor,

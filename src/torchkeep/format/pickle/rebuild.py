@@ -159,6 +159,23 @@ def rebuild_tensor_v2(
     return tensor
 
 
+def rebuild_tensor_v3(
+    storage: Any,
+    storage_offset: Any,
+    size: Any,
+    stride: Any,
+    requires_grad: Any,
+    backward_hooks: Any,
+    dtype: Any,
+    metadata: Any = None,
+) -> torch.Tensor:
+    """Tensors whose storage was saved untyped (float8, uint16...): the dtype comes separately."""
+    if not isinstance(storage, LoadedStorage) or not isinstance(dtype, torch.dtype) or dtype in QUANTIZED_ITEMSIZE:
+        raise RefusedData("untyped-storage tensor without a storage and a dtype")
+    typed = LoadedStorage(storage.untyped, dtype, storage.location)
+    return rebuild_tensor_v2(typed, storage_offset, size, stride, requires_grad, backward_hooks, metadata)
+
+
 def rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any) -> torch.Tensor:
     return rebuild_tensor_v2(storage, storage_offset, size, stride)
 
@@ -251,7 +268,7 @@ def rebuild_from_numpy(data: Any, dtype: Any, device: Any, requires_grad: Any) -
 
 
 def rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
-    if func not in (rebuild_tensor_v2, rebuild_parameter, rebuild_qtensor, rebuild_sparse_tensor):
+    if func not in (rebuild_tensor_v2, rebuild_tensor_v3, rebuild_parameter, rebuild_qtensor, rebuild_sparse_tensor):
         raise RefusedData("tensor subclass rebuilt by an unexpected function")
     if new_type not in (torch.Tensor, torch.nn.Parameter):
         raise RefusedData(f"tensor subclass {new_type!r} is not allowed")

@@ -1,0 +1,172 @@
+"""Benign files users already have load with the exact tensors, without running code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch as st
+import torch
+from torch import nn
+
+import torchkeep
+from tests.checkpoint.helpers import assert_same_state
+from tests.conftest import assert_same_tensors
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        self.bn = nn.BatchNorm1d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.fc(x))
+
+
+def trained() -> tuple[Net, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.Adam(model.parameters(), lr=0.005)
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(8, 4)).sum().backward()
+        opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_the_seeds_dict_checkpoint(tmp_path: Path, legacy: bool) -> None:
+    model, opt = trained()
+    path = tmp_path / "checkpoint.pth"
+    torch.save(
+        {"epoch": 5, "model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict(),
+         "loss": torch.tensor(0.25), "accuracy": 0.9, "config": {"lr": 0.005, "layers": (4, 8, 3)}},
+        path, _use_new_zipfile_serialization=not legacy,
+    )  # fmt: skip
+    assert_same_tensors(model.state_dict(), torchkeep.load(path))
+    fresh, fresh_opt = Net(), torch.optim.Adam(Net().parameters())
+    fresh_opt = torch.optim.Adam(fresh.parameters(), lr=0.005)
+    state = torchkeep.load_checkpoint(path, model=fresh, optimizer=fresh_opt)
+    assert state["epoch"] == 5 and state["accuracy"] == 0.9 and torch.equal(state["loss"], torch.tensor(0.25))
+    assert state["config"] == {"lr": 0.005, "layers": (4, 8, 3)}
+    assert_same_state(model.state_dict(), fresh.state_dict())
+    assert_same_state(opt.state_dict(), fresh_opt.state_dict())
+    raw = torchkeep.load_raw(path)
+    assert set(raw) == {"epoch", "model_state_dict", "optimizer_state_dict", "loss", "accuracy", "config"}
+
+
+def test_dataparallel_state_dict_file_loads_into_a_bare_model(tmp_path: Path) -> None:
+    model, _ = trained()
+    torch.save(nn.DataParallel(model).state_dict(), tmp_path / "dp.pth")
+    fresh = Net()
+    assert torchkeep.load_into(fresh, tmp_path / "dp.pth").ok
+    assert_same_tensors(model.state_dict(), fresh.state_dict())
+
+
+def test_hugging_face_bin_and_safetensors_of_the_same_weights(tmp_path: Path) -> None:
+    model, _ = trained()
+    state = model.state_dict()
+    (tmp_path / "bin").mkdir()
+    torch.save(state, tmp_path / "bin" / "pytorch_model.bin")
+    (tmp_path / "st").mkdir()
+    st.save_file(dict(state), tmp_path / "st" / "model.safetensors")
+    assert_same_tensors(torchkeep.load(tmp_path / "bin"), torchkeep.load(tmp_path / "st"))
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    names = list(state)
+    halves = {"pytorch_model-00001-of-00002.bin": names[:3], "pytorch_model-00002-of-00002.bin": names[3:]}
+    for file, keys in halves.items():
+        torch.save({k: state[k] for k in keys}, sharded / file)
+    weight_map = {k: file for file, keys in halves.items() for k in keys}
+    (sharded / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert_same_tensors(dict(state), torchkeep.load(sharded))
+
+
+def test_many_kinds_of_tensors_and_values(tmp_path: Path) -> None:
+    emb = torch.randn(5, 3)
+    state = {
+        "half": torch.randn(3).half(), "bf16": torch.randn(3).bfloat16(), "i8": torch.arange(-3, 3, dtype=torch.int8),
+        "f8": torch.randn(4).to(torch.float8_e4m3fn), "empty": torch.empty(0, 3), "scalar": torch.tensor(2.5),
+        "strided": torch.arange(12.0).reshape(3, 4).t(), "embed": emb, "head": emb,
+        "sparse_coo": torch.randn(3, 3).to_sparse(),
+        "size": torch.Size([2, 3]), "array": np.arange(4, dtype=np.int16), "ns": argparse.Namespace(lr=0.1),
+    }  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state["sparse_csr"] = torch.randn(3, 3).to_sparse_csr()
+    for protocol in (2, 4):
+        path = tmp_path / f"mixed{protocol}.pt"
+        torch.save(state, path, pickle_protocol=protocol)
+        raw = torchkeep.load_raw(path)
+        for key in ("half", "bf16", "i8", "f8", "empty", "scalar", "strided", "embed"):
+            assert_same_tensors({key: state[key]}, {key: raw[key]})
+        assert raw["head"].data_ptr() == raw["embed"].data_ptr()  # tied, as saved
+        assert torch.equal(raw["sparse_coo"].to_dense(), state["sparse_coo"].to_dense())
+        assert torch.equal(raw["sparse_csr"].to_dense(), state["sparse_csr"].to_dense())
+        assert raw["size"] == torch.Size([2, 3]) and isinstance(raw["size"], torch.Size)
+        assert raw["array"].dtype == np.int16 and raw["array"].tolist() == [0, 1, 2, 3]
+        assert raw["ns"] == {"lr": 0.1}
+
+
+def test_dynamically_quantized_linear_state(tmp_path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.Linear(4, 4)), {nn.Linear}, dtype=torch.qint8)
+        state = model.state_dict()
+        torch.save(state, tmp_path / "q.pt")
+        raw = torchkeep.load_raw(tmp_path / "q.pt")
+    packed = [k for k in state if k.endswith("_packed_params")]
+    assert packed and set(raw) == set(state)
+    weight, bias = raw[packed[0]][0], raw[packed[0]][1]
+    assert weight.is_quantized and torch.equal(weight.int_repr(), state[packed[0]][0].int_repr())
+    assert torch.equal(bias, state[packed[0]][1])
+
+
+def test_numpy_npz(tmp_path: Path) -> None:
+    np.savez(tmp_path / "w.npz", weight=np.ones((2, 3), dtype=np.float32), bias=np.zeros(3))
+    loaded = torchkeep.load(tmp_path / "w.npz")
+    assert loaded["weight"].dtype == torch.float32 and torch.equal(loaded["weight"], torch.ones(2, 3))
+
+
+def test_whole_pickled_model_needs_trusted(tmp_path: Path) -> None:
+    model, _ = trained()
+    torch.save(model, tmp_path / "whole.pt")
+    with pytest.raises(torchkeep.UnsafeCheckpointError) as info:
+        torchkeep.load(tmp_path / "whole.pt")
+    assert any("Linear" in g for g in info.value.globals)
+    assert torchkeep.scan(tmp_path / "whole.pt").verdict == "suspicious"
+    with pytest.warns(torchkeep.TorchkeepWarning, match="trusted=True"):
+        loaded = torchkeep.load(tmp_path / "whole.pt", trusted=True)
+    assert_same_tensors(model.state_dict(), loaded)
+
+
+def test_damaged_torch_files(tmp_path: Path) -> None:
+    model, _ = trained()
+    path = tmp_path / "m.pt"
+    torch.save(model.state_dict(), path)
+    data = path.read_bytes()
+    for cut in range(0, len(data), max(1, len(data) // 60)):
+        path.write_bytes(data[:cut])
+        with pytest.raises((torchkeep.CorruptCheckpointError, torchkeep.CheckpointNotFoundError)):
+            torchkeep.load(path)
+    for i in range(0, len(data), max(1, len(data) // 120)):
+        flipped = bytearray(data)
+        flipped[i] ^= 0x10
+        path.write_bytes(bytes(flipped))
+        try:
+            loaded = torchkeep.load(path)
+        except torchkeep.TorchkeepError:
+            continue
+        assert_same_tensors(model.state_dict(), loaded)  # a flip zip ignores (e.g. a name field) is harmless
+    legacy = tmp_path / "legacy.pt"
+    torch.save(model.state_dict(), legacy, _use_new_zipfile_serialization=False)
+    data = legacy.read_bytes()
+    for cut in range(0, len(data), max(1, len(data) // 60)):
+        legacy.write_bytes(data[:cut])
+        with pytest.raises(torchkeep.TorchkeepError):
+            torchkeep.load(legacy)
