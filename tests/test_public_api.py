@@ -7,7 +7,7 @@ EXPECTED = {
     "KeepLast", "KeepBest", "KeepEvery", "SaveEvery", "ResumableSampler",
     "TorchkeepError", "CheckpointNotFoundError", "CorruptCheckpointError", "LoadMismatchError",
     "UnsafeCheckpointError", "UnsupportedTensorError", "UnsupportedValueError", "CheckpointWriteError",
-    "TorchkeepWarning", "__version__", "load_raw", "scan", "ScanReport",
+    "TorchkeepWarning", "__version__", "load_raw", "scan", "ScanReport", "convert", "ConvertReport",
 }  # fmt: skip
 
 

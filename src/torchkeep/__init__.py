@@ -4,6 +4,7 @@ The public API is what ``__all__`` lists; everything else is private and may cha
 """
 
 from torchkeep.checkpoint.io import load_checkpoint, save_checkpoint
+from torchkeep.convert import ConvertReport, convert
 from torchkeep.data import ResumableSampler
 from torchkeep.errors import (
     CheckpointNotFoundError,
@@ -33,6 +34,7 @@ __all__ = [
     "CheckpointManager",
     "CheckpointNotFoundError",
     "CheckpointWriteError",
+    "ConvertReport",
     "CorruptCheckpointError",
     "Inspection",
     "KeepBest",
@@ -51,6 +53,7 @@ __all__ = [
     "UnsupportedTensorError",
     "UnsupportedValueError",
     "__version__",
+    "convert",
     "inspect",
     "load",
     "load_checkpoint",

@@ -295,10 +295,15 @@ def _legacy_objects(path: str, *, trusted: bool) -> tuple[dict[str, Any], dict[s
     raw = read_raw(path, trusted=trusted)
     if not isinstance(raw, dict):
         raise CorruptCheckpointError(path, f"holds a {type(raw).__name__}, not a checkpoint dict")
+    return split_legacy(raw)
+
+
+def split_legacy(raw: Mapping[Any, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``{'model_state_dict': ..., 'optimizer_state_dict': ..., 'epoch': 3}`` -> objects, plain values."""
+    if raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
+        return {"model": dict(raw)}, {}
     rest = dict(raw)
     objects: dict[str, Any] = {}
-    if raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
-        return {"model": raw}, {}
     for name, keys in LEGACY_KEYS.items():
         for key in keys:
             if key in rest:

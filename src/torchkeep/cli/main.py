@@ -104,6 +104,25 @@ def _scan(args: argparse.Namespace) -> int:
     return 1 if any(r.verdict == "dangerous" for r in reports) else 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from torchkeep.convert import convert
+
+    def bar(done: int, total: int) -> None:
+        if total >= 64 * 1024 * 1024 or args.progress:
+            width = 30
+            filled = width * done // max(total, 1)
+            end = "\n" if done >= total else ""
+            print(
+                f"\rverifying [{'#' * filled}{'.' * (width - filled)}] {done / 1e6:.0f}/{total / 1e6:.0f} MB",
+                end=end,
+                file=sys.stderr,
+                flush=True,
+            )
+
+    print(convert(args.src, args.dst, trusted=args.trusted, progress=bar))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from torchkeep.cli.demo import run
 
@@ -125,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_scan)
+    p = sub.add_parser("convert", help="convert any readable file to safetensors or a torchkeep checkpoint")
+    p.add_argument("src")
+    p.add_argument("dst", help="a .safetensors file (weights) or a folder (checkpoint, or weights)")
+    p.add_argument("--trusted", action="store_true", help="allow full unpickling of SRC (runs its code)")
+    p.add_argument("--progress", action="store_true", help="show a progress bar even for small files")
+    p.set_defaults(func=_convert)
     p = sub.add_parser("ls", help="list a CheckpointManager directory: steps, times, sizes, metrics")
     p.add_argument("directory")
     p.add_argument("--monitor", help="metric that marks the best checkpoint")

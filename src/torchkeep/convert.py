@@ -1,0 +1,139 @@
+"""torchkeep.convert: any readable file to the safe formats, checked bit for bit."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from torchkeep.checkpoint.io import LEGACY_KEYS, read_checkpoint, save_checkpoint, split_legacy
+from torchkeep.errors import CorruptCheckpointError
+from torchkeep.weights.legacy import detect_kind, extract_state_dict, read_raw
+from torchkeep.weights.load import load
+from torchkeep.weights.save import save
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class ConvertReport:
+    """What a conversion wrote and checked."""
+
+    source: str
+    destination: str
+    kind: str  # "weights" or "checkpoint"
+    tensors: int
+    nbytes: int
+
+    def __str__(self) -> str:
+        return (
+            f"{self.source} -> {self.destination}: {self.kind}, {self.tensors} tensors "
+            f"({self.nbytes / 1e6:.1f} MB), every tensor verified bit-identical"
+        )
+
+
+class _Frozen:
+    """A saved state dict, offered to save_checkpoint as an object with ``state_dict()``."""
+
+    def __init__(self, state: Any) -> None:
+        self.state = state
+
+    def state_dict(self) -> Any:
+        return self.state
+
+    def load_state_dict(self, state: Any) -> None:
+        self.state = state
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.numel() == 0:
+        return True
+    flat_a, flat_b = a.detach().reshape(-1).contiguous(), b.detach().reshape(-1).contiguous()
+    return bool(torch.equal(flat_a.view(torch.uint8), flat_b.view(torch.uint8)))
+
+
+def _check(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], dst: str,
+           progress: Progress | None) -> int:  # fmt: skip
+    total = sum(t.numel() * t.element_size() for t in expected.values())
+    done = 0
+    for key, tensor in expected.items():
+        if key not in got or not _same(tensor, got[key]):
+            raise CorruptCheckpointError(dst, "converted tensor differs from the source", key=key)
+        done += tensor.numel() * tensor.element_size()
+        if progress is not None:
+            progress(done, total)
+    return total
+
+
+def _is_training_checkpoint(raw: Any) -> bool:
+    if not isinstance(raw, dict):
+        return False
+    keys = {k for names in (LEGACY_KEYS["optimizer"], LEGACY_KEYS["scheduler"], LEGACY_KEYS["scaler"]) for k in names}
+    return any(k in raw for k in keys)
+
+
+def convert(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    trusted: bool = False,
+    progress: Progress | None = None,
+) -> ConvertReport:
+    """Convert ``src`` (any format torchkeep reads) to safetensors or a torchkeep checkpoint.
+
+    A ``dst`` ending in ``.safetensors`` gets the model weights. Any other ``dst`` is a folder:
+    a training checkpoint (optimizer, scheduler, epoch...) becomes a torchkeep checkpoint
+    directory keeping all of it; plain weights become ``dst/model.safetensors``. Every tensor is
+    read back and compared bit for bit with the source.
+
+    Args:
+        trusted: allow full unpickling of ``src`` (runs its code): only for files you vouch for.
+        progress: called with (bytes checked, total bytes) while verifying.
+
+    Raises:
+        UnsafeCheckpointError: ``src`` needs code to run and ``trusted`` is False.
+        CorruptCheckpointError: ``src`` is damaged, or the written copy differs.
+    """
+    source, target = os.fspath(src), Path(dst)
+    pickled = Path(source).is_file() and detect_kind(source) in ("torch", "npy", "npz")
+    raw = read_raw(source, trusted=trusted) if pickled else None
+    if target.name.endswith(".safetensors") or not _is_training_checkpoint(raw):
+        weights = extract_state_dict(raw, source) if pickled else load(source)
+        save(weights, target)
+        nbytes = _check(weights, load(target), str(target), progress)
+        return ConvertReport(source, str(target), "weights", len(weights), nbytes)
+
+    if not isinstance(raw, dict):  # _is_training_checkpoint said it is one
+        raise CorruptCheckpointError(source, "not a checkpoint dict")
+    objects, rest = split_legacy(raw)
+    frozen: dict[str, Any] = {name: _Frozen(state) for name, state in objects.items()}
+    reserved = {"path", "model", "optimizer", "scheduler", "scaler", "components", "rng"}
+    plain = {str(k): v for k, v in rest.items() if str(k) not in reserved}
+    clashing = {str(k): v for k, v in rest.items() if str(k) in reserved}
+    if clashing:
+        plain["extra"] = clashing  # names save_checkpoint keeps for its own arguments
+    save_checkpoint(target, rng=False, **frozen, **plain)
+    written = read_checkpoint(target)
+    saved = {name: written.decode(written.objects[name]) for name in objects}
+    nbytes = _check(_flatten(objects), _flatten(saved), str(target), progress)
+    return ConvertReport(source, str(target), "checkpoint", len(written.decoder.tensors), nbytes)
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor in a nested structure, by its path."""
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    out: dict[str, torch.Tensor] = {}
+    if isinstance(obj, Mapping):
+        for key, value in obj.items():
+            out.update(_flatten(value, f"{prefix}/{key}"))
+    elif isinstance(obj, (list, tuple)):
+        for index, value in enumerate(obj):
+            out.update(_flatten(value, f"{prefix}[{index}]"))
+    return out
