@@ -10,13 +10,14 @@ import os
 import struct
 import warnings
 import zipfile
+import zlib
 from collections.abc import Mapping
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from torchkeep.errors import CorruptCheckpointError, TorchkeepWarning, UnsafeCheckpointError
+from torchkeep.errors import CorruptCheckpointError, TorchkeepError, TorchkeepWarning, UnsafeCheckpointError
 from torchkeep.format.pickle.torchfile import read_torch_file
 
 Kind = Literal["safetensors", "torch", "npy", "npz", "unknown"]
@@ -34,7 +35,7 @@ def detect_kind(path: str) -> Kind:
         try:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()
-        except (zipfile.BadZipFile, OSError, ValueError):
+        except PARSE_ERRORS:
             return "torch"  # damaged: the torch reader reports it
         return "npz" if names and all(n.endswith(".npy") for n in names) else "torch"
     # Safetensors first: its length prefix may begin with any byte, a pickle opcode included.
@@ -45,8 +46,38 @@ def detect_kind(path: str) -> Kind:
     return "unknown"
 
 
+# What parsing libraries (zipfile, numpy, struct, zlib) raise on damaged input.
+PARSE_ERRORS = (
+    OSError,
+    ValueError,
+    EOFError,
+    zipfile.BadZipFile,
+    zlib.error,
+    struct.error,
+    KeyError,
+    IndexError,
+    NotImplementedError,
+    RuntimeError,
+    OverflowError,
+    MemoryError,
+    TypeError,
+    RecursionError,
+)
+
+
 def read_raw(path: str, *, trusted: bool = False) -> Any:
     """The whole object a non-safetensors file holds: tensors and plain values."""
+    try:
+        return _read_raw(path, trusted=trusted)
+    except TorchkeepError:
+        raise
+    except PARSE_ERRORS as exc:
+        if trusted:
+            raise
+        raise CorruptCheckpointError(path, f"unreadable: {type(exc).__name__}: {exc}") from exc
+
+
+def _read_raw(path: str, *, trusted: bool) -> Any:
     kind = detect_kind(path)
     if kind == "npy":
         return _numpy(path)

@@ -247,8 +247,8 @@ def scan_file(path: Path, report: ScanReport) -> None:
                         _scan_stream_of_pickles(archive.read(info), f"{path}:{info.filename}", report, limit=1)
                     elif member_head.startswith(b"\x93NUMPY"):
                         _scan_npy(archive.read(info), f"{path}:{info.filename}", report)
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-            report.pickles.append(PickleScan(str(path), error=f"unreadable zip: {exc}"))
+        except Exception as exc:  # any damage is reported (as suspicious), never raised
+            report.pickles.append(PickleScan(str(path), error=f"unreadable zip: {type(exc).__name__}: {exc}"))
         return
     if head.startswith(b"\x93NUMPY"):
         _scan_npy(path.read_bytes(), str(path), report)

@@ -63,6 +63,8 @@ def read_torch_file(path: str) -> Any:
 
 
 def _data_offset(f: Any, info: zipfile.ZipInfo, path: str) -> int:
+    if not 0 <= info.header_offset < os.fstat(f.fileno()).st_size:
+        raise CorruptCheckpointError(path, f"zip entry {info.filename!r} has an out-of-range offset")
     f.seek(info.header_offset)
     local = f.read(30)
     if len(local) != 30 or not local.startswith(b"PK\x03\x04"):
