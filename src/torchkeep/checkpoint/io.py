@@ -29,6 +29,7 @@ from torchkeep.errors import (
     LoadMismatchError,
     TorchkeepWarning,
 )
+from torchkeep.format.pickle.dcp import is_dcp_dir, read_dcp
 from torchkeep.state.devices import MapLocation, placer
 from torchkeep.state.rng import restore_rng
 from torchkeep.state.values import Decoder
@@ -216,6 +217,10 @@ def load_checkpoint(
     """
     if Path(path).is_file():
         saved, user_state = _legacy_objects(str(path), trusted=trusted)
+        source = os.fspath(path)
+        rng_node = None
+    elif is_dcp_dir(path):
+        saved, user_state = split_legacy(read_dcp(path))
         source = os.fspath(path)
         rng_node = None
     else:

@@ -10,7 +10,6 @@ import os
 import struct
 import warnings
 import zipfile
-import zlib
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 
 from torchkeep.errors import CorruptCheckpointError, TorchkeepError, TorchkeepWarning, UnsafeCheckpointError
-from torchkeep.format.pickle.torchfile import read_torch_file
+from torchkeep.format.pickle.torchfile import PARSE_ERRORS, read_torch_file
 
 Kind = Literal["safetensors", "torch", "npy", "npz", "unknown"]
 
@@ -44,25 +43,6 @@ def detect_kind(path: str) -> Kind:
     if head[:1] == b"\x80" or head[:1] in (b"(", b"}", b"]", b"c"):
         return "torch"
     return "unknown"
-
-
-# What parsing libraries (zipfile, numpy, struct, zlib) raise on damaged input.
-PARSE_ERRORS = (
-    OSError,
-    ValueError,
-    EOFError,
-    zipfile.BadZipFile,
-    zlib.error,
-    struct.error,
-    KeyError,
-    IndexError,
-    NotImplementedError,
-    RuntimeError,
-    OverflowError,
-    MemoryError,
-    TypeError,
-    RecursionError,
-)
 
 
 def read_raw(path: str, *, trusted: bool = False) -> Any:

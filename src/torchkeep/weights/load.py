@@ -12,6 +12,7 @@ from torchkeep._gc import gc_paused
 from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError
 from torchkeep.format.io import map_tensors, read_tensors
 from torchkeep.format.layout import Header, read_header
+from torchkeep.format.pickle.dcp import is_dcp_dir, read_dcp
 from torchkeep.state.devices import MapLocation, placer
 from torchkeep.weights.files import WeightFiles, resolve
 from torchkeep.weights.legacy import detect_kind, extract_state_dict, read_raw
@@ -110,7 +111,8 @@ def load(
 ) -> dict[str, torch.Tensor]:
     """Load weights from any file users have, without running any code from it.
 
-    Safetensors (torchkeep's or anyone's, single or sharded), torch.save archives (``.pt``,
+    Safetensors (torchkeep's or anyone's, single or sharded), torch.distributed.checkpoint
+    directories (read in one process, chunks reassembled), torch.save archives (``.pt``,
     ``.pth``, ``.bin``, ``.ckpt``; zip or the legacy pre-1.6 format), Hugging Face
     ``pytorch_model.bin`` (sharded too), Lightning and dict checkpoints (their model state dict
     is returned), and NumPy ``.npz``. The format is found from the content, not the name.
@@ -138,7 +140,10 @@ def load(
     """
     if dtype is not None and not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
-    tensors = read_weights(resolve(path), mmap=mmap, verify=verify, trusted=trusted)
+    if is_dcp_dir(path):
+        tensors = extract_state_dict(read_dcp(path), os.fspath(path))
+    else:
+        tensors = read_weights(resolve(path), mmap=mmap, verify=verify, trusted=trusted)
     if dtype is None and isinstance(map_location, str) and map_location == "cpu":
         return tensors  # already where and what they should be
     place = placer(map_location)
@@ -163,6 +168,8 @@ def load_raw(path: str | os.PathLike[str], *, trusted: bool = False, map_locatio
     p = Path(path)
     if not p.exists():
         raise CheckpointNotFoundError(p)
+    if is_dcp_dir(p):
+        return _map_tensors(read_dcp(p), placer(map_location))
     if p.is_dir() or detect_kind(str(p)) in ("safetensors", "unknown"):
         return load(p, map_location=map_location)
     obj = read_raw(str(p), trusted=trusted)

@@ -72,9 +72,9 @@ DANGEROUS_NAMES = frozenset(
 )
 
 
-def classify(module: str, name: str) -> Verdict:
+def classify(module: str, name: str, extra: frozenset[tuple[str, str]] = frozenset()) -> Verdict:
     """safe: on the allowlist. dangerous: can run code or touch the system. suspicious: anything else."""
-    if allowlist.is_allowed(module, name):
+    if allowlist.is_allowed(module, name) or (module, name) in extra:
         return "safe"
     root = module.split(".")[0]
     if (
@@ -166,7 +166,9 @@ _STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRI
                "SHORT_BINSTRING"}  # fmt: skip
 
 
-def scan_pickle_bytes(data: bytes, location: str, *, start: int = 0) -> tuple[PickleScan, int]:
+def scan_pickle_bytes(
+    data: bytes, location: str, *, start: int = 0, extra: frozenset[tuple[str, str]] = frozenset()
+) -> tuple[PickleScan, int]:
     """Walk one pickle's opcodes from ``start``; returns the scan and where the pickle ended."""
     result = PickleScan(location)
     seen: set[tuple[str, str]] = set()
@@ -177,7 +179,7 @@ def scan_pickle_bytes(data: bytes, location: str, *, start: int = 0) -> tuple[Pi
     def add(module: str, name: str) -> None:
         if (module, name) not in seen:
             seen.add((module, name))
-            result.globals.append(GlobalRef(module, name, classify(module, name)))
+            result.globals.append(GlobalRef(module, name, classify(module, name, extra)))
 
     stream = io.BytesIO(data)
     stream.seek(start)
@@ -254,6 +256,12 @@ def scan_file(path: Path, report: ScanReport) -> None:
         _scan_npy(path.read_bytes(), str(path), report)
         return
     data = path.read_bytes()
+    if path.name == ".metadata":  # a torch.distributed.checkpoint directory: its plain dataclasses are data
+        from torchkeep.format.pickle.dcp import EXTRA
+
+        scan, _ = scan_pickle_bytes(data, str(path), extra=frozenset(EXTRA))
+        report.pickles.append(scan)
+        return
     if _looks_like_pickle(data[:2]) or path.suffix in PICKLE_SUFFIXES:
         _scan_stream_of_pickles(data, str(path), report)
 

@@ -7,6 +7,7 @@ import os
 import struct
 import zipfile
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +22,35 @@ from torchkeep.format.pickle.unpickler import RestrictedUnpickler, restricted_lo
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
+# What parsing libraries (zipfile, numpy, struct, zlib) raise on damaged input.
+PARSE_ERRORS = (
+    OSError,
+    ValueError,
+    EOFError,
+    zipfile.BadZipFile,
+    zlib.error,
+    struct.error,
+    KeyError,
+    IndexError,
+    NotImplementedError,
+    RuntimeError,
+    OverflowError,
+    MemoryError,
+    TypeError,
+    RecursionError,
+    AttributeError,
+)
 # deflate cannot expand data more than ~1032x; a record claiming more is a zip bomb.
 MAX_DEFLATE_RATIO = 1100
 
 
-def refuse_unsafe(data: bytes, path: str, *, start: int = 0) -> None:
+def refuse_unsafe(
+    data: bytes, path: str, *, start: int = 0, extra: Mapping[tuple[str, str], Any] | None = None
+) -> None:
     """Raise UnsafeCheckpointError naming every global outside the allowlist, before unpickling."""
     scan, _ = scan_pickle_bytes(data, path, start=start)
-    refused = tuple(sorted({str(g) for g in scan.globals if g.verdict != "safe"}))
+    allowed = set(extra or ())
+    refused = tuple(sorted({str(g) for g in scan.globals if g.verdict != "safe" and (g.module, g.name) not in allowed}))
     if refused:
         raise UnsafeCheckpointError(
             path,
@@ -62,8 +84,8 @@ def read_torch_file(path: str) -> Any:
     return _read_legacy(path)
 
 
-def _data_offset(f: Any, info: zipfile.ZipInfo, path: str) -> int:
-    if not 0 <= info.header_offset < os.fstat(f.fileno()).st_size:
+def _data_offset(f: Any, info: zipfile.ZipInfo, path: str, file_size: int) -> int:
+    if not 0 <= info.header_offset < file_size:
         raise CorruptCheckpointError(path, f"zip entry {info.filename!r} has an out-of-range offset")
     f.seek(info.header_offset)
     local = f.read(30)
@@ -74,12 +96,17 @@ def _data_offset(f: Any, info: zipfile.ZipInfo, path: str) -> int:
 
 
 def _read_zip(path: str) -> Any:
-    file_size = os.path.getsize(path)
+    with open(path, "rb", buffering=0) as raw:
+        return read_zip_stream(raw, path, os.path.getsize(path))
+
+
+def read_zip_stream(raw: Any, path: str, file_size: int, *, extra: Mapping[tuple[str, str], Any] | None = None) -> Any:
+    """A torch.save archive from a seekable binary stream of ``file_size`` bytes."""
     try:
-        archive = zipfile.ZipFile(path)
+        archive = zipfile.ZipFile(raw)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise CorruptCheckpointError(path, f"not a readable zip archive: {exc}") from exc
-    with archive, open(path, "rb", buffering=0) as raw:
+    with archive:
         infos = {info.filename: info for info in archive.infolist()}
         pickles = [name for name in infos if name.endswith("data.pkl") and name.count("/") <= 1]
         if len(pickles) != 1:
@@ -89,7 +116,7 @@ def _read_zip(path: str) -> Any:
         if byteorder is not None and _read_member(archive, raw, byteorder, path, file_size) != b"little":
             raise CorruptCheckpointError(path, "big-endian archives are not supported")
         data = _read_member(archive, raw, infos[pickles[0]], path, file_size)
-        refuse_unsafe(data, path)
+        refuse_unsafe(data, path, extra=extra)
 
         def load_storage(kind: StorageType, key: str, location: str, numel: int) -> LoadedStorage:
             info = infos.get(f"{prefix}data/{key}")
@@ -104,7 +131,7 @@ def _read_zip(path: str) -> Any:
             return LoadedStorage(untyped, kind.dtype, location)
 
         with rebuild.deferred_checks(path):
-            return restricted_loads(data, path=path, load_storage=load_storage)
+            return restricted_loads(data, path=path, load_storage=load_storage, extra=extra)
 
 
 def _read_member(archive: zipfile.ZipFile, raw: Any, info: zipfile.ZipInfo, path: str, file_size: int) -> bytes:
@@ -112,7 +139,7 @@ def _read_member(archive: zipfile.ZipFile, raw: Any, info: zipfile.ZipInfo, path
     if info.compress_type == zipfile.ZIP_STORED:
         if info.file_size != info.compress_size:
             raise CorruptCheckpointError(path, f"zip entry {info.filename!r} declares inconsistent sizes")
-        start = _data_offset(raw, info, path)
+        start = _data_offset(raw, info, path, file_size)
         if start + info.file_size > file_size:
             raise CorruptCheckpointError(path, f"zip entry {info.filename!r} runs past the end of the file")
         raw.seek(start)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torchkeep.errors import CorruptCheckpointError, UnsafeCheckpointError
@@ -18,14 +18,22 @@ StorageLoader = Callable[[StorageType, str, str, int], LoadedStorage]
 class RestrictedUnpickler(pickle.Unpickler):
     """Unpickles plain data, tensors and storages; any other global raises UnsafeCheckpointError."""
 
-    def __init__(self, data: bytes, *, path: str, load_storage: StorageLoader | None = None) -> None:
+    def __init__(
+        self,
+        data: bytes,
+        *,
+        path: str,
+        load_storage: StorageLoader | None = None,
+        extra: Mapping[tuple[str, str], Any] | None = None,
+    ) -> None:
         super().__init__(io.BytesIO(data), encoding="latin1")
         self.path = path
+        self.extra = dict(extra or {})
         self.load_storage = load_storage
         self.storages: dict[str, LoadedStorage] = {}
 
     def find_class(self, module: str, name: str) -> Any:
-        found = allowlist.lookup(module, name)
+        found = self.extra.get((module, name)) or allowlist.lookup(module, name)
         if found is None:
             raise UnsafeCheckpointError(
                 self.path,
@@ -50,9 +58,18 @@ class RestrictedUnpickler(pickle.Unpickler):
         return self.storages[key]
 
 
-def restricted_loads(data: bytes, *, path: str, load_storage: StorageLoader | None = None) -> Any:
-    """Unpickle ``data`` with the allowlist; damage is CorruptCheckpointError, code is UnsafeCheckpointError."""
-    unpickler = RestrictedUnpickler(data, path=path, load_storage=load_storage)
+def restricted_loads(
+    data: bytes,
+    *,
+    path: str,
+    load_storage: StorageLoader | None = None,
+    extra: Mapping[tuple[str, str], Any] | None = None,
+) -> Any:
+    """Unpickle ``data`` with the allowlist (plus ``extra``, for one format's own plain classes).
+
+    Damage is CorruptCheckpointError; a global that could run code is UnsafeCheckpointError.
+    """
+    unpickler = RestrictedUnpickler(data, path=path, load_storage=load_storage, extra=extra)
     try:
         return unpickler.load()
     except (UnsafeCheckpointError, CorruptCheckpointError):
