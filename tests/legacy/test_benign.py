@@ -170,3 +170,14 @@ def test_damaged_torch_files(tmp_path: Path) -> None:
         legacy.write_bytes(data[:cut])
         with pytest.raises(torchkeep.TorchkeepError):
             torchkeep.load(legacy)
+
+
+def test_load_checkpoint_accepts_weights_only_sources(tmp_path: Path) -> None:
+    model, _ = trained()
+    st.save_file(dict(model.state_dict()), tmp_path / "w.safetensors")
+    (tmp_path / "hf").mkdir()
+    torch.save(model.state_dict(), tmp_path / "hf" / "pytorch_model.bin")
+    for source in (tmp_path / "w.safetensors", tmp_path / "hf"):
+        fresh = Net()
+        assert torchkeep.load_checkpoint(source, model=fresh) == {}
+        assert_same_tensors(model.state_dict(), fresh.state_dict())

@@ -35,8 +35,8 @@ from torchkeep.state.rng import restore_rng
 from torchkeep.state.values import Decoder
 from torchkeep.storage.base import Storage
 from torchkeep.storage.local import LocalStorage, commit_dir, fsync_dir, temporary_sibling
-from torchkeep.weights.legacy import read_raw
-from torchkeep.weights.load import read_file
+from torchkeep.weights.legacy import detect_kind, read_raw
+from torchkeep.weights.load import load, read_file
 from torchkeep.weights.load_into import PendingLoad, match_model
 from torchkeep.weights.report import LoadReport
 from torchkeep.weights.save import write_weights
@@ -201,8 +201,9 @@ def load_checkpoint(
 
     ``path`` is a torchkeep checkpoint directory, or a file written by ``torch.save`` the way the
     tutorials do (``{'epoch', 'model_state_dict', 'optimizer_state_dict', ...}``) or by
-    Lightning (``state_dict``, ``optimizer_states``, ``lr_schedulers``...), read without running
-    code unless ``trusted=True``.
+    Lightning (``state_dict``, ``optimizer_states``, ``lr_schedulers``...), a
+    torch.distributed.checkpoint directory, or weights alone (safetensors, Hugging Face folders),
+    read without running code unless ``trusted=True``.
 
     Everything is read, verified and matched before any object is modified: with
     ``strict=True`` a mismatch raises and leaves every object as it was.
@@ -215,14 +216,19 @@ def load_checkpoint(
         LoadMismatchError: a model does not match (strict), or an object was not saved.
         ValueError: an optimizer whose parameter groups differ from the saved ones.
     """
-    if Path(path).is_file():
-        saved, user_state = _legacy_objects(str(path), trusted=trusted)
-        source = os.fspath(path)
-        rng_node = None
+    source = os.fspath(path)
+    rng_node = None
+    saved: dict[str, Any]
+    user_state: dict[str, Any]
+    if Path(path).is_file() and detect_kind(source) in ("safetensors", "unknown"):
+        saved, user_state = {"model": load(source, trusted=trusted)}, {}
+    elif Path(path).is_file():
+        saved, user_state = _legacy_objects(source, trusted=trusted)
     elif is_dcp_dir(path):
         saved, user_state = split_legacy(read_dcp(path))
-        source = os.fspath(path)
-        rng_node = None
+    elif Path(path).is_dir() and not is_checkpoint_dir(path) and not (Path(path) / TENSORS_FILE).exists():
+        # a weights folder (Hugging Face layouts); a tensor file without a manifest is a damaged checkpoint
+        saved, user_state = {"model": load(source, trusted=trusted)}, {}
     else:
         loaded = read_checkpoint(path, map_location=map_location)
         source = loaded.path
