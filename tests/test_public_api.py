@@ -8,6 +8,7 @@ EXPECTED = {
     "TorchkeepError", "CheckpointNotFoundError", "CorruptCheckpointError", "LoadMismatchError",
     "UnsafeCheckpointError", "UnsupportedTensorError", "UnsupportedValueError", "CheckpointWriteError",
     "TorchkeepWarning", "__version__", "load_raw", "scan", "ScanReport", "convert", "ConvertReport",
+    "save_model", "load_model", "register_model",
 }  # fmt: skip
 
 

@@ -20,6 +20,8 @@ from torchkeep.errors import (
 from torchkeep.format.pickle.scan import ScanReport, scan
 from torchkeep.manager.manager import CheckpointInfo, CheckpointManager
 from torchkeep.manager.policies import KeepBest, KeepEvery, KeepLast, SaveEvery
+from torchkeep.model.io import load_model, save_model
+from torchkeep.model.registry import register_model
 from torchkeep.weights.inspect import Inspection, TensorInfo, inspect
 from torchkeep.weights.load import load, load_raw
 from torchkeep.weights.load_into import load_into
@@ -58,9 +60,12 @@ __all__ = [
     "load",
     "load_checkpoint",
     "load_into",
+    "load_model",
     "load_raw",
+    "register_model",
     "save",
     "save_checkpoint",
+    "save_model",
     "scan",
     "verify",
 ]

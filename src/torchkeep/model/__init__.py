@@ -1,0 +1,1 @@
+"""Whole models without pickle: architecture by config (or by torch's own stock layers) + weights."""

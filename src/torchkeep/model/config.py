@@ -1,0 +1,86 @@
+"""A model's config as plain JSON, and back: dataclasses are rebuilt from constructor annotations."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from torchkeep.errors import UnsupportedValueError
+from torchkeep.model.registry import RECORDED_ATTR
+
+JSON_SCALARS = (str, int, float, bool, type(None))
+
+
+def to_json(value: Any, where: str = "config") -> Any:
+    """Plain JSON data; dataclasses become dicts of their fields. Anything else is refused."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_json(getattr(value, f.name), f"{where}.{f.name}") for f in dataclasses.fields(value)}
+    if isinstance(value, JSON_SCALARS):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [to_json(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+        return {k: to_json(v, f"{where}.{k}") for k, v in value.items()}
+    raise UnsupportedValueError(
+        where,
+        f"is a {type(value).__name__}; a model config must be JSON data (numbers, strings, lists, dicts, dataclasses)",
+    )
+
+
+def config_of(model: nn.Module, explicit: Any = None) -> tuple[Any, str]:
+    """The config to save and where it came from: the argument, the model's protocol, or recorded."""
+    if explicit is not None:
+        return to_json(explicit), "argument"
+    get_config = getattr(model, "get_config", None)
+    if callable(get_config):
+        return to_json(get_config()), "get_config"
+    if RECORDED_ATTR in vars(model):
+        return to_json(vars(model)[RECORDED_ATTR]), "recorded"
+    config = getattr(model, "config", None)
+    if config is not None and not isinstance(config, nn.Module) and not callable(config):
+        return to_json(config), "config attribute"
+    return None, "none"
+
+
+def _rebuild(value: Any, annotation: Any) -> Any:
+    """Turn JSON back into the annotated type where it is a dataclass (nested ones too)."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        for arg in typing.get_args(annotation):
+            if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                return _rebuild(value, arg)
+        return value
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation) and isinstance(value, dict):
+        hints = typing.get_type_hints(annotation)
+        return annotation(**{k: _rebuild(v, hints.get(k, Any)) for k, v in value.items()})
+    if origin in (list, tuple) and isinstance(value, list):
+        args = typing.get_args(annotation)
+        inner = args[0] if args else Any
+        items = [_rebuild(v, inner) for v in value]
+        return tuple(items) if origin is tuple else items
+    return value
+
+
+def build(cls: type[nn.Module], config: Any, source: str) -> nn.Module:
+    """Construct ``cls`` from its saved config, following the protocol it was saved with."""
+    if source == "get_config" and callable(getattr(cls, "from_config", None)):
+        return cls.from_config(config)  # type: ignore[attr-defined, no-any-return]
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # unresolvable annotations: pass values as they are
+        hints = {}
+    parameters = inspect.signature(cls.__init__).parameters
+    if source == "config attribute" or (
+        isinstance(config, dict) and "config" in parameters and "config" not in config and len(parameters) == 2
+    ):
+        return cls(_rebuild(config, hints.get("config", Any)))
+    if isinstance(config, dict):
+        return cls(**{k: _rebuild(v, hints.get(k, Any)) for k, v in config.items()})
+    if config is None:
+        return cls()
+    raise TypeError(f"cannot build {cls.__qualname__} from a config of type {type(config).__name__}")

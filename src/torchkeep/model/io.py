@@ -1,0 +1,233 @@
+"""save_model / load_model: a directory of config.json + model.safetensors + a small manifest."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchkeep._gc import gc_paused
+from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError, LoadMismatchError, UnsafeCheckpointError
+from torchkeep.model import structure
+from torchkeep.model.config import build, config_of
+from torchkeep.model.registry import import_path, registered
+from torchkeep.state.devices import MapLocation
+from torchkeep.state.keys import unwrap_model
+from torchkeep.state.tensors import prepare, state_dict_of
+from torchkeep.storage.local import LocalStorage, atomic_write, commit_dir, fsync_dir, temporary_sibling
+from torchkeep.weights.load import load
+from torchkeep.weights.load_into import match_model
+from torchkeep.weights.save import save_folder
+
+MODEL_MANIFEST = "torchkeep_model.json"
+CONFIG_FILE = "config.json"
+FORMAT_NAME = "torchkeep.model"
+FORMAT_VERSION = 1
+
+
+def _dtype_of(state: dict[str, torch.Tensor]) -> str | None:
+    sizes: dict[str, int] = {}
+    for tensor in state.values():
+        name = str(tensor.dtype).removeprefix("torch.")
+        sizes[name] = sizes.get(name, 0) + tensor.numel()
+    return max(sizes, key=lambda k: sizes[k]) if sizes else None
+
+
+@gc_paused
+def save_model(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    config: Any = None,
+    max_shard_size: int | str | None = None,
+) -> None:
+    """Save a whole model without pickle: its config, its weights, and its class by name.
+
+    The config comes from ``config=``; else the model's ``get_config()`` (rebuilt with the
+    class's ``from_config``); else the constructor arguments recorded by
+    :func:`torchkeep.register_model`; else a ``config`` attribute. A model made only of torch's
+    own layers needs none of these: its structure is recorded and rebuilt from torch.
+
+    Raises:
+        ValueError: no config can be found and the model is not made of stock layers.
+        UnsupportedValueError: the config holds something that is not JSON data.
+    """
+    target = unwrap_model(model)
+    cfg, source = config_of(target, config)
+    described = None
+    if source == "none":
+        described = structure.describe(target)
+        if described is None or not structure.matches(target, structure.rebuild(described)):
+            raise ValueError(
+                f"cannot record how to rebuild {type(target).__qualname__}: pass config=..., give the class "
+                "get_config()/from_config(), or decorate it with @torchkeep.register_model"
+            )
+        source = "stock"
+    state = state_dict_of(target)
+    manifest = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "class": None if described else import_path(type(target)),
+        "config_source": source,
+        "structure": described,
+        "parameters": sum(p.numel() for p in target.parameters()),
+        "dtype": _dtype_of(state),
+        "torch": torch.__version__,
+        "torchkeep": _version(),
+    }
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temp = temporary_sibling(out)
+    temp.mkdir()
+    try:
+        limit = None
+        if max_shard_size is not None:
+            from torchkeep.format.sharding import parse_size
+
+            limit = parse_size(max_shard_size)
+        save_folder(LocalStorage(temp), prepare(state), {}, limit)
+        with atomic_write(temp / CONFIG_FILE) as sink:
+            sink.write((json.dumps(cfg if cfg is not None else {}, indent=2) + "\n").encode())
+        with atomic_write(temp / MODEL_MANIFEST) as sink:
+            sink.write((json.dumps(manifest, indent=2) + "\n").encode())
+        fsync_dir(temp)
+        commit_dir(temp, out)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+
+
+def _version() -> str:
+    from torchkeep import __version__
+
+    return __version__
+
+
+def read_model_manifest(path: Path) -> dict[str, Any] | None:
+    file = path / MODEL_MANIFEST
+    if not file.is_file():
+        return None
+    try:
+        manifest = json.loads(file.read_text())
+    except ValueError as exc:
+        raise CorruptCheckpointError(file, f"not valid JSON: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise CorruptCheckpointError(file, "not a torchkeep model manifest")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise CorruptCheckpointError(file, f"model format version {manifest.get('version')!r} is not supported")
+    return manifest
+
+
+def _allowed_class(class_path: str, allow_modules: Sequence[str], where: Path) -> type[nn.Module]:
+    module_name, _, qualname = class_path.partition(":")
+    found = registered(class_path)
+    if found is not None:
+        return found
+    if any(module_name == m or module_name.startswith(m + ".") for m in allow_modules):
+        obj: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+        if isinstance(obj, type) and issubclass(obj, nn.Module):
+            return obj
+        raise UnsafeCheckpointError(where, f"{class_path} is not an nn.Module subclass")
+    raise UnsafeCheckpointError(
+        where,
+        f"the model class {class_path} is not allowed, and torchkeep does not import code a file names. "
+        f"Allow it in one of three ways: load_model(..., cls={qualname}); decorate the class with "
+        f"@torchkeep.register_model (and import it first); or load_model(..., allow_modules=[{module_name!r}])",
+        globals_=(class_path,),
+    )
+
+
+@gc_paused
+def load_model(
+    path: str | os.PathLike[str],
+    *,
+    cls: type[nn.Module] | None = None,
+    map_location: MapLocation = "cpu",
+    dtype: torch.dtype | None = None,
+    strict: bool = True,
+    eval: bool = True,
+    allow_modules: Sequence[str] = (),
+) -> nn.Module:
+    """Rebuild a model saved by :func:`save_model` (or a Hugging Face mixin folder, given ``cls=``).
+
+    The class comes from ``cls=``, the registry (:func:`torchkeep.register_model`) or a module in
+    ``allow_modules``; a model of stock torch layers needs none. The module is built on the
+    meta device and the loaded tensors are assigned to it, so memory holds one copy of the weights.
+
+    Returns:
+        The model, in eval mode unless ``eval=False``, on ``map_location`` and in ``dtype``.
+
+    Raises:
+        UnsafeCheckpointError: the class is not allowed (the message lists the three ways).
+        LoadMismatchError: ``strict`` and the weights do not fit the rebuilt model.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointNotFoundError(root, "not a model directory")
+    manifest = read_model_manifest(root)
+    config_file = root / CONFIG_FILE
+    try:
+        config = json.loads(config_file.read_text()) if config_file.is_file() else None
+    except ValueError as exc:
+        raise CorruptCheckpointError(config_file, f"not valid JSON: {exc}") from exc
+    source = (manifest or {}).get("config_source", "argument")
+
+    def construct() -> nn.Module:
+        if cls is not None:
+            return build(cls, config, source)
+        if manifest is None:
+            raise UnsafeCheckpointError(root, "no torchkeep manifest names a class: pass cls=YourModel")
+        if manifest.get("structure"):
+            return structure.rebuild(manifest["structure"])
+        class_path = manifest.get("class")
+        if not isinstance(class_path, str) or ":" not in class_path:
+            raise CorruptCheckpointError(root / MODEL_MANIFEST, "records no class")
+        return build(_allowed_class(class_path, allow_modules, root), config, source)
+
+    with torch.device("meta"):
+        model = construct()
+    state = load(root, map_location=map_location, dtype=dtype)
+    pending = match_model(model, state, source_name=str(root))
+    if strict and not pending.report.ok:
+        raise LoadMismatchError(pending.report, str(root))
+    tied = _tied_groups(model)
+    model.load_state_dict(pending.to_load, strict=False, assign=True)
+    _retie(model, tied)
+    if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
+        # Non-persistent buffers (or skipped keys) have no value in the file: build for real instead.
+        model = construct()
+        if dtype is not None:
+            model.to(dtype)
+        model.load_state_dict(pending.to_load, strict=False)
+    return model.eval() if eval else model.train()
+
+
+def _tied_groups(model: nn.Module) -> list[list[str]]:
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def _retie(model: nn.Module, groups: list[list[str]]) -> None:
+    for names in groups:
+        first = model.get_parameter(names[0])
+        for name in names[1:]:
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner) if owner else model, attr, first)
+
+
+def is_model_dir(path: str | os.PathLike[str]) -> bool:
+    return (Path(path) / MODEL_MANIFEST).is_file()
+
+
+__all__ = ["is_model_dir", "load_model", "save_model"]
