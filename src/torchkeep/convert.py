@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from torchkeep.checkpoint.io import LEGACY_KEYS, read_checkpoint, save_checkpoint, split_legacy
 from torchkeep.errors import CorruptCheckpointError
@@ -58,8 +59,9 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch.equal(flat_a.view(torch.uint8), flat_b.view(torch.uint8)))
 
 
-def _check(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], dst: str,
-           progress: Progress | None) -> int:  # fmt: skip
+def _check(
+    expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], dst: str, progress: Progress | None
+) -> int:
     total = sum(t.numel() * t.element_size() for t in expected.values())
     done = 0
     for key, tensor in expected.items():
@@ -84,13 +86,16 @@ def convert(
     *,
     trusted: bool = False,
     progress: Progress | None = None,
+    config: Any = None,
 ) -> ConvertReport:
     """Convert ``src`` (any format torchkeep reads) to safetensors or a torchkeep checkpoint.
 
     A ``dst`` ending in ``.safetensors`` gets the model weights. Any other ``dst`` is a folder:
-    a training checkpoint (optimizer, scheduler, epoch...) becomes a torchkeep checkpoint
-    directory keeping all of it; plain weights become ``dst/model.safetensors``. Every tensor is
-    read back and compared bit for bit with the source.
+    a pickled whole model (``torch.save(model)``, needs ``trusted=True``) becomes a
+    :func:`torchkeep.save_model` directory (``config`` as for save_model); a training checkpoint
+    (optimizer, scheduler, epoch...) becomes a torchkeep checkpoint directory keeping all of it;
+    plain weights become ``dst/model.safetensors``. Every tensor is read back and compared bit
+    for bit with the source.
 
     Args:
         trusted: allow full unpickling of ``src`` (runs its code): only for files you vouch for.
@@ -103,6 +108,8 @@ def convert(
     source, target = os.fspath(src), Path(dst)
     pickled = Path(source).is_file() and detect_kind(source) in ("torch", "npy", "npz")
     raw = read_raw(source, trusted=trusted) if pickled else None
+    if isinstance(raw, nn.Module) and not target.name.endswith(".safetensors"):
+        return _convert_whole_model(raw, source, target, config, progress)
     if target.name.endswith(".safetensors") or not _is_training_checkpoint(raw):
         weights = extract_state_dict(raw, source) if pickled else load(source)
         save(weights, target)
@@ -137,3 +144,18 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
         for index, value in enumerate(obj):
             out.update(_flatten(value, f"{prefix}[{index}]"))
     return out
+
+
+def _convert_whole_model(
+    model: nn.Module, source: str, target: Path, config: Any, progress: Progress | None
+) -> ConvertReport:
+    """A pickled model object to a save_model directory, rebuilt and compared with the original."""
+    from torchkeep.model.io import load_model, save_model
+
+    save_model(model, target, config=config)
+    rebuilt = load_model(target, cls=type(model), eval=not model.training)
+    if repr(rebuilt) != repr(model):
+        raise CorruptCheckpointError(target, "the rebuilt model's structure differs from the original")
+    expected = dict(model.state_dict())
+    nbytes = _check(expected, dict(rebuilt.state_dict()), str(target), progress)
+    return ConvertReport(source, str(target), "model", len(expected), nbytes)

@@ -68,6 +68,7 @@ def test_demo_trains_saves_and_reloads(tmp_path: Path, capsys: pytest.CaptureFix
     assert "mismatched  fc.2.weight" in out
     assert "child killed with SIGKILL (exit -9)" in out
     assert "loss sequence identical: True; parameters bit-identical: True" in out
+    assert "fresh process: rebuilt IrisNet eval, predictions identical: True" in out
     assert (tmp_path / "demo" / "iris.safetensors").exists()
 
 

@@ -229,3 +229,38 @@ def test_peak_memory_of_a_one_gib_model_load(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     ratio = float(done.stdout.strip().splitlines()[-1])
     assert ratio <= 1.2, f"peak RSS grew {ratio:.2f}x the weights"
+
+
+def test_convert_a_pickled_whole_model_to_a_model_directory(tmp_path: Path) -> None:
+    torch.manual_seed(6)
+    model = CNN(channels=2, classes=4).eval()
+    torch.save(model, tmp_path / "whole.pth")  # the tutorials' torch.save(model)
+    with pytest.raises(torchkeep.UnsafeCheckpointError):
+        torchkeep.convert(tmp_path / "whole.pth", tmp_path / "out")
+    with pytest.warns(torchkeep.TorchkeepWarning):
+        report = torchkeep.convert(tmp_path / "whole.pth", tmp_path / "out", trusted=True)
+    assert report.kind == "model"
+    loaded = torchkeep.load_model(tmp_path / "out", allow_modules=ALLOW)
+    x = torch.randn(2, 1, 5, 5)
+    assert torch.equal(model(x), loaded(x))
+
+
+def test_convert_cli_with_a_config_and_inspect(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.model.forbidden_module import Forbidden
+    from torchkeep.cli.main import main
+
+    class NoConfig(Forbidden):  # the protocol disabled: a config must be given
+        get_config = None  # type: ignore[assignment]
+
+    torch.save(Forbidden(width=5), tmp_path / "f.pth")
+    with pytest.warns(torchkeep.TorchkeepWarning, match="trusted=True"):
+        assert main(["convert", str(tmp_path / "f.pth"), str(tmp_path / "fdir"), "--trusted"]) == 0
+    assert "model" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "fdir")]) == 0
+    out = capsys.readouterr().out
+    assert "tests.model.forbidden_module:Forbidden" in out and '{"width": 5}' in out and "fc.weight" in out
+    model = NoConfig(width=2)
+    with pytest.raises(ValueError, match="config"):
+        torchkeep.save_model(model, tmp_path / "nc")
+    torchkeep.save_model(model, tmp_path / "nc", config={"width": 2})
+    assert torchkeep.load_model(tmp_path / "nc", cls=NoConfig).fc.in_features == 2

@@ -20,6 +20,7 @@ SEED = 0
 EPOCHS = 300
 
 
+@torchkeep.register_model
 class IrisNet(nn.Module):
     """The tutorial's classifier: Linear(4, 8) - ReLU - Linear(8, classes), with optional dropout."""
 
@@ -106,8 +107,9 @@ def run(out_dir: str | Path = "torchkeep-demo") -> int:
     print(f"shared body loaded: {body_same}; the new head keeps its fresh initialisation")
 
     resumed_same = checkpoint_demo(out)
+    model_same = model_demo(out)
 
-    ok = same and report.ok and body_same and len(partial.mismatched) == 2 and resumed_same
+    ok = same and report.ok and body_same and len(partial.mismatched) == 2 and resumed_same and model_same
     print(f"\ndemo {'OK' if ok else 'FAILED'}; files are under {out}/")
     return 0 if ok else 1
 
@@ -195,3 +197,40 @@ def _ls_lines(directory: Path) -> list[str]:
         marks = " ".join(m for m, on in (("latest", info.is_latest), ("best", info.is_best)) if on)
         lines.append(f"{info.path.name}  val_acc={info.metrics['val_acc']:.3f}  {marks}".rstrip())
     return lines
+
+
+# -- 6. the best model as a whole model, reloaded in a fresh process ---------------------------
+
+
+def model_demo(out: Path) -> bool:
+    print("\n== 6. save the best checkpoint's model with save_model, load_model it in a fresh process")
+    manager = torchkeep.CheckpointManager(out / "runs" / "killed", read_only=True, monitor="val_acc", mode="max")
+    best = IrisNet(dropout=0.2)
+    manager.restore("best", model=best, rng=False, strict=False)
+    best.eval()
+    model_dir = out / "best-model"
+    torchkeep.save_model(best, model_dir)
+    print(f"   {model_dir}: " + ", ".join(sorted(p.name for p in model_dir.iterdir())))
+    _, _, x_val, _ = iris_data()
+    with torch.no_grad():
+        torchkeep.save({"x": x_val, "logits": best(x_val)}, out / "best-model-check.safetensors")
+    code = (
+        "import sys, torch, torchkeep\n"
+        "model = torchkeep.load_model(sys.argv[1], allow_modules=['torchkeep.cli.demo'])\n"
+        "check = torchkeep.load(sys.argv[2])\n"
+        "with torch.no_grad():\n"
+        "    same = torch.equal(model(check['x']), check['logits'])\n"
+        "print(type(model).__name__, 'eval' if not model.training else 'train', same)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(model_dir), str(out / "best-model-check.safetensors")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    words = done.stdout.split()
+    same = done.returncode == 0 and words[-1:] == ["True"]
+    print(f"   fresh process: rebuilt {' '.join(words[:2])}, predictions identical: {same}")
+    if done.returncode != 0:
+        print(done.stderr)
+    return same

@@ -15,6 +15,7 @@ from torchkeep.checkpoint.layout import TENSORS_FILE
 from torchkeep.errors import TorchkeepError
 from torchkeep.format.pickle.scan import scan
 from torchkeep.manager.manager import CheckpointManager
+from torchkeep.model.io import is_model_dir, read_model_manifest
 from torchkeep.weights.inspect import inspect
 from torchkeep.weights.verify import verify
 
@@ -22,6 +23,8 @@ from torchkeep.weights.verify import verify
 def _inspect(args: argparse.Namespace) -> int:
     if is_checkpoint_dir(args.path):
         return _inspect_checkpoint(args)
+    if is_model_dir(args.path):
+        return _inspect_model(args)
     info = inspect(args.path)
     if args.json:
         print(json.dumps(info.to_dict(), indent=2))
@@ -57,6 +60,22 @@ def _inspect_checkpoint(args: argparse.Namespace) -> int:
         print(f"info: {summary['info']}")
     print("state: " + (", ".join(f"{k}={v}" for k, v in summary["state"].items()) or "-"))
     print(tensors.tree() if args.tree else tensors.table())
+    return 0
+
+
+def _inspect_model(args: argparse.Namespace) -> int:
+    root = Path(args.path)
+    manifest = read_model_manifest(root) or {}
+    config = json.loads((root / "config.json").read_text()) if (root / "config.json").is_file() else None
+    weights = inspect(root)
+    if args.json:
+        print(json.dumps({"path": str(root), "manifest": manifest, "config": config, **weights.to_dict()}, indent=2))
+        return 0
+    print(f"{root}: torchkeep model v{manifest.get('version')}")
+    print(f"class: {manifest.get('class') or 'stock torch.nn layers (no class needed)'}")
+    print(f"config ({manifest.get('config_source')}): {json.dumps(config)}")
+    print(f"parameters: {manifest.get('parameters'):,} ({manifest.get('dtype')})")
+    print(weights.tree() if args.tree else weights.table())
     return 0
 
 
@@ -119,7 +138,8 @@ def _convert(args: argparse.Namespace) -> int:
                 flush=True,
             )
 
-    print(convert(args.src, args.dst, trusted=args.trusted, progress=bar))
+    config = json.loads(args.config) if args.config else None
+    print(convert(args.src, args.dst, trusted=args.trusted, progress=bar, config=config))
     return 0
 
 
@@ -149,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="a .safetensors file (weights) or a folder (checkpoint, or weights)")
     p.add_argument("--trusted", action="store_true", help="allow full unpickling of SRC (runs its code)")
     p.add_argument("--progress", action="store_true", help="show a progress bar even for small files")
+    p.add_argument("--config", help="JSON config for a pickled whole model whose class has none")
     p.set_defaults(func=_convert)
     p = sub.add_parser("ls", help="list a CheckpointManager directory: steps, times, sizes, metrics")
     p.add_argument("directory")
