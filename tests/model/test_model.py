@@ -264,3 +264,14 @@ def test_convert_cli_with_a_config_and_inspect(tmp_path: Path, capsys: pytest.Ca
         torchkeep.save_model(model, tmp_path / "nc")
     torchkeep.save_model(model, tmp_path / "nc", config={"width": 2})
     assert torchkeep.load_model(tmp_path / "nc", cls=NoConfig).fc.in_features == 2
+
+
+def test_large_models_are_sharded(tmp_path: Path) -> None:
+    torch.manual_seed(7)
+    model = DataclassMLP(MLPConfig(inputs=64, blocks=[Block(64), Block(64)], classes=8)).eval()
+    torchkeep.save_model(model, tmp_path / "m", max_shard_size=20_000)
+    names = sorted(p.name for p in (tmp_path / "m").iterdir())
+    assert "model.safetensors.index.json" in names and sum(n.startswith("model-0") for n in names) >= 2
+    loaded = torchkeep.load_model(tmp_path / "m")
+    x = torch.randn(2, 64)
+    assert torch.equal(model(x), loaded(x))
