@@ -12,7 +12,7 @@ from torchkeep.format.sharding import parse_index
 
 SAFETENSORS_SUFFIX = ".safetensors"
 INDEX_SUFFIX = ".safetensors.index.json"
-# Files that are pickles or other formats: a clear word now, readers arrive with legacy formats.
+# Names of pickle-based and NumPy weight files (read by content in weights/legacy.py).
 FOREIGN_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".npy", ".npz")
 
 

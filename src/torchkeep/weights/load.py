@@ -43,7 +43,7 @@ def open_header(f: Any, path: str) -> Header:
         if foreign is None:
             raise
         raise CorruptCheckpointError(
-            path, f"not a safetensors file: it looks like {foreign}; this version reads safetensors only"
+            path, f"not a valid safetensors file, and not readable as {foreign} either"
         ) from exc
 
 
