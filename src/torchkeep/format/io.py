@@ -134,17 +134,11 @@ def verify_tensors(f: Any, header: Header, path: str) -> int:
     """Check every tensor's checksum by streaming the file; returns the number checked."""
     if header.checksums is None:
         return 0
-    checked = 0
+    entries = header.by_offset()
+    buffer = memoryview(bytearray(max((e.nbytes for e in entries), default=0)))  # one buffer, reused
     f.seek(header.data_start)
-    for entry in header.by_offset():
-        buffer = bytearray(entry.nbytes) if entry.nbytes < _config.SMALL_BATCH_BYTES else None
-        if buffer is not None:
-            _readinto_exact(f, memoryview(buffer), path, entry)
-            _check(header, entry, buffer, path)
-        else:
-            raw = torch.empty(entry.nbytes, dtype=torch.uint8)
-            view = byte_view(raw)
-            _readinto_exact(f, view, path, entry)
-            _check(header, entry, view, path)
-        checked += 1
-    return checked
+    for entry in entries:
+        view = buffer[: entry.nbytes]
+        _readinto_exact(f, view, path, entry)
+        _check(header, entry, view, path)
+    return len(entries)

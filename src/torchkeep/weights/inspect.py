@@ -8,10 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torchkeep._gc import gc_paused
-from torchkeep.errors import CheckpointNotFoundError
 from torchkeep.format.dtypes import dtype_name
 from torchkeep.weights.files import resolve
-from torchkeep.weights.load import open_header
+from torchkeep.weights.load import open_header, open_weights_file
 
 
 @dataclass(frozen=True)
@@ -152,11 +151,7 @@ def inspect(path: str | os.PathLike[str]) -> Inspection:
     file_bytes = 0
     for name in files.files:
         file_path = files.path(name)
-        try:
-            f = open(file_path, "rb", buffering=0)  # noqa: SIM115 - closed below
-        except IsADirectoryError as exc:
-            raise CheckpointNotFoundError(file_path, "is a directory") from exc
-        with f:
+        with open_weights_file(file_path) as f:
             header = open_header(f, file_path)
             file_bytes += os.fstat(f.fileno()).st_size
         checksummed &= header.checksums is not None

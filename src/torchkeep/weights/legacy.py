@@ -59,9 +59,7 @@ def read_raw(path: str, *, trusted: bool = False) -> Any:
 
 def _read_raw(path: str, *, trusted: bool) -> Any:
     kind = detect_kind(path)
-    if kind == "npy":
-        return _numpy(path)
-    if kind == "npz":
+    if kind in ("npy", "npz"):
         return _numpy(path)
     if trusted:
         warnings.warn(

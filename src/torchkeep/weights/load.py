@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -47,20 +47,22 @@ def open_header(f: Any, path: str) -> Header:
         ) from exc
 
 
-def read_file(path: str, *, mmap: bool, verify: bool) -> tuple[Header, dict[str, torch.Tensor]]:
-    """One file's header and its stored tensors (aliases not yet expanded)."""
+def open_weights_file(path: str) -> BinaryIO:
+    """An unbuffered reader, with a missing file or a folder reported as CheckpointNotFoundError."""
     try:
-        f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed in finally
+        return open(path, "rb", buffering=0)
     except FileNotFoundError as exc:
         raise CheckpointNotFoundError(path) from exc
     except IsADirectoryError as exc:
         raise CheckpointNotFoundError(path, "is a directory, not a weights file") from exc
-    try:
+
+
+def read_file(path: str, *, mmap: bool, verify: bool) -> tuple[Header, dict[str, torch.Tensor]]:
+    """One file's header and its stored tensors (aliases not yet expanded)."""
+    with open_weights_file(path) as f:
         header = open_header(f, path)
         _advise_sequential(f)
         tensors = map_tensors(path, header) if mmap else read_tensors(f, header, path, verify=verify)
-    finally:
-        f.close()
     return header, tensors
 
 

@@ -6,7 +6,7 @@ import os
 
 from torchkeep.format.io import verify_tensors
 from torchkeep.weights.files import resolve
-from torchkeep.weights.load import open_header
+from torchkeep.weights.load import open_header, open_weights_file
 
 
 def verify(path: str | os.PathLike[str]) -> int | None:
@@ -24,7 +24,7 @@ def verify(path: str | os.PathLike[str]) -> int | None:
     any_checksums = False
     for name in files.files:
         file_path = files.path(name)
-        with open(file_path, "rb", buffering=0) as f:
+        with open_weights_file(file_path) as f:
             header = open_header(f, file_path)
             any_checksums |= header.checksums is not None
             checked += verify_tensors(f, header, file_path)
