@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from torchkeep.errors import CorruptCheckpointError, UnsafeCheckpointError
+from torchkeep.format.layout import byte_view
 from torchkeep.format.pickle import rebuild
 from torchkeep.format.pickle.rebuild import LoadedStorage, StorageType, itemsize
 from torchkeep.format.pickle.scan import scan_pickle_bytes
@@ -125,13 +126,38 @@ def read_zip_stream(raw: Any, path: str, file_size: int, *, extra: Mapping[tuple
             nbytes = numel * itemsize(kind.dtype)
             if info.file_size < nbytes:
                 raise CorruptCheckpointError(path, f"storage {key!r} holds {info.file_size} bytes, needs {nbytes}")
-            buffer = _read_member(archive, raw, info, path, file_size)
             untyped = _new_storage(nbytes)
-            _fill(untyped, memoryview(buffer)[:nbytes])
+            if info.compress_type == zipfile.ZIP_STORED and info.file_size == nbytes:
+                _read_stored_into(raw, info, path, file_size, untyped)  # straight into the storage: one copy
+            else:
+                _fill(untyped, memoryview(_read_member(archive, raw, info, path, file_size))[:nbytes])
             return LoadedStorage(untyped, kind.dtype, location)
 
         with rebuild.deferred_checks(path):
             return restricted_loads(data, path=path, load_storage=load_storage, extra=extra)
+
+
+def _read_stored_into(
+    raw: Any, info: zipfile.ZipInfo, path: str, file_size: int, storage: torch.UntypedStorage
+) -> None:
+    """An uncompressed member read directly into ``storage``, then CRC-checked there."""
+    if info.compress_size != info.file_size:
+        raise CorruptCheckpointError(path, f"zip entry {info.filename!r} declares inconsistent sizes")
+    start = _data_offset(raw, info, path, file_size)
+    if start + info.file_size > file_size:
+        raise CorruptCheckpointError(path, f"zip entry {info.filename!r} runs past the end of the file")
+    if not info.file_size:
+        return
+    view = byte_view(torch.empty(0, dtype=torch.uint8).set_(storage))
+    raw.seek(start)
+    filled = 0
+    while filled < info.file_size:
+        got = raw.readinto(view[filled:])
+        if not got:
+            raise CorruptCheckpointError(path, f"zip entry {info.filename!r} is truncated")
+        filled += got
+    if zlib.crc32(view) != info.CRC:
+        raise CorruptCheckpointError(path, f"zip entry {info.filename!r} fails its CRC check")
 
 
 def _read_member(archive: zipfile.ZipFile, raw: Any, info: zipfile.ZipInfo, path: str, file_size: int) -> bytes:
