@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import codecs
 import collections
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -102,13 +101,8 @@ def lookup(module: str, name: str) -> Any | None:
         return rebuild.StorageType(STORAGE_DTYPES[name], name)
     if module == "torch" and name in TORCH_DTYPE_NAMES:
         return getattr(torch, name)
-    if module == "numpy.dtypes" and name.endswith("DType") and name not in ("ObjectDType", "VoidDType"):
-        return rebuild.numpy_dtype_class(name)
     return None
 
 
 def is_allowed(module: str, name: str) -> bool:
     return lookup(module, name) is not None
-
-
-Allowed = Callable[..., Any]

@@ -301,13 +301,6 @@ def numpy_dtype(spec: Any, align: Any = False, copy: Any = True) -> np.dtype[Any
     return dtype
 
 
-def numpy_dtype_class(name: str) -> Any:
-    def build(*args: Any) -> np.dtype[Any]:
-        raise RefusedData(f"numpy.dtypes.{name} called directly")
-
-    return build
-
-
 def numpy_reconstruct(subtype: Any, shape: Any, dtype_code: Any) -> np.ndarray[Any, Any]:
     if subtype is not np.ndarray:
         raise RefusedData("only plain NumPy arrays are rebuilt")
