@@ -8,7 +8,8 @@ would already catch::
     ├── CorruptCheckpointError    (also ValueError)
     ├── UnsupportedTensorError    (also TypeError)
     ├── UnsupportedValueError     (also TypeError)
-    ├── CheckpointWriteError      (also OSError: disk full, no space, locked)
+    ├── CheckpointWriteError      (also OSError: disk full, no space, read-only, locked)
+    ├── InvalidDeviceError        (also ValueError: a malformed or unavailable device)
     ├── LoadMismatchError         (also RuntimeError)
     └── UnsafeCheckpointError     (also pickle.UnpicklingError)
 
@@ -72,15 +73,29 @@ class UnsupportedValueError(TorchkeepError, TypeError):
 
 
 class CheckpointWriteError(TorchkeepError, OSError):
-    """A checkpoint could not be written (no space, a full disk, another writer). Nothing earlier was touched."""
+    """A checkpoint could not be written (no space, a full disk, another writer). Nothing earlier was touched.
 
-    def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
+    ``.errno`` is the operating system's error number when an OS call failed (``errno.ENOSPC``...).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], problem: str, *, cause: OSError | None = None) -> None:
         self.path = os.fspath(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
+        if cause is not None:
+            self.errno = cause.errno
 
     def __str__(self) -> str:
         return f"{self.path}: {self.problem}"
+
+
+class InvalidDeviceError(TorchkeepError, ValueError):
+    """A device (``map_location``...) that is malformed or not available on this machine; the message says the fix."""
+
+    def __init__(self, device: object, problem: str) -> None:
+        self.device = device
+        self.problem = problem
+        super().__init__(f"device {device!r}: {problem}")
 
 
 class TorchkeepWarning(UserWarning):
@@ -113,6 +128,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointWriteError",
     "CorruptCheckpointError",
+    "InvalidDeviceError",
     "LoadMismatchError",
     "TorchkeepError",
     "TorchkeepWarning",

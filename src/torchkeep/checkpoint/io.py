@@ -34,7 +34,7 @@ from torchkeep.state.devices import MapLocation, placer
 from torchkeep.state.rng import restore_rng
 from torchkeep.state.values import Decoder
 from torchkeep.storage.base import Storage
-from torchkeep.storage.local import LocalStorage, commit_dir, fsync_dir, temporary_sibling
+from torchkeep.storage.local import LocalStorage, commit_dir, fsync_dir, temporary_sibling, write_errors
 from torchkeep.weights.legacy import detect_kind, read_raw
 from torchkeep.weights.load import load, read_file
 from torchkeep.weights.load_into import PendingLoad, match_model
@@ -53,12 +53,14 @@ def write_checkpoint(storage: Storage, plan: CheckpointPlan) -> int:
 
 def write_checkpoint_dir(target: Path, plan: CheckpointPlan) -> int:
     """Write a checkpoint directory beside ``target`` and commit it atomically."""
-    target.parent.mkdir(parents=True, exist_ok=True)
     temp = temporary_sibling(target)
-    temp.mkdir()
+    with write_errors(target, "creating the checkpoint folder"):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temp.mkdir()
     try:
         size = write_checkpoint(LocalStorage(temp), plan)
-        fsync_dir(temp)
+        with write_errors(target, "syncing the checkpoint folder"):
+            fsync_dir(temp)
         commit_dir(temp, target)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
@@ -24,7 +24,7 @@ def write_all(sink: Any, buffer: Any) -> None:
         view = view[written:]
 
 
-def write_plan(plan: FilePlan, sink: BinaryIO) -> None:
+def write_plan(plan: FilePlan, sink: Any) -> None:
     """Write a planned file: header, then tensors; small tensors go out in batches."""
     write_all(sink, plan.header)
     batch = bytearray()

@@ -21,7 +21,14 @@ from torchkeep.model.registry import import_path, registered
 from torchkeep.state.devices import MapLocation
 from torchkeep.state.keys import unwrap_model
 from torchkeep.state.tensors import prepare, state_dict_of
-from torchkeep.storage.local import LocalStorage, atomic_write, commit_dir, fsync_dir, temporary_sibling
+from torchkeep.storage.local import (
+    LocalStorage,
+    atomic_write,
+    commit_dir,
+    fsync_dir,
+    temporary_sibling,
+    write_errors,
+)
 from torchkeep.weights.load import load
 from torchkeep.weights.load_into import match_model
 from torchkeep.weights.save import save_folder
@@ -83,9 +90,10 @@ def save_model(
         "torchkeep": _version(),
     }
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     temp = temporary_sibling(out)
-    temp.mkdir()
+    with write_errors(out, "creating the model folder"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        temp.mkdir()
     try:
         limit = None
         if max_shard_size is not None:
@@ -97,7 +105,8 @@ def save_model(
             sink.write((json.dumps(cfg if cfg is not None else {}, indent=2) + "\n").encode())
         with atomic_write(temp / MODEL_MANIFEST) as sink:
             sink.write((json.dumps(manifest, indent=2) + "\n").encode())
-        fsync_dir(temp)
+        with write_errors(out, "syncing the model folder"):
+            fsync_dir(temp)
         commit_dir(temp, out)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)

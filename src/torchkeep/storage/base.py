@@ -11,14 +11,20 @@ Names are ``/``-separated relative keys. The call order for a write is::
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from typing import BinaryIO, Protocol, runtime_checkable
+from typing import Any, BinaryIO, Protocol, runtime_checkable
+
+
+class Sink(Protocol):
+    """Where a write's bytes go: ``write`` takes all of ``data`` (or raises) and returns its length."""
+
+    def write(self, data: Any, /) -> int: ...
 
 
 @runtime_checkable
 class Storage(Protocol):
     """A place to keep named byte objects, with atomic, durable writes."""
 
-    def open_write(self, name: str) -> AbstractContextManager[BinaryIO]:
+    def open_write(self, name: str) -> AbstractContextManager[Sink]:
         """A sink whose bytes become visible under ``name`` atomically when the block exits."""
         ...
 

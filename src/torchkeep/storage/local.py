@@ -1,19 +1,47 @@
-"""Local filesystem storage with atomic, durable writes."""
+"""Local filesystem storage with atomic, durable writes.
+
+Every byte torchkeep writes to a local disk goes through :func:`atomic_write`: a sink that writes
+all of what it is given (looping over short writes), fsyncs, renames into place, and turns every
+OS failure (a full disk, a read-only filesystem, a removed folder) into
+:class:`~torchkeep.errors.CheckpointWriteError` naming the path and the cause.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from torchkeep.errors import CheckpointNotFoundError
+from torchkeep import _config
+from torchkeep.errors import CheckpointNotFoundError, CheckpointWriteError
+from torchkeep.storage.base import Sink
 
 TEMP_MARKER = ".tmp-"
+
+
+def reason(exc: OSError) -> str:
+    """``no space left on device (ENOSPC)``: the OS's words and the error's name."""
+    text = (exc.strerror or str(exc) or type(exc).__name__).rstrip(".")
+    text = text[:1].lower() + text[1:]
+    name = errno.errorcode.get(exc.errno) if exc.errno is not None else None
+    return f"{text} ({name})" if name else text
+
+
+@contextlib.contextmanager
+def write_errors(path: str | os.PathLike[str], action: str) -> Iterator[None]:
+    """Turn an OSError inside the block into CheckpointWriteError(path, "<action> failed: <cause>")."""
+    try:
+        yield
+    except CheckpointWriteError:
+        raise
+    except OSError as exc:
+        raise CheckpointWriteError(path, f"{action} failed: {reason(exc)}", cause=exc) from exc
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -29,27 +57,58 @@ def is_temporary(name: str) -> bool:
     return TEMP_MARKER in Path(name).name
 
 
+class FileSink:
+    """An open file that takes every byte it is given, or raises CheckpointWriteError."""
+
+    def __init__(self, raw: Any, path: Path) -> None:
+        self._raw = raw
+        self.path = path
+        self.written = 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        total = view.nbytes
+        with write_errors(self.path, "writing"):
+            while view.nbytes:
+                # Linux moves at most ~2 GiB per call; a short count (a filling disk) is retried,
+                # and the retry then reports the real error.
+                done = self._raw.write(view[: _config.MAX_IO_CHUNK])
+                if not done:
+                    raise OSError(errno.EIO, "the file accepted no bytes")
+                view = view[done:]
+        self.written += total
+        return total
+
+    def fileno(self) -> int:
+        return int(self._raw.fileno())
+
+
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+def atomic_write(path: str | os.PathLike[str]) -> Iterator[Sink]:
     """Write ``path`` atomically: a temporary sibling, fsync, rename, fsync of the directory.
 
     A reader sees the old file or the complete new one. On any exception (a full disk included)
-    the temporary file is removed and the old file is left as it was.
+    the temporary file is removed and the old file is left as it was; OS failures are raised as
+    CheckpointWriteError.
     """
     target = Path(path)
-    temp = target.with_name(f".{target.name}{TEMP_MARKER}{uuid.uuid4().hex[:12]}")
-    sink = open(temp, "xb", buffering=0)  # noqa: SIM115 - closed below on every path
+    temp = temporary_sibling(target)
+    with write_errors(target, "creating a temporary file beside it"):
+        raw = open(temp, "xb", buffering=0)  # noqa: SIM115 - closed below on every path
     try:
-        yield sink
-        os.fsync(sink.fileno())
-        sink.close()
-        os.replace(temp, target)
+        yield FileSink(raw, target)
+        with write_errors(target, "flushing it to disk"):
+            os.fsync(raw.fileno())
+            raw.close()
+        with write_errors(target, "renaming it into place"):
+            os.replace(temp, target)
     except BaseException:
-        sink.close()
-        with contextlib.suppress(FileNotFoundError):
+        raw.close()
+        with contextlib.suppress(OSError):
             os.unlink(temp)
         raise
-    fsync_dir(target.parent)
+    with write_errors(target, "syncing its folder (the new file is in place but may not be durable)"):
+        fsync_dir(target.parent)
 
 
 class LocalStorage:
@@ -64,9 +123,10 @@ class LocalStorage:
             raise ValueError(f"invalid storage name {name!r}: must be relative, without '..'")
         return self.root.joinpath(*parts)
 
-    def open_write(self, name: str) -> contextlib.AbstractContextManager[BinaryIO]:
+    def open_write(self, name: str) -> contextlib.AbstractContextManager[Sink]:
         path = self._path(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        with write_errors(path.parent, "creating the folder"):
+            path.parent.mkdir(parents=True, exist_ok=True)
         return atomic_write(path)
 
     def open_read(self, name: str) -> BinaryIO:
@@ -93,8 +153,9 @@ class LocalStorage:
 
     def delete(self, name: str) -> None:
         path = self._path(name)
-        path.unlink()
-        fsync_dir(path.parent)
+        with write_errors(path, "deleting"):
+            path.unlink()
+            fsync_dir(path.parent)
 
     def local_path(self, name: str) -> str | None:
         return str(self._path(name))
@@ -135,13 +196,19 @@ def commit_dir(temp: Path, target: Path) -> None:
     (renameat2); elsewhere it is moved aside first, so a crash in between leaves it under a
     temporary name, never half-replaced.
     """
-    if not target.exists():
-        os.rename(temp, target)
-    elif _rename_exchange(temp, target):
-        shutil.rmtree(temp)  # now holds the old contents
-    else:
-        old = temporary_sibling(target)
-        os.rename(target, old)
-        os.rename(temp, target)
-        shutil.rmtree(old)
-    fsync_dir(target.parent)
+    with write_errors(target, "moving the new folder into place"):
+        if not target.exists():
+            os.rename(temp, target)
+        elif _rename_exchange(temp, target):
+            shutil.rmtree(temp, ignore_errors=True)  # now holds the old contents
+        else:
+            old = temporary_sibling(target)
+            os.rename(target, old)
+            try:
+                os.rename(temp, target)
+            except OSError:
+                os.rename(old, target)  # put the old one back: nothing is lost
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+    with write_errors(target, "syncing its folder (the new folder is in place but may not be durable)"):
+        fsync_dir(target.parent)

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import BinaryIO
 
 from torchkeep.errors import CheckpointNotFoundError
+from torchkeep.storage.base import Sink
 
 
 class MemoryStorage:
@@ -22,7 +23,7 @@ class MemoryStorage:
         yield sink
         self.objects[name] = sink.getvalue()
 
-    def open_write(self, name: str) -> contextlib.AbstractContextManager[BinaryIO]:
+    def open_write(self, name: str) -> contextlib.AbstractContextManager[Sink]:
         return self._writer(name)
 
     def open_read(self, name: str) -> BinaryIO:

@@ -12,12 +12,13 @@ from torch import nn
 
 from torchkeep import _config
 from torchkeep._gc import gc_paused
+from torchkeep.errors import CheckpointNotFoundError, CheckpointWriteError
 from torchkeep.format.io import write_plan
 from torchkeep.format.layout import RESERVED_PREFIX, plan_file
 from torchkeep.format.sharding import SHARD_NAME, index_document, parse_size, shard_names, split_shards
 from torchkeep.state.tensors import PreparedTensors, prepare, state_dict_of
 from torchkeep.storage.base import Storage
-from torchkeep.storage.local import LocalStorage
+from torchkeep.storage.local import LocalStorage, write_errors
 from torchkeep.weights.files import FOREIGN_SUFFIXES, SAFETENSORS_SUFFIX
 
 
@@ -51,8 +52,9 @@ def save(
     target = Path(path)
     if target.name.endswith(SAFETENSORS_SUFFIX) and max_shard_size is None:
         if target.is_dir():
-            raise IsADirectoryError(f"{target} is a directory; a .safetensors file name is needed")
-        target.parent.mkdir(parents=True, exist_ok=True)
+            raise CheckpointWriteError(target, "is a directory; a .safetensors file name is needed")
+        with write_errors(target.parent, "creating the folder"):
+            target.parent.mkdir(parents=True, exist_ok=True)
         write_weights(LocalStorage(target.parent), target.name, prepared, meta)
         return
     if target.suffix in FOREIGN_SUFFIXES or target.name.endswith(SAFETENSORS_SUFFIX):
@@ -61,7 +63,7 @@ def save(
             + (" (max_shard_size needs a folder)" if max_shard_size is not None else "")
         )
     if target.exists() and not target.is_dir():
-        raise NotADirectoryError(f"{target} exists and is not a folder")
+        raise CheckpointWriteError(target, "exists and is not a folder; give a folder, or a *.safetensors file name")
     limit = parse_size(max_shard_size) if max_shard_size is not None else None
     save_folder(LocalStorage(target), prepared, meta, limit)
 
@@ -114,6 +116,6 @@ def save_folder(
     for stale in storage.list():
         is_ours = stale in (_config.SINGLE_FILE_NAME, _config.INDEX_FILE_NAME) or SHARD_NAME.match(stale)
         if is_ours and stale not in written:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(CheckpointNotFoundError, FileNotFoundError):
                 storage.delete(stale)
     return written
