@@ -16,3 +16,8 @@ MAX_IO_CHUNK = 1 << 30
 SHARD_TEMPLATE = "model-{index:05d}-of-{count:05d}.safetensors"
 SINGLE_FILE_NAME = "model.safetensors"
 INDEX_FILE_NAME = "model.safetensors.index.json"
+# JSON documents (manifests, indexes, configs): largest accepted, and deepest nesting.
+MAX_JSON_BYTES = 1 << 30
+MAX_JSON_DEPTH = 256
+# Training state nests at most this deep (each level may take up to three JSON levels).
+MAX_VALUE_DEPTH = 64

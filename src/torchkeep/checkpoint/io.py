@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchkeep import _config
 from torchkeep._gc import gc_paused
 from torchkeep.checkpoint.layout import (
     MANIFEST_FILE,
@@ -29,8 +30,9 @@ from torchkeep.errors import (
     LoadMismatchError,
     TorchkeepWarning,
 )
+from torchkeep.format.names import member
 from torchkeep.format.pickle.dcp import is_dcp_dir, read_dcp
-from torchkeep.state.devices import MapLocation, placer
+from torchkeep.state.devices import MapLocation, parse_device, placer
 from torchkeep.state.rng import restore_rng
 from torchkeep.state.values import Decoder
 from torchkeep.storage.base import Storage
@@ -146,14 +148,16 @@ def read_checkpoint(
     manifest_path = root / MANIFEST_FILE
     if not manifest_path.is_file():
         raise CorruptCheckpointError(root, f"no {MANIFEST_FILE}: not a checkpoint, or an incomplete one")
-    manifest = parse_manifest(manifest_path.read_bytes(), str(manifest_path))
-    tensors_file = manifest.get("tensors_file") or {}
-    tensors_path = root / str(tensors_file.get("name", TENSORS_FILE))
+    manifest = parse_manifest(_read_small(manifest_path), str(manifest_path))
+    tensors_file = manifest["tensors_file"]
+    tensors_path = member(root, tensors_file["name"], manifest_path, what="tensor file")
     if not tensors_path.is_file():
         raise CorruptCheckpointError(root, f"{tensors_path.name} is missing")
-    if tensors_path.stat().st_size != tensors_file.get("size"):
+    actual = tensors_path.stat().st_size
+    if actual != tensors_file["size"]:
+        cut = " (truncated?)" if actual < tensors_file["size"] else ""
         raise CorruptCheckpointError(
-            tensors_path, f"size {tensors_path.stat().st_size} differs from the {tensors_file.get('size')} recorded"
+            tensors_path, f"size {actual} differs from the {tensors_file['size']} recorded in the manifest{cut}"
         )
     header, tensors = read_file(str(tensors_path), mmap=False, verify=verify)
     for alias, target in header.aliases.items():
@@ -161,10 +165,18 @@ def read_checkpoint(
 
     def place_tensor(tensor: Any, saved_device: str) -> Any:
         if map_location is None:  # as torch.load: back where it was saved
-            return tensor if saved_device == "cpu" else tensor.to(saved_device)
+            return tensor if saved_device == "cpu" else tensor.to(parse_device(saved_device))
         return placer(map_location, saved_location=saved_device)(tensor)
 
     return LoadedCheckpoint(str(root), manifest, Decoder(tensors, str(manifest_path), place_tensor))
+
+
+def _read_small(path: Path) -> bytes:
+    """A JSON document's bytes, refusing absurd sizes before reading."""
+    size = path.stat().st_size
+    if size > _config.MAX_JSON_BYTES:
+        raise CorruptCheckpointError(path, f"is {size} bytes, over the limit of {_config.MAX_JSON_BYTES}")
+    return path.read_bytes()
 
 
 def _check_optimizer(optimizer: Any, saved: Any, path: str) -> None:

@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 from torchkeep.errors import CorruptCheckpointError
+from torchkeep.format.jsondoc import check_version, expect, parse_json
 from torchkeep.format.layout import digest
+from torchkeep.format.names import is_plain_name
 from torchkeep.state.rng import capture_rng
 from torchkeep.state.tensors import PreparedTensors, prepare, state_dict_of
 from torchkeep.state.values import Encoder
@@ -105,18 +107,33 @@ def manifest_bytes(manifest: Mapping[str, Any], tensors_file: Mapping[str, Any])
 
 
 def parse_manifest(raw: bytes, path: str) -> dict[str, Any]:
-    """A validated manifest: JSON, the right format and version, and an intact checksum."""
-    try:
-        body = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise CorruptCheckpointError(path, f"manifest is not valid JSON: {exc}") from exc
+    """A validated manifest: JSON, the right format and version, an intact checksum, the expected fields.
+
+    Raises:
+        CorruptCheckpointError: anything else, naming the file; a newer format says to upgrade.
+    """
+    body = parse_json(raw, path, "manifest")
     if not isinstance(body, dict) or body.get("format") != FORMAT_NAME:
         raise CorruptCheckpointError(path, "not a torchkeep checkpoint manifest")
+    check_version(path, "checkpoint", body.get("version"), FORMAT_VERSION)
     recorded = body.pop(CHECKSUM_KEY, None)
     if recorded != digest(_canonical(body)):
         raise CorruptCheckpointError(path, "manifest checksum mismatch: the manifest is damaged")
-    if body.get("version") != FORMAT_VERSION:
-        raise CorruptCheckpointError(
-            path, f"checkpoint format version {body.get('version')!r}; this torchkeep reads version {FORMAT_VERSION}"
-        )
+    tensors_file = body.get("tensors_file")
+    if not isinstance(tensors_file, dict):
+        raise CorruptCheckpointError(path, "manifest has no tensors_file record")
+    size = tensors_file.get("size")
+    expect(type(size) is int and size >= 0, path, f"manifest records an invalid tensor file size {size!r}")
+    expect(
+        is_plain_name(tensors_file.get("name")),
+        path,
+        f"manifest names tensor file {tensors_file.get('name')!r}, not a plain file name inside its folder",
+    )
+    for key in ("objects", "info"):
+        expect(isinstance(body.get(key, {}), dict), path, f"manifest field {key!r} is not an object")
+    expect(
+        isinstance(body.get("objects", {}).get("components", {}), dict),
+        path,
+        "manifest field 'objects.components' is not an object",
+    )
     return body

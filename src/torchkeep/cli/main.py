@@ -15,7 +15,7 @@ from torchkeep.checkpoint.layout import TENSORS_FILE
 from torchkeep.errors import TorchkeepError
 from torchkeep.format.pickle.scan import scan
 from torchkeep.manager.manager import CheckpointManager
-from torchkeep.model.io import is_model_dir, read_model_manifest
+from torchkeep.model.io import is_model_dir, read_config, read_model_manifest
 from torchkeep.weights.inspect import inspect
 from torchkeep.weights.verify import verify
 
@@ -66,7 +66,7 @@ def _inspect_checkpoint(args: argparse.Namespace) -> int:
 def _inspect_model(args: argparse.Namespace) -> int:
     root = Path(args.path)
     manifest = read_model_manifest(root) or {}
-    config = json.loads((root / "config.json").read_text()) if (root / "config.json").is_file() else None
+    config = read_config(root)
     weights = inspect(root)
     if args.json:
         print(json.dumps({"path": str(root), "manifest": manifest, "config": config, **weights.to_dict()}, indent=2))

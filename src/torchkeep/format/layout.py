@@ -29,6 +29,7 @@ import xxhash
 from torchkeep import _config
 from torchkeep.errors import CorruptCheckpointError
 from torchkeep.format.dtypes import CODE_TO_DTYPE, DTYPE_TO_CODE, ITEMSIZE
+from torchkeep.format.jsondoc import check_version
 
 FORMAT_VERSION = "1"
 META_FORMAT = "torchkeep.format"
@@ -146,6 +147,10 @@ def parse_header(raw: bytes, *, path: str, data_start: int, data_size: int) -> H
     if ours and len(ours) != 3:
         # All three are always written together; one missing means a damaged key name.
         raise CorruptCheckpointError(path, f"torchkeep header is incomplete: has only {ours}")
+    if META_FORMAT in raw_meta:
+        version = raw_meta[META_FORMAT]
+        number = int(version) if version.isdigit() and len(version) < 10 else None
+        check_version(path, "tensor file", number if number is not None else version, int(FORMAT_VERSION))
     if META_HEADER in raw_meta:
         _check_header_digest(raw, raw_meta[META_HEADER], path)
 

@@ -9,6 +9,8 @@ from typing import Any, TypeVar
 
 from torchkeep import _config
 from torchkeep.errors import CorruptCheckpointError
+from torchkeep.format.jsondoc import parse_json
+from torchkeep.format.names import is_plain_name
 
 T = TypeVar("T")
 
@@ -74,16 +76,13 @@ def index_document(weight_map: Mapping[str, str], total_size: int) -> bytes:
 
 def parse_index(raw: bytes, path: str) -> dict[str, str]:
     """The weight map of an index file, validated: names map to plain file names in its folder."""
-    try:
-        doc: Any = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise CorruptCheckpointError(path, f"index is not valid JSON: {exc}") from exc
+    doc: Any = parse_json(raw, path, "index")
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
         raise CorruptCheckpointError(path, "index has no weight_map of tensor name -> file name")
     for name, file in weight_map.items():
-        if not file or "/" in file or "\\" in file or file in (".", ".."):
+        if not is_plain_name(file):
             raise CorruptCheckpointError(path, f"index maps {name!r} to {file!r}, not a file in the same folder")
     return weight_map

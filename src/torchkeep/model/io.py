@@ -13,8 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchkeep import _config
 from torchkeep._gc import gc_paused
 from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError, LoadMismatchError, UnsafeCheckpointError
+from torchkeep.format.jsondoc import check_version, expect, parse_json
 from torchkeep.model import structure
 from torchkeep.model.config import build, config_of
 from torchkeep.model.registry import import_path, registered
@@ -120,18 +122,36 @@ def _version() -> str:
 
 
 def read_model_manifest(path: Path) -> dict[str, Any] | None:
+    """The folder's validated ``torchkeep_model.json``, or None if it has none."""
     file = path / MODEL_MANIFEST
     if not file.is_file():
         return None
-    try:
-        manifest = json.loads(file.read_text())
-    except ValueError as exc:
-        raise CorruptCheckpointError(file, f"not valid JSON: {exc}") from exc
+    manifest = parse_json(_read_document(file), str(file), "model manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise CorruptCheckpointError(file, "not a torchkeep model manifest")
-    if manifest.get("version") != FORMAT_VERSION:
-        raise CorruptCheckpointError(file, f"model format version {manifest.get('version')!r} is not supported")
+    check_version(str(file), "model folder", manifest.get("version"), FORMAT_VERSION)
+    class_path = manifest.get("class")
+    expect(class_path is None or isinstance(class_path, str), str(file), f"'class' is {class_path!r:.80}, not a str")
+    source = manifest.get("config_source", "argument")
+    expect(isinstance(source, str), str(file), f"'config_source' is {source!r:.80}, not a str")
+    described = manifest.get("structure")
+    expect(described is None or isinstance(described, dict), str(file), "'structure' is not an object")
     return manifest
+
+
+def read_config(path: Path) -> Any:
+    """The folder's ``config.json`` (any JSON), or None if it has none."""
+    file = path / CONFIG_FILE
+    if not file.is_file():
+        return None
+    return parse_json(_read_document(file), str(file), "config")
+
+
+def _read_document(file: Path) -> bytes:
+    size = file.stat().st_size
+    if size > _config.MAX_JSON_BYTES:
+        raise CorruptCheckpointError(file, f"is {size} bytes, over the limit of {_config.MAX_JSON_BYTES}")
+    return file.read_bytes()
 
 
 def _allowed_class(class_path: str, allow_modules: Sequence[str], where: Path) -> type[nn.Module]:
@@ -183,11 +203,7 @@ def load_model(
     if not root.is_dir():
         raise CheckpointNotFoundError(root, "not a model directory")
     manifest = read_model_manifest(root)
-    config_file = root / CONFIG_FILE
-    try:
-        config = json.loads(config_file.read_text()) if config_file.is_file() else None
-    except ValueError as exc:
-        raise CorruptCheckpointError(config_file, f"not valid JSON: {exc}") from exc
+    config = read_config(root)
     source = (manifest or {}).get("config_source", "argument")
 
     def construct() -> nn.Module:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from torchkeep import _config
 from torchkeep.errors import CorruptCheckpointError, UnsupportedValueError
 from torchkeep.format.dtypes import dtype_name
 
@@ -41,10 +42,17 @@ class Encoder:
             name = f"{name}#{n}"
         return name
 
-    def encode(self, value: Any, where: str) -> Json:
+    def encode(self, value: Any, where: str, depth: int = 0) -> Json:
         # Exact types: subclasses (np.str_, np.float64, IntEnum) must keep their own type.
         if value is None or type(value) in (bool, str, int):
             return value
+        if depth > _config.MAX_VALUE_DEPTH:
+            raise UnsupportedValueError(
+                where,
+                f"nests more than {_config.MAX_VALUE_DEPTH} levels deep (or refers to itself); "
+                "store a flatter structure",
+            )
+        depth += 1
         if type(value) is float:
             return value if math.isfinite(value) else {"$float": repr(value)}
         if isinstance(value, torch.Tensor):
@@ -60,25 +68,25 @@ class Encoder:
         if isinstance(value, torch.device):
             return {"$device": str(value)}
         if isinstance(value, tuple) and type(value) is tuple:
-            return {"$tuple": [self.encode(v, f"{where}[{i}]") for i, v in enumerate(value)]}
+            return {"$tuple": [self.encode(v, f"{where}[{i}]", depth) for i, v in enumerate(value)]}
         if isinstance(value, list):
-            return [self.encode(v, f"{where}[{i}]") for i, v in enumerate(value)]
+            return [self.encode(v, f"{where}[{i}]", depth) for i, v in enumerate(value)]
         if isinstance(value, dict):
-            return self._dict(value, where)
+            return self._dict(value, where, depth)
         raise UnsupportedValueError(
             where,
             f"is a {type(value).__module__}.{type(value).__qualname__}, which cannot be stored without pickle; "
             "store plain data (numbers, strings, lists, dicts, tensors, arrays) instead",
         )
 
-    def _dict(self, value: dict[Any, Any], where: str) -> Json:
+    def _dict(self, value: dict[Any, Any], where: str, depth: int) -> Json:
         if all(type(k) is str and not k.startswith("$") for k in value):
-            return {k: self.encode(v, f"{where}.{k}" if where else k) for k, v in value.items()}
+            return {k: self.encode(v, f"{where}.{k}" if where else k, depth) for k, v in value.items()}
         items = []
         for k, v in value.items():
             if not (k is None or isinstance(k, (bool, int, float, str, tuple))):
                 raise UnsupportedValueError(where, f"has a key of type {type(k).__name__}, which cannot be stored")
-            items.append([self.encode(k, f"{where}<key>"), self.encode(v, f"{where}[{k!r}]")])
+            items.append([self.encode(k, f"{where}<key>", depth), self.encode(v, f"{where}[{k!r}]", depth)])
         return {"$dict": items}
 
     def _tensor(self, value: torch.Tensor, where: str) -> Json:
@@ -128,64 +136,96 @@ class Decoder:
         return CorruptCheckpointError(self.source, f"manifest: {problem}")
 
     def decode(self, node: Json) -> Any:
+        """The value a manifest node stands for; a malformed node is CorruptCheckpointError, never another error."""
+        try:
+            return self._decode(node)
+        except CorruptCheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, OverflowError, RuntimeError, RecursionError) as exc:
+            raise self._bad(f"malformed value: {type(exc).__name__}: {exc}") from exc
+
+    def _decode(self, node: Json) -> Any:
         if node is None or isinstance(node, (bool, int, float, str)):
             return node
         if isinstance(node, list):
-            return [self.decode(v) for v in node]
+            return [self._decode(v) for v in node]
         if not isinstance(node, dict):
-            raise self._bad(f"unexpected JSON value {node!r}")
+            raise self._bad(f"unexpected JSON value {node!r:.80}")
         tag = next((k for k in node if k.startswith("$")), None)
         if tag is None:
-            return {k: self.decode(v) for k, v in node.items()}
+            return {k: self._decode(v) for k, v in node.items()}
         handler = getattr(self, "_" + tag[1:], None)
         if tag not in TAGS or handler is None:
-            raise self._bad(f"unknown tag {tag!r}")
+            raise self._bad(f"unknown tag {tag!r:.80}")
         return handler(node)
 
     def _lookup(self, name: Any) -> torch.Tensor:
         if not isinstance(name, str) or name not in self.tensors:
-            raise self._bad(f"refers to tensor {name!r}, which the tensor file lacks")
+            raise self._bad(f"refers to tensor {name!r:.80}, which the tensor file lacks")
         return self.tensors[name]
 
     def _tensor(self, node: dict[str, Any]) -> torch.Tensor:
-        tensor = self.place(self._lookup(node["$tensor"]), node.get("device", "cpu"))
+        device = node.get("device", "cpu")
+        if not isinstance(device, str):
+            raise self._bad(f"tensor device {device!r:.80} is not a string")
+        tensor = self.place(self._lookup(node["$tensor"]), device)
         if node.get("requires_grad") and (tensor.is_floating_point() or tensor.is_complex()):
             tensor.requires_grad_(True)
         return tensor
 
+    def _numeric_dtype(self, spec: Any, kinds: str) -> np.dtype[Any]:
+        dtype = np.dtype(spec) if isinstance(spec, str) else None
+        if dtype is None or dtype.kind not in kinds:
+            raise self._bad(f"dtype {spec!r:.80} is not a numeric NumPy dtype")
+        return dtype
+
     def _ndarray(self, node: dict[str, Any]) -> np.ndarray[Any, Any]:
-        array = self._lookup(node["$ndarray"]).numpy().copy()
-        return array.astype(np.dtype(node["dtype"]), copy=False)
+        dtype = self._numeric_dtype(node["dtype"], "biufc")
+        tensor = self._lookup(node["$ndarray"])
+        if tensor.element_size() != dtype.itemsize:
+            raise self._bad(f"array {node['$ndarray']!r} of {dtype} is stored as {tensor.dtype}")
+        return tensor.numpy().copy().astype(dtype, copy=False)
 
     def _npscalar(self, node: dict[str, Any]) -> np.generic:
-        dtype = np.dtype(node["$npscalar"])
+        dtype = self._numeric_dtype(node["$npscalar"], "biufcU")
         value = node["value"]
-        item = complex(self.decode(value[0]), self.decode(value[1])) if dtype.kind == "c" else self.decode(value)
+        item = complex(self._decode(value[0]), self._decode(value[1])) if dtype.kind == "c" else self._decode(value)
+        if isinstance(item, (list, dict, tuple)):
+            raise self._bad(f"NumPy scalar value {value!r:.80} is not a number or string")
         return dtype.type(item)  # type: ignore[no-any-return]
 
     def _float(self, node: dict[str, Any]) -> float:
         text = node["$float"]
         if text not in ("nan", "inf", "-inf"):
-            raise self._bad(f"bad special float {text!r}")
+            raise self._bad(f"bad special float {text!r:.80}")
         return float(text)
 
     def _tuple(self, node: dict[str, Any]) -> tuple[Any, ...]:
-        return tuple(self.decode(v) for v in node["$tuple"])
+        items = node["$tuple"]
+        if not isinstance(items, list):
+            raise self._bad("$tuple must hold a list")
+        return tuple(self._decode(v) for v in items)
 
     def _dict(self, node: dict[str, Any]) -> dict[Any, Any]:
         pairs = node["$dict"]
         if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
             raise self._bad("$dict must hold [key, value] pairs")
-        return {self.decode(k): self.decode(v) for k, v in pairs}
+        return {self._decode(k): self._decode(v) for k, v in pairs}
 
     def _size(self, node: dict[str, Any]) -> torch.Size:
-        return torch.Size(node["$size"])
+        dims = node["$size"]
+        if not isinstance(dims, list) or not all(type(d) is int and 0 <= d < 2**63 for d in dims):
+            raise self._bad(f"$size {dims!r:.80} is not a list of non-negative ints")
+        return torch.Size(dims)
 
     def _dtype(self, node: dict[str, Any]) -> torch.dtype:
         dtype = getattr(torch, str(node["$dtype"]), None)
         if not isinstance(dtype, torch.dtype):
-            raise self._bad(f"unknown dtype {node['$dtype']!r}")
+            raise self._bad(f"unknown dtype {node['$dtype']!r:.80}")
         return dtype
 
     def _device(self, node: dict[str, Any]) -> torch.device:
-        return torch.device(node["$device"])
+        spec = node["$device"]
+        if not isinstance(spec, str):
+            raise self._bad(f"$device {spec!r:.80} is not a string")
+        return torch.device(spec)

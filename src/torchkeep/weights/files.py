@@ -8,6 +8,7 @@ from pathlib import Path
 
 from torchkeep import _config
 from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError
+from torchkeep.format.names import member
 from torchkeep.format.sharding import parse_index
 
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -79,12 +80,14 @@ def _resolve_pickled_dir(folder: Path) -> WeightFiles:
 
 def _from_index(index: Path) -> WeightFiles:
     try:
+        if index.stat().st_size > _config.MAX_JSON_BYTES:
+            raise CorruptCheckpointError(index, f"index is over the limit of {_config.MAX_JSON_BYTES} bytes")
         raw = index.read_bytes()
     except IsADirectoryError as exc:
         raise CheckpointNotFoundError(index, "is a directory") from exc
     weight_map = parse_index(raw, str(index))
     files = tuple(dict.fromkeys(weight_map.values()))
     for name in files:
-        if not (index.parent / name).is_file():
+        if not member(index.parent, name, index, what="shard").is_file():
             raise CorruptCheckpointError(index, f"index names shard {name!r}, which does not exist")
     return WeightFiles(root=index.parent, files=files, index=index.name, expected=weight_map)
