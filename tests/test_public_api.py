@@ -5,7 +5,7 @@ EXPECTED = {
     "save", "load", "load_into", "inspect", "verify", "LoadReport", "Mismatch", "Inspection", "TensorInfo",
     "save_checkpoint", "load_checkpoint", "CheckpointManager", "CheckpointInfo",
     "KeepLast", "KeepBest", "KeepEvery", "SaveEvery", "ResumableSampler",
-    "TorchkeepError", "CheckpointNotFoundError", "CorruptCheckpointError", "LoadMismatchError",
+    "TorchkeepError", "CheckpointNotFoundError", "CorruptCheckpointError", "LoadMismatchError", "InvalidDeviceError",
     "UnsafeCheckpointError", "UnsupportedTensorError", "UnsupportedValueError", "CheckpointWriteError",
     "TorchkeepWarning", "__version__", "load_raw", "scan", "ScanReport", "convert", "ConvertReport",
     "save_model", "load_model", "register_model",

@@ -33,7 +33,7 @@ from torchkeep.errors import (
 from torchkeep.format.names import member
 from torchkeep.format.pickle.dcp import is_dcp_dir, read_dcp
 from torchkeep.state.devices import MapLocation, parse_device, placer
-from torchkeep.state.rng import restore_rng
+from torchkeep.state.rng import check_rng, restore_rng
 from torchkeep.state.values import Decoder
 from torchkeep.storage.base import Storage
 from torchkeep.storage.local import LocalStorage, commit_dir, fsync_dir, temporary_sibling, write_errors
@@ -182,9 +182,15 @@ def _read_small(path: Path) -> bytes:
 def _check_optimizer(optimizer: Any, saved: Any, path: str) -> None:
     """The checks torch's load_state_dict makes, before anything is modified."""
     groups = getattr(optimizer, "param_groups", None)
-    if groups is None or not isinstance(saved, dict) or "param_groups" not in saved:
+    if groups is None:
         return
+    if not isinstance(saved, dict) or not isinstance(saved.get("param_groups"), list):
+        raise CorruptCheckpointError(path, "optimizer state has no list of param_groups")
+    if not isinstance(saved.get("state", {}), dict):
+        raise CorruptCheckpointError(path, "optimizer 'state' is not a dict")
     saved_groups = saved["param_groups"]
+    if not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in saved_groups):
+        raise CorruptCheckpointError(path, "optimizer param_groups are not dicts with a 'params' list")
     if len(groups) != len(saved_groups):
         raise ValueError(
             f"{path}: the optimizer has {len(groups)} parameter groups, the checkpoint {len(saved_groups)}"
@@ -195,6 +201,18 @@ def _check_optimizer(optimizer: Any, saved: Any, path: str) -> None:
                 f"{path}: optimizer parameter group {i} has {len(mine['params'])} parameters, "
                 f"the checkpoint {len(theirs['params'])}"
             )
+
+
+def _apply(key: str, obj: Any, state: Any, source: str, done: list[str]) -> None:
+    """``obj.load_state_dict(state)``, with a failure named (and what was restored before it)."""
+    try:
+        obj.load_state_dict(state)
+    except Exception as exc:
+        earlier = f"; already restored: {', '.join(done)}" if done else "; nothing else was modified"
+        raise CorruptCheckpointError(
+            source, f"the saved {key} state does not fit the {type(obj).__name__}: {type(exc).__name__}: {exc}{earlier}"
+        ) from exc
+    done.append(key)
 
 
 @gc_paused
@@ -269,7 +287,7 @@ def load_checkpoint(
 
     # Match everything first; apply only when all of it can be applied.
     pending_models: list[PendingLoad] = []
-    pending_states: list[tuple[Any, Any]] = []
+    pending_states: list[tuple[str, Any, Any]] = []
     for key, obj in wanted.items():
         value = saved.get(key)
         if value is None:
@@ -283,13 +301,18 @@ def load_checkpoint(
         else:
             if key == "optimizer" or hasattr(obj, "param_groups"):
                 _check_optimizer(obj, state, f"{source} [{key}]")
-            pending_states.append((obj, state))
+            pending_states.append((key, obj, state))
     rng_state = loaded.decode(rng_node) if rng and rng_node is not None else None
+    if rng_state is not None:
+        check_rng(rng_state, source=source)
 
+    # Objects whose own load_state_dict may still refuse go first: a refusal then leaves the
+    # models untouched. Models were matched above and cannot fail; the RNG state was checked.
+    done: list[str] = []
+    for key, obj, state in pending_states:
+        _apply(key, obj, state, source, done)
     for pending in pending_models:
         pending.apply()
-    for obj, state in pending_states:
-        obj.load_state_dict(state)
     if rng_state is not None:
         restore_rng(rng_state, source=source)
     return dict(user_state)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from torchkeep.errors import TorchkeepWarning
+from torchkeep.errors import CorruptCheckpointError, TorchkeepWarning
 
 
 def capture_rng() -> dict[str, Any]:
@@ -22,6 +22,33 @@ def capture_rng() -> dict[str, Any]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def check_rng(state: Any, *, source: str = "checkpoint") -> None:
+    """Check a saved RNG state on scratch generators, so that restoring it cannot fail halfway.
+
+    Raises:
+        CorruptCheckpointError: a generator state that its generator would not take back.
+    """
+    if not isinstance(state, dict):
+        raise CorruptCheckpointError(source, f"RNG state is a {type(state).__name__}, not a dict")
+    try:
+        if "python" in state:
+            version, internal, gauss = state["python"]
+            random.Random().setstate((version, tuple(internal), gauss))
+        if "numpy" in state:
+            np.random.RandomState().set_state(tuple(state["numpy"]))
+        if "torch" in state:
+            if not isinstance(state["torch"], torch.Tensor):
+                raise TypeError("the torch generator state is not a tensor")
+            torch.Generator().set_state(state["torch"].cpu())
+        cuda = state.get("cuda") or []
+        if not isinstance(cuda, list) or not all(
+            isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1 for t in cuda
+        ):
+            raise TypeError("the CUDA generator states are not a list of byte tensors")
+    except (TypeError, ValueError, KeyError, IndexError, OverflowError, RuntimeError) as exc:
+        raise CorruptCheckpointError(source, f"RNG state is malformed: {type(exc).__name__}: {exc}") from exc
 
 
 def restore_rng(state: dict[str, Any], *, source: str = "checkpoint") -> None:

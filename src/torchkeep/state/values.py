@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from torchkeep import _config
-from torchkeep.errors import CorruptCheckpointError, UnsupportedValueError
+from torchkeep.errors import CorruptCheckpointError, TorchkeepError, UnsupportedValueError
 from torchkeep.format.dtypes import dtype_name
 
 Json = Any
@@ -139,7 +139,7 @@ class Decoder:
         """The value a manifest node stands for; a malformed node is CorruptCheckpointError, never another error."""
         try:
             return self._decode(node)
-        except CorruptCheckpointError:
+        except TorchkeepError:  # already typed (a damaged node, an unavailable device)
             raise
         except (KeyError, TypeError, ValueError, IndexError, OverflowError, RuntimeError, RecursionError) as exc:
             raise self._bad(f"malformed value: {type(exc).__name__}: {exc}") from exc
