@@ -288,3 +288,21 @@ def test_unavailable_devices_are_a_typed_error(tmp_path: Path) -> None:
     assert_same_tensors(before, dict(target.state_dict()))
     with pytest.raises(torchkeep.InvalidDeviceError, match="not a device"):
         torchkeep.load(weights, map_location="warp-drive:0")
+
+
+@pytest.mark.parametrize(
+    "structure",
+    [
+        {"type": "Linear", "args": {"nope": 1}},
+        {"type": "system", "args": {}},
+        {"type": "Sequential", "children": [1, 2]},
+        {"type": "Linear", "args": {"in_features": "x", "out_features": 2}},
+    ],
+)
+def test_model_structure_that_cannot_be_built_is_typed(tmp_path: Path, structure: dict[str, Any]) -> None:
+    net = tmp_path / "net"
+    torchkeep.save_model(nn.Sequential(nn.Linear(2, 2)), net)
+    manifest = json.loads((net / "torchkeep_model.json").read_text())
+    (net / "torchkeep_model.json").write_text(json.dumps({**manifest, "structure": structure}))
+    with pytest.raises(torchkeep.CorruptCheckpointError, match="cannot rebuild"):
+        torchkeep.load_model(net)

@@ -15,7 +15,13 @@ from torch import nn
 
 from torchkeep import _config
 from torchkeep._gc import gc_paused
-from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError, LoadMismatchError, UnsafeCheckpointError
+from torchkeep.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    LoadMismatchError,
+    TorchkeepError,
+    UnsafeCheckpointError,
+)
 from torchkeep.format.jsondoc import check_version, expect, parse_json
 from torchkeep.model import structure
 from torchkeep.model.config import build, config_of
@@ -160,9 +166,12 @@ def _allowed_class(class_path: str, allow_modules: Sequence[str], where: Path) -
     if found is not None:
         return found
     if any(module_name == m or module_name.startswith(m + ".") for m in allow_modules):
-        obj: Any = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
+        try:
+            obj: Any = importlib.import_module(module_name)
+            for part in qualname.split("."):
+                obj = getattr(obj, part)
+        except (ImportError, AttributeError) as exc:
+            raise CorruptCheckpointError(where, f"the model class {class_path} cannot be found: {exc}") from exc
         if isinstance(obj, type) and issubclass(obj, nn.Module):
             return obj
         raise UnsafeCheckpointError(where, f"{class_path} is not an nn.Module subclass")
@@ -218,8 +227,18 @@ def load_model(
             raise CorruptCheckpointError(root / MODEL_MANIFEST, "records no class")
         return build(_allowed_class(class_path, allow_modules, root), config, source)
 
+    def construct_checked() -> nn.Module:
+        try:
+            return construct()
+        except TorchkeepError:
+            raise
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, ImportError, RecursionError) as exc:
+            raise CorruptCheckpointError(
+                root, f"cannot rebuild the model from its config and manifest: {type(exc).__name__}: {exc}"
+            ) from exc
+
     with torch.device("meta"):
-        model = construct()
+        model = construct_checked()
     state = load(root, map_location=map_location, dtype=dtype)
     pending = match_model(model, state, source_name=str(root))
     if strict and not pending.report.ok:
@@ -229,7 +248,7 @@ def load_model(
     _retie(model, tied)
     if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
         # Non-persistent buffers (or skipped keys) have no value in the file: build for real instead.
-        model = construct()
+        model = construct_checked()
         if dtype is not None:
             model.to(dtype)
         model.load_state_dict(pending.to_load, strict=False)
