@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import math
 import os
 import re
 import shutil
@@ -17,14 +17,17 @@ from typing import Any
 
 from torch import nn
 
-from torchkeep.checkpoint.io import checkpoint_size, load_checkpoint, write_checkpoint_dir
-from torchkeep.checkpoint.layout import MANIFEST_FILE, parse_manifest, plan_checkpoint
+from torchkeep.checkpoint.io import load_checkpoint, write_checkpoint_dir
+from torchkeep.checkpoint.layout import MANIFEST_FILE, TENSORS_FILE, manifest_bytes, parse_manifest, plan_checkpoint
 from torchkeep.errors import (
     CheckpointNotFoundError,
     CheckpointWriteError,
     CorruptCheckpointError,
     TorchkeepWarning,
 )
+from torchkeep.format.layout import plan_file
+from torchkeep.manager.folders import TEMPORARY, Deleter, foreign_files, manager_info, not_ours, remove_own
+from torchkeep.manager.lock import LOCK_FILE, Lease, acquire, release
 from torchkeep.manager.policies import (
     Candidate,
     KeepBest,
@@ -33,20 +36,24 @@ from torchkeep.manager.policies import (
     RetentionPolicy,
     SaveEvery,
     parse_mode,
+    plain_metric,
+    plain_metrics,
     to_delete,
 )
 from torchkeep.state.devices import MapLocation
-from torchkeep.storage.local import TEMP_MARKER, atomic_write, fsync_dir, temporary_sibling
+from torchkeep.state.values import Decoder
+from torchkeep.storage.local import atomic_write, fsync_dir, reason, temporary_sibling, write_errors
 
-LOCK_FILE = ".torchkeep.lock"
+__all__ = ["LOCK_FILE", "CheckpointInfo", "CheckpointManager"]
+
 LATEST_FILE = "latest"
-# Room kept free beyond a checkpoint's expected size: the manifest, the filesystem's own needs.
+# Room kept free beyond everything a save writes: the filesystem's own needs, other writers.
 SPACE_MARGIN_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """One checkpoint of a manager."""
+    """One checkpoint of a manager; ``metrics`` hold plain Python ints and floats."""
 
     step: int
     path: Path
@@ -61,10 +68,20 @@ class CheckpointManager:
     """Numbered training checkpoints in one directory, with retention and crash safety.
 
     Each save writes ``directory/step-00000100/`` (``template``) under a temporary name, fsyncs
-    it, renames it into place, then updates ``latest`` and applies retention: a checkpoint is
-    deleted only after the new one is durable, and the latest and best are never deleted.
-    The manager's view is rebuilt from the directory at start-up, and one process at a time
-    may write (a lock file).
+    it, renames it into place, reads it back, then updates ``latest`` and applies retention: a
+    checkpoint is deleted only after the new one is durable and verified, and the latest and the
+    best are never deleted. Steps only go forward: a step at or below the newest saved one is
+    refused with ``ValueError`` (nothing is written or deleted).
+
+    Retention deletes only what a manager wrote: a folder whose manifest parses, says
+    ``"manager": 1`` and names the folder's step, and that holds nothing but ``manifest.json``
+    and ``tensors.safetensors``. A checkpoint folder holding anything else (your notes, an
+    evaluation file) is left whole, with one warning; move the file out and the next save
+    retires it. Folders that merely look like steps are never touched.
+
+    The view is rebuilt from the directory at start-up. One process at a time may write (a lock
+    file naming it); within a process, a new manager on the same directory takes over from the
+    old one, which then refuses to save. Methods are thread-safe: saves are serialised.
 
     Args:
         directory: where checkpoints live (created if needed).
@@ -75,6 +92,10 @@ class CheckpointManager:
         policies: more retention policies (objects with ``keep(candidates) -> set[int]``).
         template: directory name for a step; must contain ``{step}`` (format spec allowed).
         read_only: do not take the lock or clean up (for listing and restoring only).
+
+    Raises:
+        CheckpointWriteError: another process writes here (the message names it), or the
+            directory cannot be written (pass ``read_only=True`` to list and restore).
 
     Example:
         >>> mgr = CheckpointManager("runs/1", keep_last=2, keep_best=1, monitor="val_acc", mode="max")
@@ -97,9 +118,10 @@ class CheckpointManager:
         template: str = "step-{step:08d}",
         read_only: bool = False,
     ) -> None:
-        self._lock_fd: int | None = None
-        self._doomed: list[Path] = []
-        self._deleter: threading.Thread | None = None
+        self._lease: Lease | None = None
+        self._mutex = threading.RLock()
+        self._deleter = Deleter()
+        self._warned: set[str] = set()
         self.directory = Path(directory)
         self.mode = parse_mode(mode)
         self.monitor = monitor
@@ -121,34 +143,20 @@ class CheckpointManager:
             if not self.directory.is_dir():
                 raise CheckpointNotFoundError(self.directory)
         else:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            self._lock()
+            with write_errors(self.directory, "creating the run directory"):
+                self.directory.mkdir(parents=True, exist_ok=True)
+            self._lease = acquire(self.directory)
             self._clean_temporaries()
         self._checkpoints: dict[int, CheckpointInfo] = self._scan()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def _lock(self) -> None:
-        fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            os.close(fd)
-            raise CheckpointWriteError(
-                self.directory,
-                "another process is writing checkpoints here (its lock is held); use another directory, "
-                "or read_only=True to list and restore",
-            ) from exc
-        self._lock_fd = fd
-
     def close(self) -> None:
-        """Finish pending deletions and release the directory lock."""
-        if getattr(self, "_deleter", None) is not None:
+        """Finish pending deletions and release the directory lock (unless another manager took it over)."""
+        with self._mutex:
             self.wait()
-        fd = getattr(self, "_lock_fd", None)  # absent when __init__ failed early
-        if fd is not None:
-            os.close(fd)
-            self._lock_fd = None
+            if self._lease is not None:
+                release(self._lease)
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -157,48 +165,75 @@ class CheckpointManager:
         self.close()
 
     def __del__(self) -> None:
-        self.close()
+        # Attributes are missing when __init__ failed early; at interpreter exit the OS drops the lock.
+        if "_lease" in self.__dict__ and "_deleter" in self.__dict__:
+            with contextlib.suppress(Exception):
+                self.close()
 
     def _clean_temporaries(self) -> None:
-        """Remove what a crashed save left: temporary siblings of our own checkpoint names."""
-        for entry in self.directory.iterdir():
-            name = entry.name
-            if not (name.startswith(".") and TEMP_MARKER in name):
+        """Remove what a crashed save or deletion left, when it is provably ours.
+
+        That is a ``.tmp-`` sibling of ``latest``, or of a step folder holding nothing but the
+        files a save writes (and their own temporaries). Anything else is left, with a warning.
+        """
+        for entry in os.scandir(self.directory):
+            match = TEMPORARY.match(entry.name)
+            if match is None:
                 continue
-            base = name[1:].split(TEMP_MARKER)[0]
-            if self._name_pattern.match(base):
-                shutil.rmtree(entry, ignore_errors=True)
-            elif base == LATEST_FILE:
-                entry.unlink(missing_ok=True)
+            base = match["base"]
+            if base == LATEST_FILE and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+            elif self._name_pattern.match(base) and entry.is_dir(follow_symlinks=False):
+                foreign = foreign_files(Path(entry.path), temporaries=True)
+                if foreign:
+                    warnings.warn(
+                        f"left {entry.path}: torchkeep left it (a save or a deletion cut short), but it also "
+                        f"holds {', '.join(foreign)}, which torchkeep does not write; move them out and delete it",
+                        TorchkeepWarning,
+                        stacklevel=3,
+                    )
+                else:
+                    remove_own(Path(entry.path))
 
     def _scan(self) -> dict[int, CheckpointInfo]:
+        """Every checkpoint a manager wrote here, from the disk: one manifest read per folder."""
         found: dict[int, CheckpointInfo] = {}
         self.damaged = {}
-        for entry in sorted(self.directory.iterdir()):
-            match = self._name_pattern.match(entry.name)
-            if not match or not entry.is_dir():
+        for entry in os.scandir(self.directory):
+            if not self._name_pattern.match(entry.name):
                 continue
+            if entry.is_symlink():
+                self.damaged[entry.name] = "a symbolic link, not a folder this manager wrote"
+                continue
+            if not entry.is_dir():
+                continue
+            path = Path(entry.path)
             try:
-                manifest = parse_manifest((entry / MANIFEST_FILE).read_bytes(), str(entry / MANIFEST_FILE))
+                raw = (path / MANIFEST_FILE).read_bytes()
+                manifest = parse_manifest(raw, str(path / MANIFEST_FILE))
             except (OSError, CorruptCheckpointError) as exc:
                 self.damaged[entry.name] = str(exc)
                 continue
-            info = manifest.get("info") or {}
-            step = info.get("step")
-            if not isinstance(step, int) or self.template.format(step=step) != entry.name:
-                continue  # not one of ours
+            info = manager_info(manifest, path, self.template)
+            if info is None:
+                continue  # a checkpoint, but not one of a manager's (save_checkpoint, a copy...)
+            tensors = manifest.get("tensors_file")
+            recorded = tensors.get("size") if isinstance(tensors, dict) else None
+            step = info["step"]
             found[step] = CheckpointInfo(
                 step=step,
-                path=entry,
-                metrics=dict(info.get("metrics") or {}),
-                time=float(info.get("time") or 0.0),
-                size=checkpoint_size(entry),
+                path=path,
+                metrics=_read_metrics(info.get("metrics"), str(path / MANIFEST_FILE)),
+                time=_number(info.get("time")),
+                size=len(raw) + (recorded if isinstance(recorded, int) else 0),
             )
         return found
 
     def refresh(self) -> None:
         """Rebuild the view from the directory (another process may have written)."""
-        self._checkpoints = self._scan()
+        with self._mutex:
+            self._checkpoints = self._scan()
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -208,37 +243,46 @@ class CheckpointManager:
     def _best_step(self) -> int | None:
         if self.monitor is None:
             return None
-        ranked = KeepBest(1, self.monitor, self.mode).ranked(self._candidates())
-        return ranked[0] if ranked else None
+        return KeepBest(1, self.monitor, self.mode).best(self._candidates())
 
-    def _decorated(self, info: CheckpointInfo) -> CheckpointInfo:
-        latest = max(self._checkpoints) if self._checkpoints else None
+    def _decorated(self, info: CheckpointInfo, best: int | None, latest: int | None) -> CheckpointInfo:
         return CheckpointInfo(
             step=info.step,
             path=info.path,
             metrics=info.metrics,
             time=info.time,
             size=info.size,
-            is_best=info.step == self._best_step(),
+            is_best=info.step == best,
             is_latest=info.step == latest,
         )
 
     def list(self) -> list[CheckpointInfo]:
-        """Every checkpoint, oldest first."""
-        return [self._decorated(self._checkpoints[s]) for s in sorted(self._checkpoints)]
+        """Every checkpoint, oldest first (linear in their number: best and latest are found once)."""
+        with self._mutex:
+            best, latest = self._best_step(), max(self._checkpoints, default=None)
+            return [self._decorated(self._checkpoints[s], best, latest) for s in sorted(self._checkpoints)]
 
     def latest(self) -> CheckpointInfo | None:
-        return self._decorated(self._checkpoints[max(self._checkpoints)]) if self._checkpoints else None
+        with self._mutex:
+            if not self._checkpoints:
+                return None
+            latest = max(self._checkpoints)
+            return self._decorated(self._checkpoints[latest], self._best_step(), latest)
 
     def best(self) -> CheckpointInfo | None:
-        step = self._best_step()
-        return self._decorated(self._checkpoints[step]) if step is not None else None
+        """The checkpoint with the best ``monitor`` value (ties: the earlier step); NaN is never best."""
+        with self._mutex:
+            best = self._best_step()
+            if best is None:
+                return None
+            return self._decorated(self._checkpoints[best], best, max(self._checkpoints))
 
     def should_save(self, step: int) -> bool:
-        """True at multiples of ``save_every`` (always, without it), unless ``step`` is already saved."""
-        if step in self._checkpoints:
-            return False
-        return self.save_policy.should_save(step) if self.save_policy else True
+        """True at multiples of ``save_every`` (always, without it), if ``step`` is after the newest saved."""
+        with self._mutex:
+            if self._checkpoints and step <= max(self._checkpoints):
+                return False  # save() would refuse it
+            return self.save_policy.should_save(step) if self.save_policy else True
 
     # -- save --------------------------------------------------------------------------------
 
@@ -255,82 +299,172 @@ class CheckpointManager:
         rng: bool = True,
         **state: Any,
     ) -> CheckpointInfo:
-        """Write checkpoint ``step`` atomically, then apply retention. Arguments as save_checkpoint.
+        """Write checkpoint ``step`` atomically, read it back, then apply retention.
+
+        Other arguments as :func:`torchkeep.save_checkpoint`. ``metrics`` values may be Python
+        numbers, 0-dim tensors (any device, with grad too) or NumPy scalars and 0-d arrays; they
+        are stored as Python ints and floats. NaN is stored but never ranked best.
 
         Raises:
-            ValueError: ``step`` is already saved.
-            CheckpointWriteError: not enough free space (checked first) or the disk filled up;
-                earlier checkpoints are intact and nothing is left behind.
+            ValueError: ``step`` is not after the newest saved step (steps only go forward), or a
+                metric is a tensor or array of more than one number.
+            TypeError: a metric is not a real number (a string, a bool, a complex).
+            CheckpointWriteError: not enough free space (checked first), the disk filled up, the
+                new checkpoint did not read back, a folder not written by the manager has the
+                step's name, or another manager took over; earlier checkpoints are intact.
         """
-        if self.read_only:
-            raise CheckpointWriteError(self.directory, "this manager is read_only")
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        with self._mutex:
+            if self._lease is None:
+                raise CheckpointWriteError(self.directory, "this manager is read_only")
+            if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+                raise ValueError(f"step must be a non-negative int, got {step!r}")
+            self._lease.check()
+            self._check_step(step)
+            plain = plain_metrics(metrics or {})
+            target = self.directory / self.template.format(step=step)
+            if os.path.lexists(target):
+                why = self.damaged.get(target.name, "it is not a checkpoint a manager wrote for this step")
+                raise CheckpointWriteError(
+                    target,
+                    f"exists and is not a checkpoint this manager wrote ({why}); nothing was written. "
+                    "Move it out of the way, or use another directory or template",
+                )
+            now = time.time()
+            plan = plan_checkpoint(
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                scaler=scaler,
+                components=components,
+                rng=rng,
+                state=state,
+                info={"manager": 1, "step": step, "metrics": plain, "time": now},
+            )
+            self._check_space(plan, target)
+            try:
+                with write_errors(target, "writing the checkpoint"):
+                    write_checkpoint_dir(target, plan)
+            except CheckpointWriteError as exc:
+                raise CheckpointWriteError(
+                    exc.path, f"{exc.problem}; earlier checkpoints are intact, nothing was left", cause=exc
+                ) from exc
+            self._checkpoints[step] = CheckpointInfo(
+                step=step, path=target, metrics=plain, time=now, size=self._read_back(target, step)
+            )
+            self._write_latest(target, step)
+            self._apply_retention(step)
+            return self._decorated(self._checkpoints[step], self._best_step(), step)
+
+    def _check_step(self, step: int) -> None:
+        newest = max(self._checkpoints, default=None)
         if step in self._checkpoints:
             raise ValueError(f"step {step} is already saved at {self._checkpoints[step].path}")
-        metrics = dict(metrics or {})
-        now = time.time()
-        plan = plan_checkpoint(
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            scaler=scaler,
-            components=components,
-            rng=rng,
-            state=state,
-            info={"manager": 1, "step": step, "metrics": metrics, "time": now},
-        )
-        target = self.directory / self.template.format(step=step)
-        self._check_space(plan.nbytes, target)
-        try:
-            size = write_checkpoint_dir(target, plan)
-        except OSError as exc:
-            raise CheckpointWriteError(
-                target, f"writing failed ({exc.strerror or exc}); earlier checkpoints are intact, nothing was left"
-            ) from exc
-        self._checkpoints[step] = CheckpointInfo(step=step, path=target, metrics=metrics, time=now, size=size)
-        self._write_latest(target.name)
-        self._apply_retention()
-        return self._decorated(self._checkpoints[step])
-
-    def _check_space(self, nbytes: int, target: Path) -> None:
-        free = shutil.disk_usage(self.directory).free
-        needed = nbytes + SPACE_MARGIN_BYTES
-        if free < needed:
-            raise CheckpointWriteError(
-                target, f"needs about {needed / 1e6:.1f} MB but only {free / 1e6:.1f} MB are free; nothing was written"
+        if newest is not None and step < newest:
+            raise ValueError(
+                f"step {step} is not after the newest saved step {newest} in {self.directory}; pass a larger "
+                f"step, or move the checkpoints after {step} out of the directory and call refresh()"
             )
 
-    def _write_latest(self, name: str) -> None:
-        with contextlib.suppress(OSError), atomic_write(self.directory / LATEST_FILE) as sink:
-            sink.write(name.encode() + b"\n")
+    def _check_space(self, plan: Any, target: Path) -> None:
+        """Refuse up front when the tensors, the manifest and ``latest`` would not fit with the margin."""
+        tensors = plan_file(plan.tensors.tensors, aliases=plan.tensors.aliases, metadata={}).size
+        manifest = len(manifest_bytes(plan.manifest, {"name": TENSORS_FILE, "size": tensors}))
+        needed = tensors + manifest + len(target.name) + 1 + SPACE_MARGIN_BYTES
+        with write_errors(self.directory, "checking the free space"):
+            free = shutil.disk_usage(self.directory).free
+        if free < needed:
+            raise CheckpointWriteError(
+                target,
+                f"needs about {needed / 1e6:.1f} MB (tensors {tensors / 1e6:.1f} MB, manifest "
+                f"{manifest / 1e6:.1f} MB, a {SPACE_MARGIN_BYTES / 1e6:.0f} MB margin) but only {free / 1e6:.1f} MB "
+                "are free; nothing was written",
+            )
 
-    def _apply_retention(self) -> None:
-        protected = {max(self._checkpoints)}
+    def _read_back(self, target: Path, step: int) -> int:
+        """Parse the committed manifest again and check the tensor file's size; returns the checkpoint's size."""
+        manifest_path = target / MANIFEST_FILE
+        try:
+            raw = manifest_path.read_bytes()
+            manifest = parse_manifest(raw, str(manifest_path))
+            info = manager_info(manifest, target, self.template)
+            if info is None or info["step"] != step:
+                raise CorruptCheckpointError(manifest_path, f"does not describe step {step} of a manager")
+            tensors = manifest.get("tensors_file")
+            recorded = tensors.get("size") if isinstance(tensors, dict) else None
+            actual = os.stat(target / TENSORS_FILE).st_size
+            if actual != recorded:
+                raise CorruptCheckpointError(
+                    target / TENSORS_FILE, f"size {actual} differs from the {recorded} recorded"
+                )
+        except (OSError, CorruptCheckpointError) as exc:
+            raise CheckpointWriteError(
+                target,
+                f"the new checkpoint does not read back ({exc}); nothing older was deleted and "
+                f"{LATEST_FILE} was not changed",
+            ) from exc
+        return len(raw) + actual
+
+    def _write_latest(self, target: Path, step: int) -> None:
+        try:
+            with atomic_write(self.directory / LATEST_FILE) as sink:
+                sink.write(target.name.encode() + b"\n")
+        except CheckpointWriteError as exc:
+            raise CheckpointWriteError(
+                exc.path,
+                f"{exc.problem}; checkpoint step {step} is saved and verified at {target}, but retention did "
+                "not run, so nothing older was deleted",
+                cause=exc,
+            ) from exc
+
+    def _apply_retention(self, newest: int) -> None:
+        """Retire what no policy keeps: checked to be ours, renamed aside, deleted in the background."""
+        protected = {newest}
         best = self._best_step()
         if best is not None:
             protected.add(best)
-        for step in sorted(to_delete(self._candidates(), self.policies, protected=protected)):
-            info = self._checkpoints.pop(step)
-            # Renamed first: a crash mid-delete leaves a temporary name, cleaned at the next start.
-            doomed = temporary_sibling(info.path)
-            os.rename(info.path, doomed)
-            self._doomed.append(doomed)
-        fsync_dir(self.directory)
-        if self._doomed and (self._deleter is None or not self._deleter.is_alive()):
-            # Unlinking gigabytes takes a while; training need not wait for it.
-            self._deleter = threading.Thread(target=self._delete_doomed, name="torchkeep-retention", daemon=True)
-            self._deleter.start()
-
-    def _delete_doomed(self) -> None:
-        while self._doomed:
-            shutil.rmtree(self._doomed.pop(0), ignore_errors=True)
+        retired = False
+        try:
+            for step in sorted(to_delete(self._candidates(), self.policies, protected=protected)):
+                path = self._checkpoints[step].path
+                if not os.path.lexists(path):
+                    del self._checkpoints[step]  # deleted by hand meanwhile
+                    continue
+                why = not_ours(path, step, self.template)
+                if why is not None:
+                    if path.name not in self._warned:
+                        self._warned.add(path.name)
+                        warnings.warn(
+                            f"kept {path}: it {why}, so retention leaves it whole; move what you added out of it "
+                            "and a later save will retire it",
+                            TorchkeepWarning,
+                            stacklevel=4,
+                        )
+                    continue
+                # Renamed first: a crash mid-delete leaves a temporary name, cleaned at the next start.
+                doomed = temporary_sibling(path)
+                try:
+                    os.rename(path, doomed)
+                except FileNotFoundError:
+                    del self._checkpoints[step]
+                    continue
+                except OSError as exc:
+                    raise CheckpointWriteError(
+                        path,
+                        f"retiring it failed: {reason(exc)}; step {newest} is saved, and this older checkpoint is kept",
+                        cause=exc,
+                    ) from exc
+                del self._checkpoints[step]
+                self._deleter.add(doomed)
+                retired = True
+        finally:
+            if retired:
+                with write_errors(self.directory, "syncing the run directory after retiring old checkpoints"):
+                    fsync_dir(self.directory)
+                self._deleter.start()
 
     def wait(self) -> None:
         """Wait for background deletions of retired checkpoints to finish."""
-        if self._deleter is not None:
-            self._deleter.join()
-        self._delete_doomed()
+        self._deleter.wait()
 
     # -- restore -----------------------------------------------------------------------------
 
@@ -356,50 +490,68 @@ class CheckpointManager:
         Raises:
             CheckpointNotFoundError: no checkpoint (that verifies) exists.
         """
-        self.refresh()
-        if step == "latest":
-            order = sorted(self._checkpoints, reverse=True)
-        elif step == "best":
-            if self.monitor is None:
-                raise ValueError("restore('best') needs a manager created with monitor=")
-            order = KeepBest(len(self._checkpoints) or 1, self.monitor, self.mode).ranked(self._candidates())
-        elif isinstance(step, int) and not isinstance(step, bool):
-            if step not in self._checkpoints:
-                raise CheckpointNotFoundError(self.directory / self.template.format(step=step), "no such step")
-            order = [step]
-        else:
-            raise ValueError(f"step must be 'latest', 'best' or an int, got {step!r}")
-        newest = max(self._checkpoints, default=-1)
-        for name, why in self.damaged.items():
-            match = self._name_pattern.match(name)
-            if step == "latest" and match and int(match.group(1)) > newest:
-                warnings.warn(f"skipped {self.directory / name}: {why}", TorchkeepWarning, stacklevel=2)
-        problems = []
-        for candidate in order:
-            path = self._checkpoints[candidate].path
-            try:
-                state = load_checkpoint(
-                    path,
-                    model=model,
-                    optimizer=optimizer,
-                    scheduler=scheduler,
-                    scaler=scaler,
-                    components=components,
-                    rng=rng,
-                    map_location=map_location,
-                    strict=strict,
-                )
-            except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
-                if not isinstance(step, str):
-                    raise
-                problems.append(f"{path}: {exc}")
-                warnings.warn(f"skipped {path}: {exc}", TorchkeepWarning, stacklevel=2)
-                continue
-            state.setdefault("step", candidate)
-            return state
-        raise CheckpointNotFoundError(
-            self.directory, "no checkpoint to restore" + (": none verifies\n" + "\n".join(problems) if problems else "")
-        )
+        with self._mutex:
+            self.refresh()
+            if step == "latest":
+                order = sorted(self._checkpoints, reverse=True)
+            elif step == "best":
+                if self.monitor is None:
+                    raise ValueError("restore('best') needs a manager created with monitor=")
+                order = KeepBest(len(self._checkpoints) or 1, self.monitor, self.mode).ranked(self._candidates())
+            elif isinstance(step, int) and not isinstance(step, bool):
+                if step not in self._checkpoints:
+                    raise CheckpointNotFoundError(self.directory / self.template.format(step=step), "no such step")
+                order = [step]
+            else:
+                raise ValueError(f"step must be 'latest', 'best' or an int, got {step!r}")
+            newest = max(self._checkpoints, default=-1)
+            for name, why in self.damaged.items():
+                match = self._name_pattern.match(name)
+                if step == "latest" and match and int(match.group(1)) > newest:
+                    warnings.warn(f"skipped {self.directory / name}: {why}", TorchkeepWarning, stacklevel=2)
+            problems = []
+            for candidate in order:
+                path = self._checkpoints[candidate].path
+                try:
+                    state = load_checkpoint(
+                        path,
+                        model=model,
+                        optimizer=optimizer,
+                        scheduler=scheduler,
+                        scaler=scaler,
+                        components=components,
+                        rng=rng,
+                        map_location=map_location,
+                        strict=strict,
+                    )
+                except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
+                    if not isinstance(step, str):
+                        raise
+                    problems.append(f"{path}: {exc}")
+                    warnings.warn(f"skipped {path}: {exc}", TorchkeepWarning, stacklevel=2)
+                    continue
+                state.setdefault("step", candidate)
+                return state
+            raise CheckpointNotFoundError(
+                self.directory,
+                "no checkpoint to restore" + (": none verifies\n" + "\n".join(problems) if problems else ""),
+            )
+
+
+def _read_metrics(node: Any, source: str) -> dict[str, Any]:
+    """Saved metrics as numbers; what is not a number stored in the JSON (older saves' tensors) is left out."""
+    if not isinstance(node, dict):
+        return {}
+    decoder = Decoder({}, source, lambda tensor, _device: tensor)
+    metrics: dict[str, Any] = {}
+    for name, value in node.items():
+        with contextlib.suppress(CorruptCheckpointError, TypeError, ValueError, KeyError):
+            metrics[name] = plain_metric(name, decoder.decode(value))
+    return metrics
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else 0.0
 
 
 def _template_pattern(template: str) -> re.Pattern[str]:

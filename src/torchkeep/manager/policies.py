@@ -1,5 +1,6 @@
 """Retention and save-decision policies: pure functions of what exists, testable without disk.
 
+Metrics are converted once, when saved, to Python ints and floats (:func:`plain_metrics`).
 "Should I save now" (:class:`SaveEvery`) is kept apart from "what do I keep" (:class:`KeepLast`,
 :class:`KeepBest`, :class:`KeepEvery`); a manager keeps the union of what its policies keep,
 plus the latest and the best checkpoints, always.
@@ -8,9 +9,13 @@ plus the latest and the best checkpoints, always.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import torch
 
 Mode = Literal["min", "max"]
 MODES: tuple[str, ...] = ("min", "max")
@@ -21,7 +26,7 @@ class Candidate:
     """What retention sees of a checkpoint: its step and metrics."""
 
     step: int
-    metrics: Mapping[str, float]
+    metrics: Mapping[str, object]
 
 
 class RetentionPolicy(Protocol):
@@ -49,10 +54,50 @@ class KeepLast:
 
 
 def metric_value(candidate: Candidate, monitor: str) -> float | None:
+    """The metric as a float to rank by; None (not ranked) when absent, NaN, a bool or not a real number."""
     value = candidate.metrics.get(monitor)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
-    return float(value)
+    number = float(value)  # NumPy scalars are numbers.Real too
+    return None if math.isnan(number) else number
+
+
+def plain_metrics(metrics: Mapping[Any, Any]) -> dict[str, int | float]:
+    """Metrics as Python ints and floats, converted once (a tensor is copied from its device here)."""
+    plain: dict[str, int | float] = {}
+    for name, value in metrics.items():
+        if not isinstance(name, str):
+            raise TypeError(f"metric names must be str, got {name!r} ({type(name).__name__})")
+        plain[name] = plain_metric(name, value)
+    return plain
+
+
+def plain_metric(name: str, value: Any) -> int | float:
+    where = f"metric {name!r}"
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0:
+            raise ValueError(f"{where}: a tensor of shape {tuple(value.shape)}; pass one number (a 0-dim tensor)")
+        if value.device.type == "meta":
+            raise ValueError(f"{where}: a tensor on the meta device holds no value")
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{where}: a {value.dtype} tensor; metrics are real numbers")
+        number = value.detach().item()
+        return int(number) if isinstance(number, int) else float(number)
+    if isinstance(value, np.ndarray):
+        if value.ndim != 0:
+            raise ValueError(f"{where}: an array of shape {value.shape}; pass one number (a 0-d array)")
+        if value.dtype.kind not in "iuf":
+            raise TypeError(f"{where}: an array of dtype {value.dtype.str}; metrics are real numbers")
+        value = value[()]
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{where}: a bool cannot be ranked; pass int(value), or keep it in the state")
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    raise TypeError(
+        f"{where}: {type(value).__name__} is not a real number; pass a Python number, a 0-dim tensor or a NumPy scalar"
+    )
 
 
 def parse_mode(mode: str) -> Mode:
@@ -73,10 +118,18 @@ class KeepBest:
         _check_positive("keep_best", self.n)
         parse_mode(self.mode)
 
-    def ranked(self, checkpoints: Sequence[Candidate]) -> list[int]:
-        scored = [(v, c.step) for c in checkpoints if (v := metric_value(c, self.monitor)) is not None]
+    def _scored(self, checkpoints: Sequence[Candidate]) -> list[tuple[float, int]]:
         sign = 1.0 if self.mode == "min" else -1.0
-        return [step for _, step in sorted(scored, key=lambda vs: (sign * vs[0], vs[1]))]
+        return [(sign * v, c.step) for c in checkpoints if (v := metric_value(c, self.monitor)) is not None]
+
+    def ranked(self, checkpoints: Sequence[Candidate]) -> list[int]:
+        """Steps with the metric, best first."""
+        return [step for _, step in sorted(self._scored(checkpoints))]
+
+    def best(self, checkpoints: Sequence[Candidate]) -> int | None:
+        """The best step, in one linear pass (None when no step has the metric)."""
+        scored = self._scored(checkpoints)
+        return min(scored)[1] if scored else None
 
     def keep(self, checkpoints: Sequence[Candidate]) -> set[int]:
         return set(self.ranked(checkpoints)[: self.n])

@@ -1,0 +1,120 @@
+"""What in a run directory belongs to a manager, and deleting it (only it) in the background."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import threading
+from collections import deque
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torchkeep.checkpoint.layout import MANIFEST_FILE, TENSORS_FILE, parse_manifest
+from torchkeep.errors import CorruptCheckpointError
+from torchkeep.storage.local import TEMP_MARKER
+
+# The only files a manager writes into a checkpoint folder; retention deletes nothing else.
+OWN_FILES = frozenset({MANIFEST_FILE, TENSORS_FILE})
+# What temporary_sibling names: ".<name>.tmp-<12 hex digits>".
+TEMPORARY = re.compile(r"^\.(?P<base>.+)" + re.escape(TEMP_MARKER) + r"[0-9a-f]{12}$")
+
+
+class Deleter:
+    """Deletes retired checkpoints on a background thread that holds no reference to the manager.
+
+    So a manager can always be collected (and its lock released) on any thread; were the thread
+    to hold it, the last reference could drop on that thread, whose close() cannot join itself.
+    """
+
+    def __init__(self) -> None:
+        self._queue: deque[Path] = deque()
+        self._guard = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def add(self, path: Path) -> None:
+        with self._guard:
+            self._queue.append(path)
+
+    def start(self) -> None:
+        with self._guard:
+            if self._thread is None and self._queue:
+                # Unlinking gigabytes takes a while; training need not wait for it.
+                self._thread = threading.Thread(target=self._run, name="torchkeep-retention", daemon=True)
+                self._thread.start()
+
+    def _next(self) -> Path | None:
+        with self._guard:
+            if self._queue:
+                return self._queue.popleft()
+            self._thread = None  # under the guard: a later start() sees no thread and starts one
+            return None
+
+    def _run(self) -> None:
+        while (path := self._next()) is not None:
+            remove_own(path)
+
+    def wait(self) -> None:
+        thread = self._thread
+        if thread is threading.current_thread():
+            return  # a close() from a finaliser running on this very thread: it drains on its own
+        if thread is not None:
+            thread.join()
+        while (path := self._next()) is not None:
+            remove_own(path)
+
+
+def remove_own(folder: Path) -> None:
+    """Delete the files a save writes (and their temporaries) from ``folder``, then the folder if now empty."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            if own_name(entry.name, temporaries=True) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+    with contextlib.suppress(OSError):
+        os.rmdir(folder)  # fails if anything else is inside: left for a person to look at
+
+
+def own_name(name: str, *, temporaries: bool) -> bool:
+    if name in OWN_FILES:
+        return True
+    match = TEMPORARY.match(name) if temporaries else None
+    return match is not None and match["base"] in OWN_FILES
+
+
+def foreign_files(folder: Path, *, temporaries: bool) -> list[str]:
+    """Entries of ``folder`` a save does not write (sub-folders and links included), sorted."""
+    return sorted(
+        entry.name + ("/" if entry.is_dir(follow_symlinks=False) else "")
+        for entry in os.scandir(folder)
+        if not (own_name(entry.name, temporaries=temporaries) and entry.is_file(follow_symlinks=False))
+    )
+
+
+def not_ours(path: Path, step: int, template: str) -> str | None:
+    """Why retention must not delete ``path`` (None when it is provably a manager's checkpoint of ``step``)."""
+    if path.is_symlink():
+        return "is a symbolic link"
+    try:
+        foreign = foreign_files(path, temporaries=False)
+        if foreign:
+            return f"holds files the manager did not write ({', '.join(foreign)})"
+        manifest = parse_manifest((path / MANIFEST_FILE).read_bytes(), str(path / MANIFEST_FILE))
+    except (OSError, CorruptCheckpointError) as exc:
+        return f"no longer reads as a checkpoint ({exc})"
+    info = manager_info(manifest, path, template)
+    if info is None or info["step"] != step:
+        return "is not a checkpoint a manager wrote for this step"
+    return None
+
+
+def manager_info(manifest: Mapping[str, Any], path: Path, template: str) -> dict[str, Any] | None:
+    """The manifest's ``info`` if a manager wrote it for the step ``path`` is named after, else None."""
+    info = manifest.get("info")
+    if not isinstance(info, dict) or info.get("manager") != 1:
+        return None
+    step = info.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or template.format(step=step) != path.name:
+        return None
+    return info
