@@ -323,10 +323,10 @@ class CheckpointManager:
             plain = plain_metrics(metrics or {})
             target = self.directory / self.template.format(step=step)
             if os.path.lexists(target):
-                why = self.damaged.get(target.name, "it is not a checkpoint a manager wrote for this step")
+                why = self.damaged.get(target.name, "its manifest is not a manager's for this step")
                 raise CheckpointWriteError(
                     target,
-                    f"exists and is not a checkpoint this manager wrote ({why}); nothing was written. "
+                    f"exists, and is not a checkpoint this manager can vouch for ({why}); nothing was written. "
                     "Move it out of the way, or use another directory or template",
                 )
             now = time.time()
