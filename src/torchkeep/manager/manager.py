@@ -18,14 +18,20 @@ from typing import Any
 from torch import nn
 
 from torchkeep.checkpoint.io import load_checkpoint, write_checkpoint_dir
-from torchkeep.checkpoint.layout import MANIFEST_FILE, TENSORS_FILE, manifest_bytes, parse_manifest, plan_checkpoint
+from torchkeep.checkpoint.layout import (
+    MANIFEST_FILE,
+    TENSORS_FILE,
+    CheckpointPlan,
+    manifest_bytes,
+    parse_manifest,
+    plan_checkpoint,
+)
 from torchkeep.errors import (
     CheckpointNotFoundError,
     CheckpointWriteError,
     CorruptCheckpointError,
     TorchkeepWarning,
 )
-from torchkeep.format.layout import plan_file
 from torchkeep.manager.folders import TEMPORARY, Deleter, foreign_files, manager_info, not_ours, remove_own
 from torchkeep.manager.lock import LOCK_FILE, Lease, acquire, release
 from torchkeep.manager.policies import (
@@ -41,6 +47,7 @@ from torchkeep.manager.policies import (
     to_delete,
 )
 from torchkeep.state.devices import MapLocation
+from torchkeep.state.tensors import PreparedTensors
 from torchkeep.state.values import Decoder
 from torchkeep.storage.local import atomic_write, fsync_dir, reason, temporary_sibling, write_errors
 
@@ -365,9 +372,9 @@ class CheckpointManager:
                 f"step, or move the checkpoints after {step} out of the directory and call refresh()"
             )
 
-    def _check_space(self, plan: Any, target: Path) -> None:
+    def _check_space(self, plan: CheckpointPlan, target: Path) -> None:
         """Refuse up front when the tensors, the manifest and ``latest`` would not fit with the margin."""
-        tensors = plan_file(plan.tensors.tensors, aliases=plan.tensors.aliases, metadata={}).size
+        tensors = _tensor_file_size(plan.tensors)
         manifest = len(manifest_bytes(plan.manifest, {"name": TENSORS_FILE, "size": tensors}))
         needed = tensors + manifest + len(target.name) + 1 + SPACE_MARGIN_BYTES
         with write_errors(self.directory, "checking the free space"):
@@ -548,6 +555,14 @@ def _read_metrics(node: Any, source: str) -> dict[str, Any]:
         with contextlib.suppress(CorruptCheckpointError, TypeError, ValueError, KeyError):
             metrics[name] = plain_metric(name, decoder.decode(value))
     return metrics
+
+
+def _tensor_file_size(prepared: PreparedTensors) -> int:
+    """About the tensor file's size: the data, and a header entry per tensor (its name twice: the
+    entry and its checksum). Laying the file out exactly would hash all the data a second time."""
+    header = 1024 + sum(2 * len(name.encode()) + 128 + 21 * t.dim() for name, t in prepared.tensors.items())
+    header += sum(len(a.encode()) + len(b.encode()) + 8 for a, b in prepared.aliases.items())
+    return 8 + header + prepared.nbytes
 
 
 def _number(value: Any) -> float:
