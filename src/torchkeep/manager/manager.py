@@ -90,6 +90,12 @@ class CheckpointManager:
     file naming it); within a process, a new manager on the same directory takes over from the
     old one, which then refuses to save. Methods are thread-safe: saves are serialised.
 
+    Every write a save makes (the checkpoint, ``latest``, retiring old checkpoints) raises
+    :class:`~torchkeep.errors.CheckpointWriteError` naming the path when it fails. Best-effort by
+    design: deleting retired checkpoints in the background (already renamed aside; what is left
+    is removed at the next start), cleaning temporaries at start-up, and the note naming the
+    lock's holder.
+
     Args:
         directory: where checkpoints live (created if needed).
         keep_last: keep the N most recent.
@@ -182,8 +188,11 @@ class CheckpointManager:
 
         That is a ``.tmp-`` sibling of ``latest``, or of a step folder holding nothing but the
         files a save writes (and their own temporaries). Anything else is left, with a warning.
+        Removal is best-effort: what cannot be removed now is tried again at the next start.
         """
-        for entry in os.scandir(self.directory):
+        with write_errors(self.directory, "listing the run directory"):
+            entries = list(os.scandir(self.directory))
+        for entry in entries:
             match = TEMPORARY.match(entry.name)
             if match is None:
                 continue
@@ -207,7 +216,11 @@ class CheckpointManager:
         """Every checkpoint a manager wrote here, from the disk: one manifest read per folder."""
         found: dict[int, CheckpointInfo] = {}
         self.damaged = {}
-        for entry in os.scandir(self.directory):
+        try:
+            entries = list(os.scandir(self.directory))
+        except OSError as exc:
+            raise CheckpointNotFoundError(self.directory, f"cannot be listed: {reason(exc)}") from exc
+        for entry in entries:
             if not self._name_pattern.match(entry.name):
                 continue
             if entry.is_symlink():
