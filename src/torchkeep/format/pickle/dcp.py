@@ -8,31 +8,38 @@ file only; tensors are reassembled from their chunks.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import itertools
+import math
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 from torchkeep.errors import CorruptCheckpointError, TorchkeepError
-from torchkeep.format.pickle.torchfile import PARSE_ERRORS, read_zip_stream, refuse_unsafe
-from torchkeep.format.pickle.unpickler import restricted_loads
+from torchkeep.format.names import is_plain_name, member
+from torchkeep.format.pickle import rebuild
+from torchkeep.format.pickle.rebuild import describe, itemsize
+from torchkeep.format.pickle.torchfile import PARSE_ERRORS, read_zip_stream
+from torchkeep.format.pickle.unpickler import RestrictedUnpickler
 
 METADATA_FILE = ".metadata"
 _META = "torch.distributed.checkpoint.metadata"
 
 
-class Record:
+class Record(rebuild.SafeState):
     """A dataclass instance from the metadata, as attributes only."""
 
     def __setstate__(self, state: Any) -> None:
-        if isinstance(state, tuple) and len(state) == 2:  # (dict or None, slots dict)
-            for part in state:
-                if isinstance(part, dict):
-                    self.__dict__.update(part)
-        elif isinstance(state, dict):
-            self.__dict__.update(state)
+        parts = state if isinstance(state, tuple) and len(state) == 2 else (state,)  # (dict or None, slots dict)
+        for part in parts:
+            if isinstance(part, dict):
+                rebuild.charge(48 * len(part), "a DCP record")
+                self.__dict__.update(part)
 
     def __reduce__(self) -> Any:  # never pickled back
         raise TypeError("Record is read-only")
@@ -58,7 +65,9 @@ def _enum_value(value: Any) -> Any:
 
 
 def _path(*parts: Any) -> str:
-    return os.path.join(*[str(p) for p in parts]) if parts else ""
+    if not all(isinstance(p, str) for p in parts) or sum(len(p) for p in parts) > 4096:
+        raise rebuild.RefusedData("a path made of anything but a few strings")
+    return os.path.join(*parts) if parts else ""
 
 
 RECORDS = (
@@ -84,20 +93,95 @@ def is_dcp_dir(path: str | os.PathLike[str]) -> bool:
 
 
 def read_dcp(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """The state a DCP directory holds, nested as it was saved (flat keys if no nesting is recorded)."""
+    """The state a DCP directory holds, nested as it was saved (flat keys if no nesting is recorded).
+
+    Raises:
+        CorruptCheckpointError: damaged or inconsistent metadata (a tensor its chunks do not cover
+            exactly, a data file outside the folder, a shape or dtype that is not one), or data.
+        UnsafeCheckpointError: a pickle that would run code.
+    """
     try:
-        return _read_dcp(Path(directory))
+        with _DataFiles(Path(directory)) as files:
+            return _read_dcp(files)
     except TorchkeepError:
         raise
     except PARSE_ERRORS as exc:
         raise CorruptCheckpointError(directory, f"unreadable DCP checkpoint: {type(exc).__name__}: {exc}") from exc
 
 
-def _read_dcp(root: Path) -> dict[str, Any]:
-    meta_path = str(root / METADATA_FILE)
-    raw = (root / METADATA_FILE).read_bytes()
-    refuse_unsafe(raw, meta_path, extra=EXTRA)
-    metadata = restricted_loads(raw, path=meta_path, extra=EXTRA)
+@dataclass(frozen=True)
+class _Item:
+    """Where one entry's bytes are: checked inside the folder and inside its file."""
+
+    file: BinaryIO
+    start: int
+    length: int
+    label: str
+
+
+class _DataFiles(contextlib.ExitStack):
+    """The folder's data files, each opened once, read item by item (seek + bounded read)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.root = root
+        self.meta_path = str(root / METADATA_FILE)
+        self.open_files: dict[str, tuple[BinaryIO, int]] = {}
+        self.ranges: dict[str, list[tuple[int, int, str]]] = {}  # file -> (offset, length, fqn) of each item
+
+    def locate(self, info: Any, fqn: str) -> _Item:
+        """Check ``info.relative_path`` at ``[offset, offset + length)``; nothing is read yet."""
+        relative, start, length = (getattr(info, name, None) for name in ("relative_path", "offset", "length"))
+        if not isinstance(relative, str) or len(relative) > 255 or not is_plain_name(relative):
+            raise CorruptCheckpointError(self.meta_path, f"data file {describe(relative)} is not a plain file name "
+                                         "inside the checkpoint folder", key=fqn)  # fmt: skip
+        if getattr(info, "transform_descriptors", None):
+            raise CorruptCheckpointError(self.meta_path, "is stored transformed (compressed); load it with "
+                                         "torch.distributed.checkpoint", key=fqn)  # fmt: skip
+        if relative not in self.open_files:
+            file = member(self.root, relative, self.meta_path, what="DCP data file")
+            if not file.is_file():
+                raise CorruptCheckpointError(file, "DCP data file is missing", key=fqn)
+            opened: BinaryIO = self.enter_context(file.open("rb"))
+            self.open_files[relative] = (opened, os.fstat(opened.fileno()).st_size)
+        f, size = self.open_files[relative]
+        label = str(self.root / relative)
+        if type(start) is not int or type(length) is not int or start < 0 or length < 0 or start + length > size:
+            raise CorruptCheckpointError(label, f"item [{describe(start)}, +{describe(length)}) runs past the "
+                                         f"file's {size} bytes", key=fqn)  # fmt: skip
+        self.ranges.setdefault(relative, []).append((start, length, fqn))
+        return _Item(f, start, length, label)
+
+    def check_disjoint(self) -> None:
+        """Two entries reading the same bytes would let a small file fill many large tensors."""
+        for relative, items in self.ranges.items():
+            items.sort()
+            for (a_start, a_length, a_fqn), (b_start, _, b_fqn) in itertools.pairwise(items):
+                if b_start < a_start + a_length:
+                    raise CorruptCheckpointError(self.root / relative, f"{a_fqn!r} and {b_fqn!r} overlap in the file")
+
+    @staticmethod
+    def load(item: _Item) -> Any:
+        """The object one item holds (a torch.save blob), read from its byte range only."""
+        item.file.seek(item.start)
+        data = item.file.read(item.length)
+        if len(data) != item.length:
+            raise CorruptCheckpointError(item.label, "item is truncated")
+        return read_zip_stream(io.BytesIO(data), item.label, len(data))
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    item: _Item
+
+
+def _read_dcp(files: _DataFiles) -> dict[str, Any]:
+    root, meta_path = files.root, files.meta_path
+    member(root, METADATA_FILE, meta_path, what="DCP metadata")  # not a link out of the folder
+    with open(meta_path, "rb") as f:
+        metadata = RestrictedUnpickler(f, path=meta_path, extra=EXTRA, size=os.fstat(f.fileno()).st_size).load()
     if not isinstance(metadata, Record):
         raise CorruptCheckpointError(meta_path, "not DCP metadata")
     entries = getattr(metadata, "state_dict_metadata", None)
@@ -105,71 +189,114 @@ def _read_dcp(root: Path) -> dict[str, Any]:
     if not isinstance(entries, dict) or not isinstance(storage, dict):
         raise CorruptCheckpointError(meta_path, "DCP metadata lacks state_dict_metadata or storage_data")
     locations: dict[tuple[str, tuple[int, ...]], Any] = {}
+    by_fqn: dict[str, list[Any]] = {}
     for index, info in storage.items():
-        offset = tuple(getattr(index, "offset", None) or ())
-        locations[(getattr(index, "fqn", ""), offset)] = info
-    blobs: dict[str, bytes] = {}
+        fqn, offset = getattr(index, "fqn", None), getattr(index, "offset", None)
+        if not isinstance(fqn, str) or not (offset is None or isinstance(offset, tuple)):
+            raise CorruptCheckpointError(meta_path, f"malformed storage index {describe(index)}")
+        locations[(fqn, tuple(offset or ()))] = info
+        by_fqn.setdefault(fqn, []).append(info)
 
-    def blob(info: Any) -> tuple[bytes, str]:
-        relative = str(getattr(info, "relative_path", ""))
-        if not relative or "/" in relative or relative.startswith("."):
-            raise CorruptCheckpointError(meta_path, f"bad data file name {relative!r}")
-        if relative not in blobs:
-            file = root / relative
-            if not file.is_file():
-                raise CorruptCheckpointError(file, "DCP data file is missing")
-            blobs[relative] = file.read_bytes()
-        data = blobs[relative]
-        start, length = int(getattr(info, "offset", 0)), int(getattr(info, "length", 0))
-        if start < 0 or length < 0 or start + length > len(data):
-            raise CorruptCheckpointError(root / relative, f"item [{start}, {start + length}) runs past the file")
-        return data[start : start + length], str(root / relative)
+    def locate(fqn: str, offsets: tuple[int, ...]) -> _Item:
+        found = locations.get((fqn, offsets))
+        if found is None:
+            if len(by_fqn.get(fqn, ())) != 1:
+                raise CorruptCheckpointError(meta_path, "has no storage_data entry for one of its parts: the "
+                                             "checkpoint is incomplete", key=fqn)  # fmt: skip
+            found = by_fqn[fqn][0]
+        return files.locate(found, fqn)
 
-    flat: dict[str, Any] = {}
+    # Plan every read first: sizes, coverage and byte ranges are checked before anything is allocated.
+    plans: dict[str, _Item | tuple[torch.dtype, torch.Size, list[_Chunk]]] = {}
     for fqn, entry in entries.items():
+        if not isinstance(fqn, str):
+            raise CorruptCheckpointError(meta_path, f"state key {describe(fqn)} is not a string")
         if type(entry).__name__ == "BytesStorageMetadata":
-            data, label = blob(locations.get((fqn, ())) or _only(storage, fqn, meta_path))
-            flat[fqn] = read_zip_stream(io.BytesIO(data), label, len(data))
+            plans[fqn] = locate(fqn, ())
+        elif type(entry).__name__ == "TensorStorageMetadata":
+            plans[fqn] = _plan_tensor(meta_path, fqn, entry, locate)
+        else:
+            raise CorruptCheckpointError(meta_path, f"is described by {describe(entry)}", key=fqn)
+    files.check_disjoint()
+    flat: dict[str, Any] = {}
+    for fqn, plan in plans.items():
+        if isinstance(plan, _Item):
+            flat[fqn] = files.load(plan)
             continue
-        properties = getattr(entry, "properties", None)
-        dtype, size = getattr(properties, "dtype", None), getattr(entry, "size", None)
-        if not isinstance(dtype, torch.dtype) or not isinstance(size, torch.Size):
-            raise CorruptCheckpointError(meta_path, f"tensor {fqn!r} has no dtype or size")
+        dtype, size, chunks = plan
         tensor = torch.empty(size, dtype=dtype)
-        for chunk in getattr(entry, "chunks", []) or []:
-            offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
-            if len(offsets) != len(size) or any(
-                o < 0 or o + n > d for o, n, d in zip(offsets, sizes, size, strict=False)
-            ):
-                raise CorruptCheckpointError(meta_path, f"tensor {fqn!r} has a chunk outside it")
-            data, label = blob(locations.get((fqn, offsets)) or _only(storage, fqn, meta_path))
-            piece = read_zip_stream(io.BytesIO(data), label, len(data))
-            if not isinstance(piece, torch.Tensor) or tuple(piece.shape) != sizes:
-                raise CorruptCheckpointError(label, f"chunk of {fqn!r} is not a tensor of shape {list(sizes)}")
-            tensor[tuple(slice(o, o + n) for o, n in zip(offsets, sizes, strict=True))] = piece
+        for chunk in chunks:
+            piece = files.load(chunk.item)
+            if not isinstance(piece, torch.Tensor) or tuple(piece.shape) != chunk.sizes or piece.dtype != dtype:
+                raise CorruptCheckpointError(chunk.item.label, f"chunk is not a {dtype} tensor of shape "
+                                             f"{list(chunk.sizes)}", key=fqn)  # fmt: skip
+            tensor[tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes, strict=True))] = piece
         flat[fqn] = tensor
-    return _nest(flat, getattr(metadata, "planner_data", None))
+    return _nest(flat, getattr(metadata, "planner_data", None), meta_path)
 
 
-def _only(storage: dict[Any, Any], fqn: str, path: str) -> Any:
-    matches = [info for index, info in storage.items() if getattr(index, "fqn", None) == fqn]
-    if len(matches) != 1:
-        raise CorruptCheckpointError(path, f"no storage location for {fqn!r}")
-    return matches[0]
+def _plan_tensor(
+    meta_path: str, fqn: str, entry: Any, locate: Callable[[str, tuple[int, ...]], _Item]
+) -> tuple[torch.dtype, torch.Size, list[_Chunk]]:
+    """One tensor's chunks, which must cover it exactly once (no gaps, no overlaps)."""
+    properties = getattr(entry, "properties", None)
+    dtype, size = getattr(properties, "dtype", None), getattr(entry, "size", None)
+    if not isinstance(dtype, torch.dtype) or dtype in rebuild.QUANTIZED_ITEMSIZE:
+        raise CorruptCheckpointError(meta_path, f"dtype {describe(dtype)} is not a tensor dtype", key=fqn)
+    if not isinstance(size, torch.Size):
+        raise CorruptCheckpointError(meta_path, f"size {describe(size)} is not a torch.Size", key=fqn)
+    numel = math.prod(size)  # a torch.Size from the allowlist: non-negative dims, fewer than 2**63 elements
+    raw_chunks = getattr(entry, "chunks", None)
+    if not isinstance(raw_chunks, list):
+        raise CorruptCheckpointError(meta_path, "has no list of chunks", key=fqn)
+    chunks: list[_Chunk] = []
+    for chunk in raw_chunks:
+        offsets, sizes = getattr(chunk, "offsets", None), getattr(chunk, "sizes", None)
+        if not isinstance(offsets, torch.Size) or not isinstance(sizes, torch.Size):
+            raise CorruptCheckpointError(meta_path, "has a chunk without offsets and sizes", key=fqn)
+        if (
+            len(offsets) != len(size)
+            or len(sizes) != len(size)
+            or any(o + n > d for o, n, d in zip(offsets, sizes, size, strict=True))
+        ):
+            raise CorruptCheckpointError(meta_path, f"has a chunk at {list(offsets)} of {list(sizes)} outside its "
+                                         f"shape {list(size)}", key=fqn)  # fmt: skip
+        item = locate(fqn, tuple(offsets))
+        if math.prod(sizes) * itemsize(dtype) > item.length:
+            raise CorruptCheckpointError(meta_path, f"has a chunk of {list(sizes)} whose data is too short", key=fqn)
+        chunks.append(_Chunk(tuple(offsets), tuple(sizes), item))
+    if sum(math.prod(c.sizes) for c in chunks) != numel or not _cover_exactly(size, chunks):
+        raise CorruptCheckpointError(
+            meta_path, f"its chunks do not cover its shape {list(size)} exactly once (a missing or overlapping "
+            "chunk): the checkpoint is incomplete", key=fqn,
+        )  # fmt: skip
+    return dtype, size, chunks
 
 
-def _nest(flat: dict[str, Any], planner_data: Any) -> dict[str, Any]:
+def _cover_exactly(size: torch.Size, chunks: list[_Chunk]) -> bool:
+    """With volumes summing to the tensor's, full coverage means no overlap (and the reverse)."""
+    if len(chunks) == 1:
+        return chunks[0].sizes == tuple(size)
+    covered = torch.zeros(size, dtype=torch.bool)  # a byte per element: chunk data already backs 1+ per element
+    for chunk in chunks:
+        covered[tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes, strict=True))] = True
+    return bool(covered.all())
+
+
+def _nest(flat: dict[str, Any], planner_data: Any, path: str) -> dict[str, Any]:
     """Rebuild nesting from DCP's record of each flattened key's path (its default planner's)."""
     if not isinstance(planner_data, dict) or not planner_data:
         return flat
     out: dict[str, Any] = {}
     for fqn, value in flat.items():
-        path = planner_data.get(fqn)
-        if not isinstance(path, (tuple, list)) or not path or not all(isinstance(p, (str, int)) for p in path):
+        parts = planner_data.get(fqn)
+        if not isinstance(parts, (tuple, list)) or not parts or not all(isinstance(p, (str, int)) for p in parts):
             out[fqn] = value
             continue
         node = out
-        for part in path[:-1]:
+        for part in parts[:-1]:
             node = node.setdefault(str(part), {})
-        node[str(path[-1])] = value
+            if not isinstance(node, dict):
+                raise CorruptCheckpointError(path, f"planner data nests {fqn!r} under a value", key=fqn)
+        node[str(parts[-1])] = value
     return out

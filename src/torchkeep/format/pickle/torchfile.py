@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import io
 import os
 import struct
 import zipfile
 import zlib
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from torchkeep.errors import CorruptCheckpointError, UnsafeCheckpointError
+from torchkeep.errors import CorruptCheckpointError
 from torchkeep.format.layout import byte_view
 from torchkeep.format.pickle import rebuild
 from torchkeep.format.pickle.rebuild import LoadedStorage, StorageType, itemsize
-from torchkeep.format.pickle.scan import scan_pickle_bytes
-from torchkeep.format.pickle.unpickler import RestrictedUnpickler, restricted_loads
+from torchkeep.format.pickle.unpickler import BUDGET_FLOOR, RestrictedUnpickler, restricted_loads
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
@@ -43,23 +40,9 @@ PARSE_ERRORS = (
 )
 # deflate cannot expand data more than ~1032x; a record claiming more is a zip bomb.
 MAX_DEFLATE_RATIO = 1100
-
-
-def refuse_unsafe(
-    data: bytes, path: str, *, start: int = 0, extra: Mapping[tuple[str, str], Any] | None = None
-) -> None:
-    """Raise UnsafeCheckpointError naming every global outside the allowlist, before unpickling."""
-    scan, _ = scan_pickle_bytes(data, path, start=start)
-    allowed = set(extra or ())
-    refused = tuple(sorted({str(g) for g in scan.globals if g.verdict != "safe" and (g.module, g.name) not in allowed}))
-    if refused:
-        raise UnsafeCheckpointError(
-            path,
-            f"the pickle imports {', '.join(refused)}, which can run code. torchkeep did not run it. "
-            "If you trust this file, pass trusted=True (it is then loaded with full pickle); "
-            "to keep the safety, convert it once with `torchkeep convert --trusted`",
-            globals_=refused,
-        )
+# Compressed members (torch.save never compresses; someone re-zipped the file) may inflate in all to
+# max(BUDGET_FLOOR, this many times the archive's size).
+MAX_INFLATED_RATIO = 4
 
 
 def _new_storage(nbytes: int) -> torch.UntypedStorage:
@@ -108,29 +91,32 @@ def read_zip_stream(raw: Any, path: str, file_size: int, *, extra: Mapping[tuple
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise CorruptCheckpointError(path, f"not a readable zip archive: {exc}") from exc
     with archive:
+        members = _Members(archive, raw, path, file_size)
         infos = {info.filename: info for info in archive.infolist()}
         pickles = [name for name in infos if name.endswith("data.pkl") and name.count("/") <= 1]
         if len(pickles) != 1:
             raise CorruptCheckpointError(path, f"expected one data.pkl in the archive, found {len(pickles)}")
         prefix = pickles[0][: -len("data.pkl")]
         byteorder = infos.get(prefix + "byteorder")
-        if byteorder is not None and _read_member(archive, raw, byteorder, path, file_size) != b"little":
+        if byteorder is not None and members.read(byteorder) != b"little":
             raise CorruptCheckpointError(path, "big-endian archives are not supported")
-        data = _read_member(archive, raw, infos[pickles[0]], path, file_size)
-        refuse_unsafe(data, path, extra=extra)
+        data = members.read(infos[pickles[0]])
 
         def load_storage(kind: StorageType, key: str, location: str, numel: int) -> LoadedStorage:
+            # Each key is loaded once, from its own member: storages are backed by the archive's bytes.
             info = infos.get(f"{prefix}data/{key}")
             if info is None:
                 raise CorruptCheckpointError(path, f"storage {key!r} is missing from the archive")
             nbytes = numel * itemsize(kind.dtype)
             if info.file_size < nbytes:
                 raise CorruptCheckpointError(path, f"storage {key!r} holds {info.file_size} bytes, needs {nbytes}")
-            untyped = _new_storage(nbytes)
             if info.compress_type == zipfile.ZIP_STORED and info.file_size == nbytes:
+                untyped = _new_storage(nbytes)
                 _read_stored_into(raw, info, path, file_size, untyped)  # straight into the storage: one copy
             else:
-                _fill(untyped, memoryview(_read_member(archive, raw, info, path, file_size))[:nbytes])
+                member = members.read(info)
+                untyped = _new_storage(nbytes)
+                _fill(untyped, memoryview(member)[:nbytes])
             return LoadedStorage(untyped, kind.dtype, location)
 
         with rebuild.deferred_checks(path):
@@ -160,89 +146,101 @@ def _read_stored_into(
         raise CorruptCheckpointError(path, f"zip entry {info.filename!r} fails its CRC check")
 
 
-def _read_member(archive: zipfile.ZipFile, raw: Any, info: zipfile.ZipInfo, path: str, file_size: int) -> bytes:
-    """A member's bytes, checked: sizes within the file (or a sane deflate ratio) and the CRC."""
-    if info.compress_type == zipfile.ZIP_STORED:
-        if info.file_size != info.compress_size:
-            raise CorruptCheckpointError(path, f"zip entry {info.filename!r} declares inconsistent sizes")
-        start = _data_offset(raw, info, path, file_size)
-        if start + info.file_size > file_size:
-            raise CorruptCheckpointError(path, f"zip entry {info.filename!r} runs past the end of the file")
-        raw.seek(start)
-        data = raw.read(info.file_size)
-        if len(data) != info.file_size:
-            raise CorruptCheckpointError(path, f"zip entry {info.filename!r} is truncated")
-    else:
-        if info.compress_size > file_size or info.file_size > MAX_DEFLATE_RATIO * max(info.compress_size, 1):
-            raise CorruptCheckpointError(path, f"zip entry {info.filename!r} declares an impossible size")
-        try:
-            data = archive.read(info)
-        except (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError) as exc:
-            raise CorruptCheckpointError(path, f"zip entry {info.filename!r} is damaged: {exc}") from exc
-    if zlib.crc32(data) != info.CRC:
-        raise CorruptCheckpointError(path, f"zip entry {info.filename!r} fails its CRC check")
-    return bytes(data)
+class _Members:
+    """Reads an archive's members, checked: sizes within the file, a bounded total inflation, the CRC."""
+
+    def __init__(self, archive: zipfile.ZipFile, raw: Any, path: str, file_size: int) -> None:
+        self.archive, self.raw, self.path, self.file_size = archive, raw, path, file_size
+        self.inflate_budget = max(BUDGET_FLOOR, MAX_INFLATED_RATIO * file_size)
+
+    def read(self, info: zipfile.ZipInfo) -> bytes:
+        path, name = self.path, info.filename
+        if info.compress_type == zipfile.ZIP_STORED:
+            if info.file_size != info.compress_size:
+                raise CorruptCheckpointError(path, f"zip entry {name!r} declares inconsistent sizes")
+            start = _data_offset(self.raw, info, path, self.file_size)
+            if start + info.file_size > self.file_size:
+                raise CorruptCheckpointError(path, f"zip entry {name!r} runs past the end of the file")
+            self.raw.seek(start)
+            data = self.raw.read(info.file_size)
+            if len(data) != info.file_size:
+                raise CorruptCheckpointError(path, f"zip entry {name!r} is truncated")
+        else:
+            if info.compress_size > self.file_size or info.file_size > MAX_DEFLATE_RATIO * max(info.compress_size, 1):
+                raise CorruptCheckpointError(path, f"zip entry {name!r} declares an impossible size")
+            self.inflate_budget -= info.file_size
+            if self.inflate_budget < 0:
+                raise CorruptCheckpointError(
+                    path, f"compressed entries inflate past {MAX_INFLATED_RATIO}x the archive's size (a zip bomb?); "
+                    "torch.save does not compress: re-save the file with torch.save",
+                )  # fmt: skip
+            try:
+                data = self.archive.read(info)
+            except (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError) as exc:
+                raise CorruptCheckpointError(path, f"zip entry {name!r} is damaged: {exc}") from exc
+        if zlib.crc32(data) != info.CRC:
+            raise CorruptCheckpointError(path, f"zip entry {name!r} fails its CRC check")
+        return bytes(data)
 
 
 def _read_legacy(path: str) -> Any:
     """The pre-1.6 format: magic, protocol, sys_info, the object, the storage keys, then raw storages.
 
+    Read as a stream: each pickle is unpickled straight from the file (bounded by the bytes left),
+    and each storage is read into its own memory, so memory is the storages plus the objects.
     A plain pickle (not written by torch.save) is read as one restricted pickle.
     """
-    data = Path(path).read_bytes()
-    refuse_unsafe(data, path)
-    stream = io.BytesIO(data)
-    try:
-        magic = RestrictedUnpickler(stream.read(), path=path).load()
-    except Exception:  # not a torch legacy file: fall through to a plain pickle
-        magic = None
-    if magic != LEGACY_MAGIC:
-        return restricted_loads(data, path=path)
+    file_size = os.path.getsize(path)
+    with open(path, "rb") as f:
 
-    def next_pickle(position: int, what: str) -> tuple[Any, int]:
-        scan, end = scan_pickle_bytes(data, path, start=position)
-        if scan.error:
-            raise CorruptCheckpointError(path, f"legacy file: damaged {what}: {scan.error}")
-        refused = [str(g) for g in scan.globals if g.verdict != "safe"]
-        if refused:
-            raise UnsafeCheckpointError(path, f"the pickle imports {', '.join(refused)}; pass trusted=True if you "
-                                        "trust this file", globals_=tuple(refused))  # fmt: skip
-        return data[position:end], end
+        def next_pickle(load_storage: Any = None) -> Any:
+            return RestrictedUnpickler(f, path=path, size=file_size - f.tell(), load_storage=load_storage).load()
 
-    position = 0
-    chunk, position = next_pickle(position, "magic number")
-    chunk, position = next_pickle(position, "protocol version")
-    if restricted_loads(chunk, path=path) != LEGACY_PROTOCOL:
-        raise CorruptCheckpointError(path, "legacy file: unknown protocol version")
-    _, position = next_pickle(position, "system info")
-    main, position = next_pickle(position, "object")
-    storages: dict[str, LoadedStorage] = {}
-    file_size = len(data)
+        first = next_pickle()
+        if type(first) is not int or first != LEGACY_MAGIC:
+            return first  # a plain pickle
+        if next_pickle() != LEGACY_PROTOCOL:
+            raise CorruptCheckpointError(path, "legacy file: unknown protocol version")
+        next_pickle()  # sys_info: byte order and type sizes, little-endian and standard on every torch
+        storages: dict[str, LoadedStorage] = {}
+        claimed = f.tell()
 
-    def load_storage(kind: StorageType, key: str, location: str, numel: int) -> LoadedStorage:
-        nbytes = numel * itemsize(kind.dtype)
-        if nbytes > file_size:
-            raise CorruptCheckpointError(path, f"storage {key!r} claims {nbytes} bytes, more than the file")
-        storage = LoadedStorage(_new_storage(nbytes), kind.dtype, location)
-        storages[key] = storage
-        return storage
+        def load_storage(kind: StorageType, key: str, location: str, numel: int) -> LoadedStorage:
+            # The storages follow the pickles: together they cannot claim more than the file holds.
+            nonlocal claimed
+            nbytes = numel * itemsize(kind.dtype)
+            claimed += nbytes
+            if claimed > file_size:
+                raise CorruptCheckpointError(path, f"storage {key!r} claims {nbytes} bytes, more than the file holds")
+            storage = LoadedStorage(_new_storage(nbytes), kind.dtype, location)
+            storages[key] = storage
+            return storage
 
-    with rebuild.deferred_checks(path, run_on_exit=False) as checks:
-        obj = restricted_loads(main, path=path, load_storage=load_storage)
-    keys_chunk, position = next_pickle(position, "storage keys")
-    keys = restricted_loads(keys_chunk, path=path)
-    if not isinstance(keys, list) or set(keys) != set(storages):
-        raise CorruptCheckpointError(path, "legacy file: storage keys do not match the object's storages")
-    for key in keys:
-        storage = storages[key]
-        if position + 8 > file_size:
-            raise CorruptCheckpointError(path, "legacy file: truncated storage data")
-        (numel,) = struct.unpack("<q", data[position : position + 8])
-        position += 8
-        nbytes = storage.untyped.nbytes()
-        if numel * itemsize(storage.dtype) != nbytes or position + nbytes > file_size:
-            raise CorruptCheckpointError(path, f"legacy file: storage {key!r} is truncated or mis-sized")
-        _fill(storage.untyped, memoryview(data)[position : position + nbytes])
-        position += nbytes
+        with rebuild.deferred_checks(path, run_on_exit=False) as checks:
+            obj = next_pickle(load_storage)
+        keys = next_pickle()
+        if not isinstance(keys, list) or len(keys) != len(storages) or set(keys) != set(storages):
+            raise CorruptCheckpointError(path, "legacy file: storage keys do not match the object's storages")
+        for key in keys:
+            _read_legacy_storage(f, path, key, storages[key], file_size)
     checks.run()
     return obj
+
+
+def _read_legacy_storage(f: Any, path: str, key: str, storage: LoadedStorage, file_size: int) -> None:
+    """One storage record: its element count (int64), then its bytes, read straight into the storage."""
+    header = f.read(8)
+    if len(header) != 8:
+        raise CorruptCheckpointError(path, "legacy file: truncated storage data")
+    (numel,) = struct.unpack("<q", header)
+    nbytes = storage.untyped.nbytes()
+    if numel * itemsize(storage.dtype) != nbytes or f.tell() + nbytes > file_size:
+        raise CorruptCheckpointError(path, f"legacy file: storage {key!r} is truncated or mis-sized")
+    if nbytes:
+        view = byte_view(torch.empty(0, dtype=torch.uint8).set_(storage.untyped))
+        filled = 0
+        while filled < nbytes:
+            got = f.readinto(view[filled:])
+            if not got:
+                raise CorruptCheckpointError(path, f"legacy file: storage {key!r} is truncated")
+            filled += got
