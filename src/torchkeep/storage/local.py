@@ -161,16 +161,34 @@ class LocalStorage:
         return str(self._path(name))
 
 
-def _rename_exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+def _renameat2(a: Path, b: Path, flags: int) -> bool | None:
+    """Linux renameat2: True on success, False if the OS refused (errno set), None where unsupported."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         renameat2 = libc.renameat2
     except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
-    return bool(result == 0)
+        return None
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), flags) == 0:
+        return True
+    if ctypes.get_errno() in (errno.EINVAL, errno.ENOSYS):  # the filesystem or kernel lacks the flag
+        return None
+    return False
+
+
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (RENAME_EXCHANGE); False where that cannot be done."""
+    return bool(_renameat2(a, b, 2))
+
+
+def _rename_new(temp: Path, target: Path) -> None:
+    """Rename onto a name that must not exist: a folder that appears meanwhile is never replaced."""
+    done = _renameat2(temp, target, 1)  # RENAME_NOREPLACE
+    if done is None:
+        os.rename(temp, target)  # replaces at most an empty folder
+    elif not done:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
 
 
 def fsync_tree(root: Path) -> None:
@@ -198,7 +216,7 @@ def commit_dir(temp: Path, target: Path) -> None:
     """
     with write_errors(target, "moving the new folder into place"):
         if not target.exists():
-            os.rename(temp, target)
+            _rename_new(temp, target)
         elif _rename_exchange(temp, target):
             shutil.rmtree(temp, ignore_errors=True)  # now holds the old contents
         else:
