@@ -127,10 +127,16 @@ class LoadedCheckpoint:
         return self.decoder.decode(node)
 
     def info(self) -> dict[str, Any]:
-        return dict(self.decode(self.manifest.get("info", {})))
+        return self._decode_dict("info")
 
     def state(self) -> dict[str, Any]:
-        return dict(self.decode(self.manifest.get("state", {})))
+        return self._decode_dict("state")
+
+    def _decode_dict(self, field: str) -> dict[str, Any]:
+        value = self.decode(self.manifest.get(field, {}))
+        if not isinstance(value, dict):
+            raise CorruptCheckpointError(self.path, f"manifest field {field!r} is a {type(value).__name__}, not a dict")
+        return value
 
 
 def is_checkpoint_dir(path: str | os.PathLike[str]) -> bool:
@@ -177,6 +183,17 @@ def _read_small(path: Path) -> bytes:
     if size > _config.MAX_JSON_BYTES:
         raise CorruptCheckpointError(path, f"is {size} bytes, over the limit of {_config.MAX_JSON_BYTES}")
     return path.read_bytes()
+
+
+def _check_model_state(saved: Any, path: str) -> None:
+    """A model's saved state is a mapping of names to tensors; anything else would fail deep inside torch."""
+    if not isinstance(saved, Mapping):
+        raise CorruptCheckpointError(path, f"the saved model state is a {type(saved).__name__}, not a state dict")
+    for name, value in saved.items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise CorruptCheckpointError(
+                path, f"the saved model state holds a {type(value).__name__} under {name!r:.80}, not a tensor"
+            )
 
 
 def _check_optimizer(optimizer: Any, saved: Any, path: str) -> None:
@@ -294,6 +311,7 @@ def load_checkpoint(
             continue
         state = value.decode() if isinstance(value, _Encoded) else value
         if isinstance(obj, nn.Module):
+            _check_model_state(state, f"{source} [{key}]")
             pending = match_model(obj, state, source_name=f"{source} [{key}]")
             if strict and not pending.report.ok:
                 raise LoadMismatchError(pending.report, f"{source} [{key}]")

@@ -74,7 +74,7 @@ def _inspect_model(args: argparse.Namespace) -> int:
     print(f"{root}: torchkeep model v{manifest.get('version')}")
     print(f"class: {manifest.get('class') or 'stock torch.nn layers (no class needed)'}")
     print(f"config ({manifest.get('config_source')}): {json.dumps(config)}")
-    print(f"parameters: {manifest.get('parameters'):,} ({manifest.get('dtype')})")
+    print(f"parameters: {manifest.get('parameters') or 0:,} ({manifest.get('dtype')})")
     print(weights.tree() if args.tree else weights.table())
     return 0
 

@@ -39,6 +39,7 @@ META_HEADER = "torchkeep.header_xxh3_64"
 _HEADER_PLACEHOLDER = "0" * 16
 RESERVED_PREFIX = "torchkeep."
 MAX_NDIM = 64
+_MAX_INT64 = 2**63 - 1
 
 
 class TensorEntry(NamedTuple):
@@ -197,7 +198,7 @@ def _parse_name_map(meta: Mapping[str, str], key: str, path: str) -> dict[str, s
         return None
     try:
         value = json.loads(meta[key])
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise CorruptCheckpointError(path, f"metadata {key} is not valid JSON") from exc
     if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
         raise CorruptCheckpointError(path, f"metadata {key} must map names to strings")
@@ -211,20 +212,23 @@ def _parse_entry(name: str, info: Any, path: str) -> TensorEntry:
     if type(info) is not dict:
         raise CorruptCheckpointError(path, "tensor entry is not an object", key=name)
     code = info.get("dtype")
-    if code not in CODE_TO_DTYPE:
-        raise CorruptCheckpointError(path, f"unknown dtype {code!r}; known: {', '.join(CODE_TO_DTYPE)}", key=name)
+    if type(code) is not str or code not in CODE_TO_DTYPE:
+        raise CorruptCheckpointError(path, f"unknown dtype {code!r:.80}; known: {', '.join(CODE_TO_DTYPE)}", key=name)
     shape = info.get("shape")
     if type(shape) is not list or len(shape) > MAX_NDIM:
-        raise CorruptCheckpointError(path, f"invalid shape {shape!r}", key=name)
+        raise CorruptCheckpointError(path, f"invalid shape {shape!r:.200}", key=name)
     for dim in shape:
         if type(dim) is not int or dim < 0:
             raise CorruptCheckpointError(path, f"invalid shape {shape!r}", key=name)
+    # torch computes strides (and sizes in bytes) in int64, even for a tensor with a 0 dimension.
+    if math.prod(max(dim, 1) for dim in shape) * ITEMSIZE[code] > _MAX_INT64:
+        raise CorruptCheckpointError(path, f"shape {shape!r} is too large for torch (int64 strides)", key=name)
     offsets = info.get("data_offsets")
     if type(offsets) is not list or len(offsets) != 2:
-        raise CorruptCheckpointError(path, f"invalid data_offsets {offsets!r}", key=name)
+        raise CorruptCheckpointError(path, f"invalid data_offsets {offsets!r:.80}", key=name)
     start, end = offsets
     if type(start) is not int or type(end) is not int or not 0 <= start <= end:
-        raise CorruptCheckpointError(path, f"invalid data_offsets {offsets!r}", key=name)
+        raise CorruptCheckpointError(path, f"invalid data_offsets {offsets!r:.80}", key=name)
     expected = math.prod(shape) * ITEMSIZE[code]
     if expected != end - start:
         raise CorruptCheckpointError(

@@ -142,6 +142,11 @@ def read_model_manifest(path: Path) -> dict[str, Any] | None:
     expect(isinstance(source, str), str(file), f"'config_source' is {source!r:.80}, not a str")
     described = manifest.get("structure")
     expect(described is None or isinstance(described, dict), str(file), "'structure' is not an object")
+    count = manifest.get("parameters")
+    valid = count is None or (type(count) is int and count >= 0)
+    expect(valid, str(file), f"'parameters' is {count!r:.80}, not a count")
+    dtype = manifest.get("dtype")
+    expect(dtype is None or isinstance(dtype, str), str(file), f"'dtype' is {dtype!r:.80}, not a str")
     return manifest
 
 
