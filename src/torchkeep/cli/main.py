@@ -113,14 +113,35 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+SCAN_EXIT_CODES = """exit codes:
+  0  every pickle in every file was read to its end and imports only allowlisted globals
+     (files without pickles, e.g. safetensors with a valid header, count as verified)
+  1  something is dangerous: a global that can run code or touch the system (os, subprocess,
+     builtins.eval, importlib, torch.load, ...), or one whose name the pickle computes
+  2  nothing dangerous, but something is not verified: a global not on the allowlist
+     (unknown), a pickle that is truncated or unreadable, an encrypted member, a compression
+     Python cannot read, a compressed stream, a TorchScript archive, or a limit reached
+     (skipped for size); a missing PATH is 2 as well
+  1 wins over 2 when both apply."""
+
+
 def _scan(args: argparse.Namespace) -> int:
-    reports = [scan(path) for path in args.paths]
+    reports, codes = [], []
+    for path in args.paths:
+        try:
+            report = scan(path)
+        except TorchkeepError as exc:  # a missing path is not verified: 2, as anything unreadable
+            print(f"torchkeep: error: {exc}", file=sys.stderr)
+            codes.append(2)
+            continue
+        reports.append(report)
+        codes.append(report.exit_code)
     if args.json:
         print(json.dumps([r.to_dict() for r in reports], indent=2))
     else:
         for report in reports:
             print(report)
-    return 1 if any(r.verdict == "dangerous" for r in reports) else 0
+    return 1 if 1 in codes else max(codes, default=0)
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -160,9 +181,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check a weights file or checkpoint against its checksums (exit 1 on damage)")
     p.add_argument("path")
     p.set_defaults(func=_verify)
-    p = sub.add_parser("scan", help="statically scan pickles for code they would run (exit 1 if dangerous)")
-    p.add_argument("paths", nargs="+")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser(
+        "scan",
+        help="statically scan every pickle in files or folders, by content (exit 0 safe, 1 dangerous, 2 unverified)",
+        description="Read every file by content (never by name) and every pickle in it, without running any: "
+        "pickles from byte 0 on (torch legacy, pickle.load), every zip member (torch.save, .npz), tar members, "
+        ".npy object arrays; safetensors headers are checked.",
+        epilog=SCAN_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="files or folders (walked recursively)")
+    p.add_argument("--json", action="store_true", help="machine-readable reports (status, exit_code, pickles, problems)")
     p.set_defaults(func=_scan)
     p = sub.add_parser("convert", help="convert any readable file to safetensors or a torchkeep checkpoint")
     p.add_argument("src")

@@ -1,286 +1,362 @@
-"""Static analysis of pickles: which globals they import, without executing anything."""
+"""Static analysis of every pickle under a path, without executing anything, failing closed.
+
+Files are read by content, never by name, and streamed (memory stays small on any input). Each
+file is read the ways a loader could read it:
+
+- a zip archive (``torch.save``, ``.npz``, or a zip with anything in front of it): every member,
+  by content, whatever its name or compression;
+- any other file: the pickles from byte 0 on, in sequence (``torch.load`` of a non-zip file and
+  ``pickle.load`` / ``np.load(allow_pickle=True)`` start there; the legacy torch format holds five);
+- a tar archive (the pre-0.4 torch format, which ``torch.load`` still opens): every member;
+- ``.npy`` (the pickle after an object array's header) and safetensors (the header is checked).
+
+The result is a :class:`ScanReport` whose :attr:`~ScanReport.exit_code` is the contract of
+``torchkeep scan``: 0 only when every pickle was read to its end and imports only allowlisted
+globals; 1 when anything is dangerous; 2 when anything is unknown, unreadable, truncated,
+encrypted, compressed in a way Python cannot read, or skipped for size.
+"""
 
 from __future__ import annotations
 
-import io
-import pickletools
+import copy
+import json
+import os
+import struct
+import tarfile
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, BinaryIO, cast
 
-from torchkeep.format.pickle import allowlist
+import numpy as np
 
-Verdict = Literal["safe", "suspicious", "dangerous"]
-_RANK = {"safe": 0, "suspicious": 1, "dangerous": 2}
-
-DANGEROUS_MODULES = frozenset({
-    "os", "posix", "nt", "subprocess", "sys", "shutil", "socket", "runpy", "importlib", "pickle", "_pickle",
-    "marshal", "types", "ctypes", "pty", "commands", "code", "codeop", "multiprocessing", "threading", "asyncio",
-    "webbrowser", "http", "urllib", "urllib2", "requests", "httplib", "ftplib", "smtplib", "telnetlib", "pip",
-    "setuptools", "distutils", "tempfile", "zipimport", "imp", "inspect", "operator", "functools", "signal",
-    "glob", "platform", "io", "_io", "codecs", "builtins", "__builtin__", "pydoc", "timeit", "trace", "pdb",
-    "bdb", "cProfile", "profile", "dill", "cloudpickle", "joblib", "yaml", "jinja2", "numpy.testing", "nturl2path",
-    "site", "sysconfig", "linecache", "gc", "weakref", "resource", "fcntl", "mmap", "select", "selectors",
-})  # fmt: skip
-DANGEROUS_TORCH = (
-    "torch._C",
-    "torch.hub",
-    "torch.jit",
-    "torch.package",
-    "torch.serialization",
-    "torch.utils",
-    "torch.distributed",
-    "torch.fx",
-    "torch._dynamo",
-    "torch._inductor",
-    "torch.ops",
-    "torch.library",
-    "torch._ops",
-    "torch.compiler",
-    "torch.export",
-    "torch._export",
-    "torch.cuda",
-    "torch.backends",
-)
-DANGEROUS_NAMES = frozenset(
-    {
-        "system",
-        "popen",
-        "exec",
-        "eval",
-        "load",
-        "loads",
-        "spawn",
-        "run",
-        "call",
-        "check_output",
-        "Popen",
-        "__import__",
-        "getattr",
-        "setattr",
-        "compile",
-        "open",
-        "execfile",
-        "import_module",
-        "attrgetter",
-        "methodcaller",
-        "partial",
-        "apply",
-    }
+from torchkeep.format.pickle.opwalk import (
+    LIMITS,
+    RANK,
+    GlobalRef,
+    Limits,
+    PickleScan,
+    Status,
+    Verdict,
+    classify,
+    scan_pickle_bytes,
+    walk_pickle,
 )
 
+__all__ = [
+    "LIMITS",
+    "GlobalRef",
+    "Limits",
+    "PickleScan",
+    "Problem",
+    "ScanReport",
+    "classify",
+    "scan",
+    "scan_pickle_bytes",
+]
 
-def classify(module: str, name: str, extra: frozenset[tuple[str, str]] = frozenset()) -> Verdict:
-    """safe: on the allowlist. dangerous: can run code or touch the system. suspicious: anything else."""
-    if allowlist.is_allowed(module, name) or (module, name) in extra:
-        return "safe"
-    root = module.split(".")[0]
-    if (
-        root in DANGEROUS_MODULES
-        or module in DANGEROUS_MODULES
-        or module.startswith(DANGEROUS_TORCH)
-        or (module == "torch" and not name[:1].isupper())  # torch.load, torch.save, torch.from_file, ...
-        or name in DANGEROUS_NAMES
-        or name.startswith("__")
-    ):
-        return "dangerous"
-    return "suspicious"
+EXIT_CODES: dict[str, int] = {"safe": 0, "unknown": 2, "unreadable": 2, "dangerous": 1}
+MAX_PICKLES_PER_STREAM = 1000  # a stream of more pickles is reported unverified past this
+MAX_MEMBERS = 100_000  # members of one archive
+MAX_DEPTH = 3  # archives inside archives
+MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library's own limit
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+LEGACY_PROTOCOL = 1001
+_ZIP_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
+_COMPRESSED = {
+    b"\x1f\x8b": "gzip",
+    b"BZh": "bzip2",
+    b"\xfd7zXZ\x00": "xz",
+    b"\x28\xb5\x2f\xfd": "zstd",
+    b"\x04\x22\x4d\x18": "lz4",
+    b"7z\xbc\xaf\x27\x1c": "7z",
+}
 
 
 @dataclass(frozen=True)
-class GlobalRef:
-    module: str
-    name: str
-    verdict: Verdict
-
-    def __str__(self) -> str:
-        return f"{self.module}.{self.name}"
-
-
-@dataclass
-class PickleScan:
-    """One pickle inside a file: where it is and what it imports."""
+class Problem:
+    """Something the scan could not verify (status unreadable or unknown): exit 2 unless worse."""
 
     location: str
-    globals: list[GlobalRef] = field(default_factory=list)
-    error: str | None = None
+    reason: str
+    status: Status = "unreadable"
 
-    @property
-    def verdict(self) -> Verdict:
-        worst: Verdict = "suspicious" if self.error else "safe"
-        for ref in self.globals:
-            if _RANK[ref.verdict] > _RANK[worst]:
-                worst = ref.verdict
-        return worst
+    def __str__(self) -> str:
+        return f"{self.location}: {self.status}: {self.reason}"
 
 
 @dataclass
 class ScanReport:
-    """Every pickle found under a path, and the overall verdict (the worst of them)."""
+    """Every pickle found under a path, every problem, and what each file turned out to contain.
+
+    ``status`` is the worst of everything: ``safe`` < ``unknown`` = ``unreadable`` < ``dangerous``;
+    ``exit_code`` maps it to 0, 2, 2, 1. ``verdict`` is the coarse view of earlier versions
+    (unknown and unreadable are "suspicious").
+    """
 
     path: str
     pickles: list[PickleScan] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)  # file (or member) -> what its content is
     files_scanned: int = 0
 
     @property
-    def verdict(self) -> Verdict:
-        worst: Verdict = "safe"
-        for scan in self.pickles:
-            if _RANK[scan.verdict] > _RANK[worst]:
-                worst = scan.verdict
+    def status(self) -> Status:
+        worst: Status = "safe"
+        for item in [*self.pickles, *self.problems]:
+            if RANK[item.status] > RANK[worst]:
+                worst = item.status
         return worst
 
     @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.status]
+
+    @property
+    def verdict(self) -> Verdict:
+        status = self.status
+        return "suspicious" if status in ("unknown", "unreadable") else cast(Verdict, status)
+
+    @property
     def dangerous(self) -> list[GlobalRef]:
-        return [g for p in self.pickles for g in p.globals if g.verdict == "dangerous"]
+        return [g for p in self.pickles for g in p.globals if g.status == "dangerous"]
 
     def refused(self) -> list[str]:
         """Every global outside the allowlist, once each."""
-        return sorted({str(g) for p in self.pickles for g in p.globals if g.verdict != "safe"})
+        return sorted({str(g) for p in self.pickles for g in p.globals if g.status != "safe"})
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "path": self.path,
+            "status": self.status,
+            "exit_code": self.exit_code,
             "verdict": self.verdict,
             "files_scanned": self.files_scanned,
+            "files": [{"path": k, "content": v} for k, v in self.files.items()],
             "pickles": [
-                {"location": p.location, "verdict": p.verdict, "error": p.error,
-                 "globals": [{"global": str(g), "verdict": g.verdict} for g in p.globals]}
+                {"location": p.location, "status": p.status, "verdict": p.verdict, "complete": p.complete,
+                 "error": p.error, "globals": [{"global": str(g), "status": g.status} for g in p.globals]}
                 for p in self.pickles
             ],
+            "problems": [{"location": p.location, "status": p.status, "reason": p.reason} for p in self.problems],
         }  # fmt: skip
 
     def __str__(self) -> str:
-        lines = [f"{self.path}: {self.verdict.upper()} ({len(self.pickles)} pickle(s) in {self.files_scanned} file(s))"]
+        lines = [
+            f"{self.path}: {self.status.upper()} (exit {self.exit_code}): {len(self.pickles)} pickle(s) "
+            f"in {self.files_scanned} file(s)"
+        ]
         for p in self.pickles:
-            flagged = [g for g in p.globals if g.verdict != "safe"]
-            lines.append(f"  {p.location}: {p.verdict}" + (f" ({p.error})" if p.error else ""))
-            lines += [f"    {g.verdict:<10} {g}" for g in flagged]
+            detail = "" if p.complete else f" (incomplete: {p.error})"
+            lines.append(f"  {p.location}: {p.status}{detail}")
+            lines += [f"    {g.status:<10} {g}" for g in p.globals if g.status != "safe"]
+        lines += [f"  {problem}" for problem in self.problems]
         return "\n".join(lines)
 
 
-PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".bin", ".ckpt", ".p", ".joblib", ".dat")
-_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING",
-               "SHORT_BINSTRING"}  # fmt: skip
+class _Scanner:
+    def __init__(self, report: ScanReport, limits: Limits) -> None:
+        self.report, self.limits = report, limits
 
+    def problem(self, location: str, reason: str, status: Status = "unreadable") -> None:
+        self.report.problems.append(Problem(location, reason, status))
 
-def scan_pickle_bytes(
-    data: bytes, location: str, *, start: int = 0, extra: frozenset[tuple[str, str]] = frozenset()
-) -> tuple[PickleScan, int]:
-    """Walk one pickle's opcodes from ``start``; returns the scan and where the pickle ended."""
-    result = PickleScan(location)
-    seen: set[tuple[str, str]] = set()
-    memo: dict[int, Any] = {}
-    recent: list[Any] = []  # values pushed, as far as a static walk can know them
-    end = start
+    def stream(self, f: BinaryIO, size: int, location: str, depth: int, extra: frozenset[tuple[str, str]]) -> None:
+        """One file or archive member, by content."""
+        head = f.read(512)
+        f.seek(0)
+        if head.startswith(b"PK\x03\x04"):  # torch.load and np.load take the zip path; pickle.load fails at once
+            self.report.files[location] = "zip"
+            self.archive(f, location, depth)
+            return
+        if head.startswith(b"\x93NUMPY"):
+            self.npy(f, size, location)
+            return
+        kinds = []
+        if self.pickles(f, size, location, extra):
+            kinds.append("pickle")
+        for magic, kind in _COMPRESSED.items():
+            if head.startswith(magic):
+                kinds.append(kind)
+                self.problem(location, f"{kind}-compressed data is not opened: decompress it and scan the result",
+                             "unknown")  # fmt: skip
+        if self.safetensors(f, size, head, location):
+            kinds.append("safetensors")
+        if self.tar(f, location, depth):
+            kinds.append("tar")
+        f.seek(0)
+        if not head.startswith(b"PK") and _has_zip_directory(f):  # a zip with data in front: zipfile opens it
+            kinds.append("zip (after a prefix)")
+            self.archive(f, location, depth)
+        self.report.files[location] = " + ".join(kinds) or "no pickle"
 
-    def add(module: str, name: str) -> None:
-        if (module, name) not in seen:
-            seen.add((module, name))
-            result.globals.append(GlobalRef(module, name, classify(module, name, extra)))
-
-    stream = io.BytesIO(data)
-    stream.seek(start)
-    try:
-        for op, arg, _ in pickletools.genops(stream):
-            end = stream.tell()
-            name = op.name
-            if name in ("GLOBAL", "INST"):
-                module, _, attr = str(arg).partition(" ")
-                add(module, attr)
-                recent.append(None)
-            elif name == "STACK_GLOBAL":
-                if len(recent) >= 2 and isinstance(recent[-2], str) and isinstance(recent[-1], str):
-                    add(recent[-2], recent[-1])
-                else:
-                    add("<dynamic>", "STACK_GLOBAL with computed names")
-                recent.append(None)
-            elif name in _STRING_OPS:
-                recent.append(arg.decode("latin1") if isinstance(arg, bytes) else arg)
-            elif name == "MEMOIZE":
-                memo[len(memo)] = recent[-1] if recent else None
-            elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
-                memo[int(cast(Any, arg))] = recent[-1] if recent else None
-            elif name in ("GET", "BINGET", "LONG_BINGET"):
-                recent.append(memo.get(int(cast(Any, arg))))
-            elif name == "STOP":
+    def pickles(self, f: BinaryIO, size: int, location: str, extra: frozenset[tuple[str, str]]) -> bool:
+        """The pickles from the stream's start, in sequence, until the data is not a pickle any more."""
+        found: list[PickleScan] = []
+        position = 0
+        f.seek(0)
+        while position < size:
+            if len(found) == MAX_PICKLES_PER_STREAM:
+                self.problem(location, f"more than {MAX_PICKLES_PER_STREAM} pickles in sequence; the rest is not "
+                             "scanned (skipped for size)")  # fmt: skip
                 break
-            else:
-                recent.append(None)
-            del recent[:-16]
-    except Exception as exc:  # a malformed pickle is reported, not raised: the scan goes on
-        result.error = f"unreadable pickle: {type(exc).__name__}: {exc}"
-    return result, end
+            where = f"{location}#pickle{len(found)}" if found else location
+            scan, read = walk_pickle(f, where, size=size - position, extra=extra, limits=self.limits)
+            if not scan.complete and not scan.imported:
+                break  # not a pickle (or not one any more): the unpickler fails here before importing anything
+            found.append(scan)
+            position += read
+            if not scan.complete:
+                break
+            if len(found) == 5 and [p.value for p in found[:2]] == [LEGACY_MAGIC, LEGACY_PROTOCOL]:
+                break  # the legacy torch format: raw storage bytes follow, which torch never unpickles
+        self.report.pickles.extend(found)
+        return bool(found)
 
-
-def _looks_like_pickle(head: bytes) -> bool:
-    return head[:1] == b"\x80" and 2 <= head[1:2][0] <= 5 if len(head) >= 2 else False
-
-
-def _scan_stream_of_pickles(data: bytes, location: str, report: ScanReport, limit: int = 8) -> None:
-    """Legacy torch files and plain pickle files: consecutive pickles until data stops being one."""
-    position = 0
-    for index in range(limit):
-        if position >= len(data) or (index and not _looks_like_pickle(data[position : position + 2])):
-            break
-        scan, end = scan_pickle_bytes(data, f"{location}#pickle{index}" if index else location, start=position)
-        if scan.error and index:
-            break  # past the pickles: the raw storage bytes of a legacy file
-        report.pickles.append(scan)
-        if scan.error or end <= position:
-            break
-        position = end
-
-
-def scan_file(path: Path, report: ScanReport) -> None:
-    with open(path, "rb") as f:
-        head = f.read(8)
-    report.files_scanned += 1
-    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+    def npy(self, f: BinaryIO, size: int, location: str) -> None:
+        """An .npy file: an object array's data is a pickle (np.load(allow_pickle=True) runs it)."""
         try:
-            with zipfile.ZipFile(path) as archive:
-                for info in archive.infolist():
-                    if info.file_size > 1 << 30:
-                        continue
-                    member_head = archive.open(info).read(8)
-                    if info.filename.endswith((".pkl", ".pickle")) or _looks_like_pickle(member_head):
-                        _scan_stream_of_pickles(archive.read(info), f"{path}:{info.filename}", report, limit=1)
-                    elif member_head.startswith(b"\x93NUMPY"):
-                        _scan_npy(archive.read(info), f"{path}:{info.filename}", report)
-        except Exception as exc:  # any damage is reported (as suspicious), never raised
-            report.pickles.append(PickleScan(str(path), error=f"unreadable zip: {type(exc).__name__}: {exc}"))
-        return
-    if head.startswith(b"\x93NUMPY"):
-        _scan_npy(path.read_bytes(), str(path), report)
-        return
-    data = path.read_bytes()
-    if path.name == ".metadata":  # a torch.distributed.checkpoint directory: its plain dataclasses are data
-        from torchkeep.format.pickle.dcp import EXTRA
+            version = np.lib.format.read_magic(f)
+            shape, _, dtype = (
+                np.lib.format.read_array_header_1_0(f) if version == (1, 0) else np.lib.format.read_array_header_2_0(f)
+            )
+        except Exception as exc:  # numpy raises ValueError, SyntaxError, ... on a damaged header
+            self.report.files[location] = "npy (damaged)"
+            self.problem(location, f"unreadable .npy header: {type(exc).__name__}: {exc}")
+            return
+        if not dtype.hasobject:
+            self.report.files[location] = f"npy ({dtype}, shape {shape})"
+            return
+        self.report.files[location] = "npy (object array: a pickle)"
+        offset = f.tell()
+        scan, _ = walk_pickle(f, f"{location}[object array]", size=size - offset, limits=self.limits)
+        self.report.pickles.append(scan)
 
-        scan, _ = scan_pickle_bytes(data, str(path), extra=frozenset(EXTRA))
-        report.pickles.append(scan)
-        return
-    if _looks_like_pickle(data[:2]) or path.suffix in PICKLE_SUFFIXES:
-        _scan_stream_of_pickles(data, str(path), report)
+    def safetensors(self, f: BinaryIO, size: int, head: bytes, location: str) -> bool:
+        """A safetensors header (no pickle in such a file); a damaged one is a problem."""
+        if len(head) < 9 or head[8:9] != b"{":
+            return False
+        (length,) = struct.unpack("<Q", head[:8])
+        if not 2 <= length <= min(MAX_SAFETENSORS_HEADER, size - 8):
+            return False
+        f.seek(8)
+        try:
+            header = json.loads(f.read(length))
+            data_size = size - 8 - length
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
+            for name, entry in header.items():
+                if name == "__metadata__":
+                    if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                        raise ValueError("__metadata__ is not a map of strings")
+                    continue
+                start, end = entry["data_offsets"]
+                if not (isinstance(entry["dtype"], str) and all(type(d) is int and d >= 0 for d in entry["shape"])
+                        and type(start) is int and type(end) is int and 0 <= start <= end <= data_size):  # fmt: skip
+                    raise ValueError(f"tensor {name!r} has a bad dtype, shape or offsets")
+        except Exception as exc:  # JSON, key and type errors alike: the header is damaged
+            self.problem(location, f"looks like safetensors but the header is damaged: {type(exc).__name__}: {exc}")
+        return True
+
+    def tar(self, f: BinaryIO, location: str, depth: int) -> bool:
+        """A tar archive: torch.load opens one as its pre-0.4 format and unpickles members of it."""
+        f.seek(0)
+        try:
+            archive = tarfile.open(fileobj=f, mode="r:")
+        except Exception:  # not a tar archive (tarfile raises ReadError, and others on damage)
+            return False
+        try:
+            with archive:
+                names = []
+                for count, member in enumerate(archive):
+                    if count == MAX_MEMBERS:
+                        self.problem(location, f"more than {MAX_MEMBERS} members; the rest is not scanned")
+                        break
+                    names.append(member.name)
+                    inner = f"{location}:{member.name}"
+                    if member.isfile():
+                        member_file = archive.extractfile(member)
+                        if member_file is not None:
+                            self.member(cast(BinaryIO, member_file), member.size, inner, depth)
+                if {"storages", "tensors", "pickle"} & set(names):
+                    self.problem(location, "the pre-0.4 torch tar format: torch.load unpickles its 'storages' "
+                                 "member between raw data, which is not verified")  # fmt: skip
+        except Exception as exc:  # a damaged tar
+            self.problem(location, f"unreadable tar archive: {type(exc).__name__}: {exc}")
+        return True
+
+    def archive(self, f: BinaryIO, location: str, depth: int) -> None:
+        """Every member of a zip archive, by content."""
+        try:
+            archive = zipfile.ZipFile(f)
+        except Exception as exc:  # zipfile raises BadZipFile, OSError, ValueError, ... on damage
+            self.problem(location, f"unreadable zip archive: {type(exc).__name__}: {exc}")
+            return
+        with archive:
+            infos = archive.infolist()
+            if len(infos) > MAX_MEMBERS:
+                self.problem(location, f"more than {MAX_MEMBERS} members; the rest is not scanned")
+            names: dict[str, int] = {}
+            for info in infos[:MAX_MEMBERS]:
+                names[info.filename] = names.get(info.filename, 0) + 1
+                inner = f"{location}:{info.filename}" + (f"#{names[info.filename]}" if names[info.filename] > 1 else "")
+                if info.filename.endswith("constants.pkl"):
+                    self.problem(inner, "a TorchScript archive: torch.load hands it to torch.jit.load, which runs "
+                                 "its code", "unknown")  # fmt: skip
+                if info.is_dir():
+                    continue
+                if info.compress_type not in _ZIP_METHODS:
+                    self.problem(inner, f"compression method {info.compress_type} cannot be read here, so it was "
+                                 "not scanned")  # fmt: skip
+                    continue
+                if info.flag_bits & 0x1:
+                    self.problem(inner, "encrypted (zip flag bit 0): not verified")
+                    info = copy.copy(info)  # torch ignores the flag: read what is there as if it were plain
+                    info.flag_bits &= ~0x1
+                try:
+                    with archive.open(info) as member:
+                        self.member(cast(BinaryIO, member), info.file_size, inner, depth)
+                except Exception as exc:  # a damaged member: bad local header, CRC, compressed data
+                    self.problem(inner, f"unreadable zip member: {type(exc).__name__}: {exc}")
+
+    def member(self, f: BinaryIO, size: int, location: str, depth: int) -> None:
+        if depth + 1 > MAX_DEPTH:
+            self.problem(location, f"an archive nested more than {MAX_DEPTH} deep is not scanned")
+            return
+        self.stream(f, size, location, depth + 1, frozenset())
 
 
-def _scan_npy(data: bytes, location: str, report: ScanReport) -> None:
-    """An .npy of object dtype carries a pickle after its header."""
+def _has_zip_directory(f: BinaryIO) -> bool:
     try:
-        major = data[6]
-        header_len = int.from_bytes(data[8:10], "little") if major == 1 else int.from_bytes(data[8:12], "little")
-        offset = (10 if major == 1 else 12) + header_len
-        header = data[:offset].decode("latin1")
-    except (IndexError, ValueError) as exc:
-        report.pickles.append(PickleScan(location, error=f"unreadable .npy header: {exc}"))
-        return
-    if "'O'" in header or "|O" in header:
-        _scan_stream_of_pickles(data[offset:], f"{location}[object array]", report, limit=1)
+        return zipfile.is_zipfile(f)
+    except Exception:  # an unreadable end of file: no directory
+        return False
+
+
+def _dcp_extra(path: Path) -> frozenset[tuple[str, str]]:
+    """The plain records a torch.distributed.checkpoint ``.metadata`` file names (read as data)."""
+    if path.name != ".metadata":
+        return frozenset()
+    from torchkeep.format.pickle.dcp import EXTRA
+
+    return frozenset(EXTRA)
+
+
+def scan_file(path: Path, report: ScanReport, limits: Limits | None = None) -> None:
+    scanner = _Scanner(report, limits or LIMITS)
+    report.files_scanned += 1
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            scanner.stream(f, size, str(path), 0, _dcp_extra(path))
+    except OSError as exc:
+        report.files[str(path)] = "unreadable"
+        scanner.problem(str(path), f"cannot be read: {exc.strerror or exc}")
 
 
 def walk(path: Path) -> Iterator[Path]:
+    """Every file under ``path`` (itself, if it is a file); links are followed to files only."""
     if path.is_dir():
         for child in sorted(path.rglob("*")):
             if child.is_file():
@@ -289,12 +365,23 @@ def walk(path: Path) -> Iterator[Path]:
         yield path
 
 
-def scan(path: str | Path) -> ScanReport:
-    """Statically scan every pickle in a file or directory tree (inside zip archives too).
+def scan(path: str | Path, *, limits: Limits | None = None) -> ScanReport:
+    """Statically scan every pickle in a file or directory tree, by content, failing closed.
 
-    Nothing is unpickled: opcodes are walked and the globals each pickle would import are
-    classified as safe (torchkeep's allowlist), dangerous (can run code or touch the system) or
-    suspicious (anything else, e.g. a pickled model class).
+    Nothing is unpickled. Every global a pickle would import is classified as safe (torchkeep's
+    allowlist), dangerous (can run code or touch the system) or unknown (anything else, e.g. a
+    pickled model class); anything that cannot be read to its end is unreadable.
+
+    Args:
+        path: a file or a directory (walked recursively).
+        limits: caps on what one walk may read and hold (default :data:`LIMITS`).
+
+    Returns:
+        The report; ``report.exit_code`` is 0 (all verified safe), 1 (dangerous) or 2 (anything
+        else not verified).
+
+    Raises:
+        CheckpointNotFoundError: ``path`` does not exist.
     """
     from torchkeep.errors import CheckpointNotFoundError
 
@@ -303,5 +390,6 @@ def scan(path: str | Path) -> ScanReport:
         raise CheckpointNotFoundError(root)
     report = ScanReport(str(root))
     for file in walk(root):
-        scan_file(file, report)
+        scan_file(file, report, limits)
     return report
+
