@@ -6,6 +6,7 @@ caller passes ``trusted=True``.
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 import warnings
@@ -17,10 +18,13 @@ import numpy as np
 import torch
 
 from torchkeep.errors import CorruptCheckpointError, TorchkeepError, TorchkeepWarning, UnsafeCheckpointError
-from torchkeep.format.pickle.torchfile import PARSE_ERRORS, read_torch_file
+from torchkeep.format.pickle.torchfile import MAX_DEFLATE_RATIO, PARSE_ERRORS, read_torch_file
 
 Kind = Literal["safetensors", "torch", "npy", "npz", "unknown"]
 
+# First bytes of a pickle: PROTO (protocols 2-5), or what protocols 0-1 begin with (MARK, containers,
+# GLOBAL, numbers and strings; torch.save's legacy format begins with the LONG of its magic number).
+_PICKLE_STARTS = frozenset(bytes([c]) for c in b"\x80(}])cLIJKMFGNSVXTU")
 # Where common checkpoint layouts keep the model's weights, in the order they are tried.
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights")
 
@@ -40,7 +44,7 @@ def detect_kind(path: str) -> Kind:
     # Safetensors first: its length prefix may begin with any byte, a pickle opcode included.
     if len(head) == 9 and head[8:9] == b"{" and 0 < struct.unpack("<Q", head[:8])[0] < os.path.getsize(path):
         return "safetensors"
-    if head[:1] == b"\x80" or head[:1] in (b"(", b"}", b"]", b"c"):
+    if head[:1] and head[:1] in _PICKLE_STARTS:
         return "torch"
     return "unknown"
 
@@ -72,6 +76,17 @@ def _read_raw(path: str, *, trusted: bool) -> Any:
 
 
 def _numpy(path: str) -> Any:
+    """An .npy or .npz file: each array's header is checked against the bytes that back it before it is read."""
+    if detect_kind(path) == "npy":
+        with open(path, "rb") as f:
+            _check_npy_header(f, os.path.getsize(path), path, "the array")
+    else:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.file_size > MAX_DEFLATE_RATIO * max(info.compress_size, 1):
+                    raise CorruptCheckpointError(path, f"{info.filename!r} declares an impossible size")
+                with archive.open(info) as member:
+                    _check_npy_header(member, info.file_size, path, repr(info.filename))
     try:
         loaded = np.load(path, allow_pickle=False)
     except ValueError as exc:
@@ -87,6 +102,20 @@ def _numpy(path: str) -> Any:
             return {name: loaded[name] for name in loaded.files}
         except ValueError as exc:
             raise UnsafeCheckpointError(path, "holds NumPy object arrays, which are pickles; refused") from exc
+
+
+def _check_npy_header(f: Any, size: int, path: str, what: str) -> None:
+    """NumPy allocates an array from its header before reading it: the header must fit the bytes behind it."""
+    head = f.read(8)
+    if len(head) != 8 or not head.startswith(b"\x93NUMPY"):
+        return  # not an array: np.load reports it
+    read_header = np.lib.format.read_array_header_1_0 if head[6] == 1 else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read_header(f)
+    if dtype.hasobject:
+        raise UnsafeCheckpointError(path, f"{what} is a NumPy object array, which is a pickle; refused")
+    if math.prod(shape) * dtype.itemsize > size:
+        raise CorruptCheckpointError(path, f"{what} claims {math.prod(shape) * dtype.itemsize} bytes of data, "
+                                     f"more than the {size} bytes that hold it")  # fmt: skip
 
 
 def _tensors_only(mapping: Mapping[Any, Any]) -> dict[str, torch.Tensor]:

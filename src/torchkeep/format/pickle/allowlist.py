@@ -48,26 +48,28 @@ STORAGE_DTYPES: dict[str, torch.dtype] = {
 }
 
 TORCH_DTYPE_NAMES = frozenset(name for name in dir(torch) if isinstance(getattr(torch, name, None), torch.dtype))
-# Per-item costs in bytes, as CPython lays the containers out (rounded up).
-_ITEM, _ENTRY, _PAIR = 8, 32, 48
+# Per-item costs in bytes, as CPython lays the containers out at worst (measured, rounded up).
+_ITEM, _ENTRY, _PAIR = 8, 128, 96
 
 
 def _iterable_items(value: Any, what: str) -> list[Any]:
     """The items of a list, tuple, set or frozenset argument, charged; nothing lazy or user-defined."""
     if type(value) not in (list, tuple, set, frozenset):
         raise RefusedData(f"{what} from {describe(value)}")
-    charge(_ENTRY * len(value), what)
+    charge(_ITEM * len(value), what)
     return list(value)
 
 
 def safe_set(items: Any = ()) -> set[Any]:
     values = _iterable_items(items, "set")
+    charge(_ENTRY * len(values), "set")
     check_hash_flood(values, "set")
     return set(values)
 
 
 def safe_frozenset(items: Any = ()) -> frozenset[Any]:
     values = _iterable_items(items, "frozenset")
+    charge(_ENTRY * len(values), "frozenset")
     check_hash_flood(values, "frozenset")
     return frozenset(values)
 
@@ -200,6 +202,8 @@ _FIXED: dict[tuple[str, str], Any] = {
     ("numpy", "ndarray"): rebuild.NDARRAY,
     ("numpy.core.multiarray", "_reconstruct"): rebuild.numpy_reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): rebuild.numpy_reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): rebuild.numpy_frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): rebuild.numpy_frombuffer,
     ("numpy.core.multiarray", "scalar"): rebuild.numpy_scalar,
     ("numpy._core.multiarray", "scalar"): rebuild.numpy_scalar,
 }

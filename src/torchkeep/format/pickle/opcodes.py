@@ -18,8 +18,9 @@ from torchkeep.format.pickle.rebuild import BadData, RefusedData, describe
 if TYPE_CHECKING:
     from torchkeep.format.pickle.unpickler import RestrictedUnpickler
 
-# What CPython objects cost, in bytes (rounded up; the stack slot included).
-OBJ, ITEM, ENTRY, PAIR, MEMO = 64, 8, 32, 48, 64
+# What CPython objects cost at worst, in bytes (measured, rounded up; the stack slot included):
+# an object, a list or tuple item, a set item, a dict item, a memo entry.
+OBJ, ITEM, ENTRY, PAIR, MEMO = 64, 8, 128, 48, 64
 
 
 Op = Callable[["RestrictedUnpickler"], None]

@@ -434,9 +434,10 @@ def reconstructor(cls: Any, base: Any, state: Any) -> Any:
 
 
 def numpy_dtype(spec: Any, align: Any = False, copy: Any = True) -> np.dtype[Any]:
-    if not isinstance(spec, str) or len(spec) > 32:
+    if not isinstance(spec, str) or len(spec) > 32 or type(align) is not bool or type(copy) is not bool:
         raise RefusedData(f"numpy dtype from {describe(spec)}")
-    dtype = np.dtype(spec)
+    # copy=True (as NumPy pickles it): BUILD then sets the byte order on a copy, not on NumPy's shared dtype.
+    dtype = np.dtype(spec, align, copy)
     if dtype.hasobject or dtype.kind == "V":
         raise RefusedData(f"NumPy dtype {spec!r} holds Python objects or raw records")
     return dtype
@@ -447,6 +448,17 @@ def numpy_reconstruct(subtype: Any, shape: Any, dtype_code: Any) -> np.ndarray[A
     if subtype is not NDARRAY:
         raise RefusedData("only plain NumPy arrays are rebuilt")
     return np.ndarray.__new__(np.ndarray, (0,), np.uint8)
+
+
+def numpy_frombuffer(buffer: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray[Any, Any]:
+    """Protocol 5 pickles arrays as ``_frombuffer(bytes, dtype, shape, order)``."""
+    if not isinstance(buffer, (bytes, bytearray)) or not isinstance(dtype, np.dtype) or dtype.hasobject:
+        raise RefusedData("NumPy array from anything but bytes and a numeric dtype")
+    dims = _ints(shape, "NumPy shape")
+    if order not in ("C", "F") or math.prod(dims) * dtype.itemsize != len(buffer):
+        raise BadData(f"NumPy array of shape {list(dims)} and dtype {dtype} without exactly its bytes")
+    charge(len(buffer), "a NumPy array")
+    return np.frombuffer(bytearray(buffer), dtype=dtype).reshape(dims, order=order)
 
 
 def numpy_scalar(dtype: Any, data: Any = None) -> Any:
