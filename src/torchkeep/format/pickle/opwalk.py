@@ -19,7 +19,7 @@ import io
 import pickletools
 import struct
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO, Literal, cast
 
 from torchkeep.format.pickle import allowlist
 
@@ -123,6 +123,9 @@ class PickleScan:
         error: why the walk stopped early, or None.
         imported: the walk reached an opcode that imports (even if it stopped after it).
         value: the pickle's value when it is a plain int (the legacy torch header), else None.
+        truncated: the walk stopped because the data ended before STOP.
+        started_with_proto: the first opcode was PROTO (what protocols 2-5 write first).
+        limited: the walk stopped at a cap of :class:`Limits` (skipped for size).
     """
 
     location: str
@@ -131,6 +134,9 @@ class PickleScan:
     error: str | None = None
     imported: bool = False
     value: int | None = None
+    truncated: bool = False
+    started_with_proto: bool = False
+    limited: bool = False
 
     @property
     def status(self) -> Status:
@@ -144,11 +150,15 @@ class PickleScan:
     @property
     def verdict(self) -> Verdict:
         status = self.status
-        return status if status in ("safe", "dangerous") else "suspicious"  # type: ignore[return-value]
+        return "suspicious" if status in ("unknown", "unreadable") else cast(Verdict, status)
 
 
 class PickleEnded(Exception):
     """The real unpickler fails here too: nothing after this point would run."""
+
+
+class Truncated(PickleEnded):
+    """The data ends before the pickle's STOP."""
 
 
 class WalkLimit(Exception):
@@ -195,13 +205,13 @@ class Source:
         data = self.stream.read(n)
         self._count(len(data))
         if len(data) != n:
-            raise PickleEnded(f"the data ends at offset {self.pos} before the pickle's STOP (truncated)")
+            raise Truncated(f"the data ends at offset {self.pos} before the pickle's STOP (truncated)")
         return data
 
     def skip(self, n: int) -> None:
         """Step over ``n`` bytes without keeping them."""
         if self.size is not None and self.pos + n > self.size:
-            raise PickleEnded(f"an argument of {n:,} bytes at offset {self.pos} runs past the end (truncated)")
+            raise Truncated(f"an argument of {n:,} bytes at offset {self.pos} runs past the end (truncated)")
         while n:
             chunk = self.read(min(n, 1 << 20))
             n -= len(chunk)
@@ -213,12 +223,12 @@ class Source:
         if data.endswith(b"\n"):
             return data[:-1]
         if len(data) <= limit:
-            raise PickleEnded(f"the data ends at offset {self.pos} inside a text argument (truncated)")
+            raise Truncated(f"the data ends at offset {self.pos} inside a text argument (truncated)")
         while True:
             more = self.stream.readline(1 << 20)
             self._count(len(more))
             if not more:
-                raise PickleEnded(f"the data ends at offset {self.pos} inside a text argument (truncated)")
+                raise Truncated(f"the data ends at offset {self.pos} inside a text argument (truncated)")
             if more.endswith(b"\n"):
                 return None
 
@@ -243,6 +253,7 @@ class Walk:
         self.memo: dict[int, Any] = {}
         self.memo_lost = False  # past the memo cap: a missing entry is unknown, not an error
         self.seen: set[tuple[str, str]] = set()
+        self.started_with_proto = False
 
     # The stack, as the C unpickler checks it: nothing is popped across a mark.
     def pop(self) -> Any:
@@ -362,7 +373,7 @@ class Walk:
         elif name in ("GLOBAL", "INST"):
             if name == "INST":
                 self.pop_mark()  # CPython finds the mark before it imports
-            module, attr = arg
+            module, attr = cast("list[str | None]", arg)
             if module is None or attr is None:
                 raise PickleEnded(f"{name} names a module that is not UTF-8 or over-long: the real unpickler fails")
             self.import_(module, attr)
@@ -377,6 +388,11 @@ class Walk:
                 self.add("<computed>", "STACK_GLOBAL of names the file computes", "dangerous")
             self.push(ANY)
         elif name in ("EXT1", "EXT2", "EXT4"):
+            # CPython and torch register no extension codes, so the unpickler fails here; a process that
+            # registered some would import whatever they name. Reported as computed in anything that starts
+            # like a pickle (raw tensor bytes starting with 0x82 are not one).
+            if not self.started_with_proto:
+                raise PickleEnded(f"extension code {arg} is not registered: the real unpickler fails here")
             self.add("copyreg._extension_registry", f"code {arg}", "dangerous")
             self.push(ANY)
         elif name in ("APPEND", "SETITEM"):
@@ -420,11 +436,15 @@ class Walk:
                 op = _OPS[code[0]]
                 if op is None:
                     raise PickleEnded(f"byte {code!r} at offset {self.source.pos - 1} is not a pickle opcode")
+                if self.source.pos == 1:
+                    self.started_with_proto = result.started_with_proto = op.name == "PROTO"
                 if self.step(op):
                     result.complete = True
                     break
         except (PickleEnded, WalkLimit) as exc:
             result.error = str(exc)
+            result.truncated = isinstance(exc, Truncated)
+            result.limited = isinstance(exc, WalkLimit)
         except Exception as exc:  # a stream that fails underneath (a damaged compressed member)
             result.error = f"unreadable: {type(exc).__name__}: {exc}"
         return result

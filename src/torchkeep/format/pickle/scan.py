@@ -104,9 +104,9 @@ class ScanReport:
     @property
     def status(self) -> Status:
         worst: Status = "safe"
-        for item in [*self.pickles, *self.problems]:
-            if RANK[item.status] > RANK[worst]:
-                worst = item.status
+        for status in [*(p.status for p in self.pickles), *(p.status for p in self.problems)]:
+            if RANK[status] > RANK[worst]:
+                worst = status
         return worst
 
     @property
@@ -186,7 +186,7 @@ class _Scanner:
         if self.tar(f, location, depth):
             kinds.append("tar")
         f.seek(0)
-        if not head.startswith(b"PK") and _has_zip_directory(f):  # a zip with data in front: zipfile opens it
+        if _has_zip_directory(f):  # a zip with data in front (even "PK\x07\x08"): zipfile opens it
             kinds.append("zip (after a prefix)")
             self.archive(f, location, depth)
         self.report.files[location] = " + ".join(kinds) or "no pickle"
@@ -203,8 +203,10 @@ class _Scanner:
                 break
             where = f"{location}#pickle{len(found)}" if found else location
             scan, read = walk_pickle(f, where, size=size - position, extra=extra, limits=self.limits)
-            if not scan.complete and not scan.imported:
-                break  # not a pickle (or not one any more): the unpickler fails here before importing anything
+            if not (scan.complete or scan.imported or scan.limited or (scan.truncated and scan.started_with_proto)):
+                # Not a pickle (or not one any more): the unpickler fails here before importing anything.
+                # A stream that starts like a protocol 2-5 pickle and runs out of data is a truncated one.
+                break
             found.append(scan)
             position += read
             if not scan.complete:
@@ -263,7 +265,7 @@ class _Scanner:
         """A tar archive: torch.load opens one as its pre-0.4 format and unpickles members of it."""
         f.seek(0)
         try:
-            archive = tarfile.open(fileobj=f, mode="r:")
+            archive = tarfile.open(fileobj=f, mode="r:")  # noqa: SIM115 - closed by the `with` below
         except Exception:  # not a tar archive (tarfile raises ReadError, and others on damage)
             return False
         try:
@@ -316,6 +318,8 @@ class _Scanner:
                     info.flag_bits &= ~0x1
                 try:
                     with archive.open(info) as member:
+                        # torch does not check CRCs: read what is there (a wrong CRC hides nothing from us)
+                        member._expected_crc = None  # type: ignore[attr-defined]
                         self.member(cast(BinaryIO, member), info.file_size, inner, depth)
                 except Exception as exc:  # a damaged member: bad local header, CRC, compressed data
                     self.problem(inner, f"unreadable zip member: {type(exc).__name__}: {exc}")
@@ -392,4 +396,3 @@ def scan(path: str | Path, *, limits: Limits | None = None) -> ScanReport:
     for file in walk(root):
         scan_file(file, report, limits)
     return report
-
