@@ -306,7 +306,7 @@ class _Scanner:
                 if info.filename.endswith("constants.pkl"):
                     self.problem(inner, "a TorchScript archive: torch.load hands it to torch.jit.load, which runs "
                                  "its code", "unknown")  # fmt: skip
-                if info.is_dir():
+                if info.filename.endswith("/"):  # a folder entry (is_dir() fails on an empty name)
                     continue
                 if info.compress_type not in _ZIP_METHODS:
                     self.problem(inner, f"compression method {info.compress_type} cannot be read here, so it was "
@@ -357,6 +357,8 @@ def scan_file(path: Path, report: ScanReport, limits: Limits | None = None) -> N
     except OSError as exc:
         report.files[str(path)] = "unreadable"
         scanner.problem(str(path), f"cannot be read: {exc.strerror or exc}")
+    except Exception as exc:  # a parser failing on damage we did not foresee: not verified, never raised
+        scanner.problem(str(path), f"could not be scanned to the end: {type(exc).__name__}: {exc}")
 
 
 def walk(path: Path) -> Iterator[Path]:
