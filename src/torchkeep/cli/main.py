@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="files or folders (walked recursively)")
-    p.add_argument("--json", action="store_true", help="machine-readable reports (status, exit_code, pickles, problems)")
+    p.add_argument("--json", action="store_true", help="reports as JSON (status, exit_code, pickles, problems)")
     p.set_defaults(func=_scan)
     p = sub.add_parser("convert", help="convert any readable file to safetensors or a torchkeep checkpoint")
     p.add_argument("src")
