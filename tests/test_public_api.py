@@ -8,7 +8,7 @@ EXPECTED = {
     "TorchkeepError", "CheckpointNotFoundError", "CorruptCheckpointError", "LoadMismatchError", "InvalidDeviceError",
     "UnsafeCheckpointError", "UnsupportedTensorError", "UnsupportedValueError", "CheckpointWriteError",
     "TorchkeepWarning", "__version__", "load_raw", "scan", "ScanReport", "convert", "ConvertReport",
-    "save_model", "load_model", "register_model",
+    "save_model", "load_model", "register_model", "export", "ExportReport", "ExportError", "ExportVerificationError",
 }  # fmt: skip
 
 

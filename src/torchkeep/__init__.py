@@ -10,6 +10,8 @@ from torchkeep.errors import (
     CheckpointNotFoundError,
     CheckpointWriteError,
     CorruptCheckpointError,
+    ExportError,
+    ExportVerificationError,
     InvalidDeviceError,
     LoadMismatchError,
     TorchkeepError,
@@ -18,6 +20,8 @@ from torchkeep.errors import (
     UnsupportedTensorError,
     UnsupportedValueError,
 )
+from torchkeep.exporting.export import export
+from torchkeep.exporting.report import ExportReport
 from torchkeep.format.pickle.scan import ScanReport, scan
 from torchkeep.manager.manager import CheckpointInfo, CheckpointManager
 from torchkeep.manager.policies import KeepBest, KeepEvery, KeepLast, SaveEvery
@@ -39,6 +43,9 @@ __all__ = [
     "CheckpointWriteError",
     "ConvertReport",
     "CorruptCheckpointError",
+    "ExportError",
+    "ExportReport",
+    "ExportVerificationError",
     "Inspection",
     "InvalidDeviceError",
     "KeepBest",
@@ -58,6 +65,7 @@ __all__ = [
     "UnsupportedValueError",
     "__version__",
     "convert",
+    "export",
     "inspect",
     "load",
     "load_checkpoint",

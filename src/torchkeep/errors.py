@@ -11,6 +11,8 @@ would already catch::
     ├── CheckpointWriteError      (also OSError: disk full, no space, read-only, locked)
     ├── InvalidDeviceError        (also ValueError: a malformed or unavailable device)
     ├── LoadMismatchError         (also RuntimeError)
+    ├── ExportError               (also RuntimeError: the exporter failed; names the op)
+    │   └── ExportVerificationError   (the artifact's outputs differ from eager mode)
     └── UnsafeCheckpointError     (also pickle.UnpicklingError)
 
 Each carries the context it is about (``.path``, ``.key``, ``.report``) and its message says
@@ -114,6 +116,26 @@ class LoadMismatchError(TorchkeepError, RuntimeError):
         )
 
 
+class ExportError(TorchkeepError, RuntimeError):
+    """A model could not be exported; ``.op`` names the operator that failed where the exporter says."""
+
+    def __init__(self, fmt: str, problem: str, *, op: str | None = None, cause: BaseException | None = None) -> None:
+        self.format = fmt
+        self.problem = problem
+        self.op = op
+        self.cause = cause
+        where = f" at {op}" if op else ""
+        super().__init__(f"cannot export to {fmt}{where}: {problem}")
+
+
+class ExportVerificationError(ExportError):
+    """The exported artifact ran, but its outputs differ from eager mode past the tolerance; ``.report`` has them."""
+
+    def __init__(self, fmt: str, problem: str, report: object) -> None:
+        super().__init__(fmt, problem)
+        self.report = report
+
+
 class UnsafeCheckpointError(TorchkeepError, pickle.UnpicklingError):
     """A file needs code to run (a pickle global outside the allowlist) and was not marked trusted."""
 
@@ -128,6 +150,8 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointWriteError",
     "CorruptCheckpointError",
+    "ExportError",
+    "ExportVerificationError",
     "InvalidDeviceError",
     "LoadMismatchError",
     "TorchkeepError",

@@ -1,0 +1,1 @@
+"""Export for deployment (ONNX, torch.export, TorchScript), verified against eager mode."""
