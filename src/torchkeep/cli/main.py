@@ -164,6 +164,12 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from torchkeep.cli.export import run_export
+
+    return run_export(args)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from torchkeep.cli.demo import run
 
@@ -200,6 +206,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action="store_true", help="show a progress bar even for small files")
     p.add_argument("--config", help="JSON config for a pickled whole model whose class has none")
     p.set_defaults(func=_convert)
+    p = sub.add_parser(
+        "export",
+        help="export a save_model folder to ONNX, torch.export (.pt2) or TorchScript, verified against eager mode",
+        description="Load MODEL_DIR (a save_model folder), export it with random example inputs of the given "
+        "shapes, run the artifact in its own runtime and compare it with eager mode. Exit 0 when verified.",
+    )
+    p.add_argument("model_dir")
+    p.add_argument("output", help="the artifact file: model.onnx, model.pt2, model.pt")
+    p.add_argument("--format", choices=["onnx", "exported_program", "torchscript"], help="default: by OUTPUT's suffix")
+    p.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="[NAME=]SHAPE[:DTYPE]",
+        help="an example input, e.g. 1,3,224,224 or ids=2,16:int64 (repeat for several; NAME= makes it a keyword). "
+        "Default for a model that starts with a Linear layer: 2,in_features",
+    )
+    p.add_argument("--static-batch", action="store_true", help="fix the batch size instead of making it symbolic")
+    p.add_argument("--no-verify", action="store_true", help="skip running the artifact")
+    p.add_argument("--rtol", type=float)
+    p.add_argument("--atol", type=float)
+    p.add_argument("--allow-module", action="append", default=[], help="a module whose model classes may be imported")
+    p.add_argument("--json", action="store_true", help="print the report as JSON (the I/O spec with the errors)")
+    p.set_defaults(func=_export)
     p = sub.add_parser("ls", help="list a CheckpointManager directory: steps, times, sizes, metrics")
     p.add_argument("directory")
     p.add_argument("--monitor", help="metric that marks the best checkpoint")
