@@ -26,6 +26,7 @@ from torchkeep.format.pickle.scan import ScanReport, scan
 from torchkeep.manager.manager import CheckpointInfo, CheckpointManager
 from torchkeep.manager.policies import KeepBest, KeepEvery, KeepLast, SaveEvery
 from torchkeep.model.io import load_model, save_model
+from torchkeep.model.quantize import quantize
 from torchkeep.model.registry import register_model
 from torchkeep.weights.inspect import Inspection, TensorInfo, inspect
 from torchkeep.weights.load import load, load_raw
@@ -72,6 +73,7 @@ __all__ = [
     "load_into",
     "load_model",
     "load_raw",
+    "quantize",
     "register_model",
     "save",
     "save_checkpoint",

@@ -6,7 +6,7 @@ import importlib
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,9 @@ from torchkeep.errors import (
 from torchkeep.format.jsondoc import check_version, expect, parse_json
 from torchkeep.model import structure
 from torchkeep.model.config import build, config_of
+from torchkeep.model.quantize import check_recipe, recipe_of, requantize
 from torchkeep.model.registry import import_path, registered
-from torchkeep.state.devices import MapLocation
+from torchkeep.state.devices import MapLocation, parse_device
 from torchkeep.state.keys import unwrap_model
 from torchkeep.state.tensors import prepare, state_dict_of
 from torchkeep.storage.local import (
@@ -86,6 +87,7 @@ def save_model(
             )
         source = "stock"
     state = state_dict_of(target)
+    recipe = recipe_of(target)
     manifest = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
@@ -97,6 +99,8 @@ def save_model(
         "torch": torch.__version__,
         "torchkeep": _version(),
     }
+    if recipe is not None:
+        manifest["quantization"] = recipe
     out = Path(path)
     temp = temporary_sibling(out)
     with write_errors(out, "creating the model folder"):
@@ -242,6 +246,9 @@ def load_model(
                 root, f"cannot rebuild the model from its config and manifest: {type(exc).__name__}: {exc}"
             ) from exc
 
+    recipe = (manifest or {}).get("quantization")
+    if recipe is not None:
+        return _load_quantized(root, construct_checked, recipe, map_location, dtype, strict, eval)
     with torch.device("meta"):
         model = construct_checked()
     state = load(root, map_location=map_location, dtype=dtype)
@@ -257,6 +264,34 @@ def load_model(
         if dtype is not None:
             model.to(dtype)
         model.load_state_dict(pending.to_load, strict=False)
+    return model.eval() if eval else model.train()
+
+
+def _load_quantized(
+    root: Path,
+    construct: Callable[[], nn.Module],
+    recipe: Any,
+    map_location: MapLocation,
+    dtype: torch.dtype | None,
+    strict: bool,
+    eval: bool,
+) -> nn.Module:
+    """Build the float model, quantize it as recorded, then copy the saved int8 data and scales in."""
+    where = str(root / MODEL_MANIFEST)
+    recipe = check_recipe(recipe, where)
+    if dtype is not None:
+        raise ValueError("dtype= cannot cast a quantized model; load it as saved")
+    model = construct()
+    requantize(model, recipe, where)
+    state = load(root, map_location="cpu")
+    pending = match_model(model, state, source_name=str(root))
+    if strict and not pending.report.ok:
+        raise LoadMismatchError(pending.report, str(root))
+    pending.apply()
+    if map_location not in (None, "cpu"):
+        if not isinstance(map_location, (str, torch.device)):
+            raise ValueError("a quantized model loads onto one device: pass map_location as a device")
+        model.to(parse_device(map_location))
     return model.eval() if eval else model.train()
 
 

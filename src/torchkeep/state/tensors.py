@@ -11,6 +11,7 @@ from torch import nn
 from torchkeep.errors import UnsupportedTensorError
 from torchkeep.format.dtypes import DTYPE_TO_CODE, dtype_name
 from torchkeep.state.keys import drop_compile_segments, unwrap_model
+from torchkeep.state.wrappers import flatten_wrappers
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ def state_dict_of(obj: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torc
     """The tensors to save: a module's unwrapped state dict, or a mapping as given."""
     if isinstance(obj, nn.Module):
         module = unwrap_model(obj)
-        return {drop_compile_segments(k): v for k, v in module.state_dict().items()}
+        return flatten_wrappers({drop_compile_segments(k): v for k, v in module.state_dict().items()})
     if isinstance(obj, Mapping):
         out: dict[str, torch.Tensor] = {}
         for key, value in obj.items():
@@ -40,7 +41,7 @@ def state_dict_of(obj: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torc
                     key, f"is a {type(value).__name__}, not a tensor; save_checkpoint stores other values"
                 )
             out[key] = value
-        return out
+        return flatten_wrappers(out)
     raise TypeError(f"save() takes an nn.Module or a mapping of str to Tensor, not {type(obj).__name__}")
 
 

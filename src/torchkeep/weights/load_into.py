@@ -11,6 +11,7 @@ from torch import nn
 from torchkeep.errors import LoadMismatchError
 from torchkeep.state.devices import MapLocation
 from torchkeep.state.keys import Remap, compile_remap, drop_compile_segments, strip_wrapper_prefix, unwrap_model
+from torchkeep.state.wrappers import flatten_wrappers
 from torchkeep.weights.load import load
 from torchkeep.weights.report import LoadReport, Mismatch
 
@@ -112,8 +113,15 @@ class PendingLoad:
         self.to_load = to_load
 
     def apply(self) -> None:
-        # load_state_dict (not raw copies) so modules' own load hooks run.
-        result = self.target.load_state_dict(self.to_load, strict=False)
+        # load_state_dict (not raw copies) so modules' own load hooks run; parts of wrapper tensors
+        # (torchao's quantized weights) have no key of their own there and are copied in place.
+        own = self.target.state_dict(keep_vars=True)
+        parts = flatten_wrappers(own)
+        to_load = dict(self.to_load)
+        with torch.no_grad():
+            for key in [k for k in to_load if k not in own and k in parts]:
+                parts[key].copy_(to_load.pop(key))
+        result = self.target.load_state_dict(to_load, strict=False)
         if result.unexpected_keys:  # cannot happen after plan_load; guard the contract anyway
             raise RuntimeError(f"load_state_dict rejected keys {result.unexpected_keys}")
 
@@ -123,7 +131,7 @@ def match_model(
 ) -> PendingLoad:
     """Match a state dict to a (possibly wrapped) model's keys, handling prefixes; touches nothing."""
     target = unwrap_model(model)
-    own_state = target.state_dict(keep_vars=True)
+    own_state = flatten_wrappers(target.state_dict(keep_vars=True))  # quantized weights as their parts
     model_keys = {drop_compile_segments(k): k for k in own_state}
     model_state = {clean: own_state[orig] for clean, orig in model_keys.items()}
 
