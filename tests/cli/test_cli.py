@@ -70,6 +70,9 @@ def test_demo_trains_saves_and_reloads(tmp_path: Path, capsys: pytest.CaptureFix
     assert "loss sequence identical: True; parameters bit-identical: True" in out
     assert "fresh process: rebuilt IrisNet eval, predictions identical: True" in out
     assert (tmp_path / "demo" / "iris.safetensors").exists()
+    assert "iris.onnx" in out and "iris.pt2" in out and out.count("batch 5: ok (max abs error") == 2
+    assert "fresh process: reloaded Int8Tensor weights, predictions identical: True" in out
+    assert (tmp_path / "demo" / "iris.onnx.io.json").is_file() and (tmp_path / "demo" / "iris-int8").is_dir()
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ produced: no pickle, and the reloaded model computes exactly what the saved one 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -26,10 +27,19 @@ TORCHAO_EXTRA = "pip install 'torchkeep[quant]'  (torchao)"
 
 
 def _torchao() -> Any:
+    # torchao logs a warning for each GPU kernel library it cannot load on a CPU-only machine, and torch one
+    # about how torchao registers an enum: neither is the user's to act on.
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         import torchao.quantization as tq
     except ImportError as exc:
         raise ImportError(f"torchkeep.quantize needs torchao: {TORCHAO_EXTRA}") from exc
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
     return tq
 
 
