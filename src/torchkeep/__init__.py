@@ -3,6 +3,7 @@
 The public API is what ``__all__`` lists; everything else is private and may change.
 """
 
+from torchkeep.checkpoint.background import PendingSave
 from torchkeep.checkpoint.io import load_checkpoint, save_checkpoint
 from torchkeep.convert import ConvertReport, convert
 from torchkeep.data import ResumableSampler
@@ -55,6 +56,7 @@ __all__ = [
     "LoadMismatchError",
     "LoadReport",
     "Mismatch",
+    "PendingSave",
     "ResumableSampler",
     "SaveEvery",
     "ScanReport",

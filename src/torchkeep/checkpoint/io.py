@@ -16,6 +16,7 @@ from torch import nn
 
 from torchkeep import _config
 from torchkeep._gc import gc_paused
+from torchkeep.checkpoint.background import PendingSave, StagingBuffers, submit
 from torchkeep.checkpoint.layout import (
     MANIFEST_FILE,
     TENSORS_FILE,
@@ -80,8 +81,9 @@ def save_checkpoint(
     scaler: Any = None,
     components: Mapping[str, Any] | None = None,
     rng: bool = True,
+    blocking: bool = True,
     **state: Any,
-) -> None:
+) -> PendingSave[int] | None:
     """Save everything needed to resume training, bit-exactly, as a directory. No pickle.
 
     Args:
@@ -90,7 +92,12 @@ def save_checkpoint(
         optimizer, scheduler, scaler: any object with ``state_dict()`` / ``load_state_dict()``.
         components: more such objects by name (a GAN's two models and two optimizers, an EMA...).
         rng: capture Python, NumPy, torch CPU and CUDA random states.
+        blocking: False: return once the state is copied (training may change it at once) and write
+            in the background; the returned handle's ``wait()`` raises any error of the write.
         **state: plain values to keep (``epoch=3, loss=loss_tensor, config={...}``).
+
+    Returns:
+        None, or with ``blocking=False`` a :class:`PendingSave` whose ``wait()`` returns the bytes written.
 
     Raises:
         UnsupportedValueError: a value that cannot be stored without pickle, naming where it is.
@@ -107,7 +114,12 @@ def save_checkpoint(
         rng=rng,
         state=state,
     )
-    write_checkpoint_dir(Path(path), plan)
+    target = Path(path)
+    if blocking:
+        write_checkpoint_dir(target, plan)
+        return None
+    snapshot = StagingBuffers().snapshot(plan)
+    return submit(None, target, lambda: write_checkpoint_dir(target, snapshot))
 
 
 @dataclass

@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+from torchkeep.checkpoint.background import PendingSave, StagingBuffers, Writer
 from torchkeep.checkpoint.io import load_checkpoint, write_checkpoint_dir
 from torchkeep.checkpoint.layout import (
     MANIFEST_FILE,
@@ -105,6 +106,11 @@ class CheckpointManager:
         policies: more retention policies (objects with ``keep(candidates) -> set[int]``).
         template: directory name for a step; must contain ``{step}`` (format spec allowed).
         read_only: do not take the lock or clean up (for listing and restoring only).
+        async_save: :meth:`save` returns once the state is copied into reusable staging buffers and
+            writes, verifies and commits on a background thread (then moves ``latest`` and applies
+            retention). One save is in flight at a time: the next ``save`` first waits for it. A
+            background error is raised by the next ``save``, :meth:`wait` or :meth:`close` (or the
+            handle's ``wait()``); at interpreter exit a save in flight is finished.
 
     Raises:
         CheckpointWriteError: another process writes here (the message names it), or the
@@ -130,9 +136,15 @@ class CheckpointManager:
         policies: Sequence[RetentionPolicy] = (),
         template: str = "step-{step:08d}",
         read_only: bool = False,
+        async_save: bool = False,
     ) -> None:
         self._lease: Lease | None = None
         self._mutex = threading.RLock()
+        self._save_order = threading.Lock()  # serialises save() callers, held while waiting for the previous save
+        self.async_save = async_save
+        self._staging = StagingBuffers()
+        self._writer = Writer()
+        self._pending: PendingSave[CheckpointInfo] | None = None
         self._deleter = Deleter()
         self._warned: set[str] = set()
         self.directory = Path(directory)
@@ -165,11 +177,16 @@ class CheckpointManager:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Finish pending deletions and release the directory lock (unless another manager took it over)."""
-        with self._mutex:
-            self.wait()
-            if self._lease is not None:
-                release(self._lease)
+        """Finish a background save and pending deletions, and release the directory lock (unless another
+        manager took it over). Raises the error of a background save nobody has seen yet."""
+        try:
+            self._finish_pending()
+        finally:
+            self._writer.shutdown()
+            with self._mutex:
+                self._deleter.wait()
+                if self._lease is not None:
+                    release(self._lease)
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -179,7 +196,7 @@ class CheckpointManager:
 
     def __del__(self) -> None:
         # Attributes are missing when __init__ failed early; at interpreter exit the OS drops the lock.
-        if "_lease" in self.__dict__ and "_deleter" in self.__dict__:
+        if "_lease" in self.__dict__ and "_deleter" in self.__dict__ and "_writer" in self.__dict__:
             with contextlib.suppress(Exception):
                 self.close()
 
@@ -318,8 +335,12 @@ class CheckpointManager:
         components: Mapping[str, Any] | None = None,
         rng: bool = True,
         **state: Any,
-    ) -> CheckpointInfo:
+    ) -> CheckpointInfo | PendingSave[CheckpointInfo]:
         """Write checkpoint ``step`` atomically, read it back, then apply retention.
+
+        With ``async_save=True`` this returns a :class:`PendingSave` as soon as the state is copied;
+        its ``wait()`` returns the :class:`CheckpointInfo`. ``latest``, ``best`` and retention move
+        only once the checkpoint is durable and read back.
 
         Other arguments as :func:`torchkeep.save_checkpoint`. ``metrics`` values may be Python
         numbers, 0-dim tensors (any device, with grad too) or NumPy scalars and 0-d arrays; they
@@ -333,47 +354,90 @@ class CheckpointManager:
                 new checkpoint did not read back, a folder not written by the manager has the
                 step's name, or another manager took over; earlier checkpoints are intact.
         """
-        with self._mutex:
-            if self._lease is None:
-                raise CheckpointWriteError(self.directory, "this manager is read_only")
-            if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-                raise ValueError(f"step must be a non-negative int, got {step!r}")
-            self._lease.check()
-            self._check_step(step)
-            plain = plain_metrics(metrics or {})
-            target = self.directory / self.template.format(step=step)
-            if os.path.lexists(target):
-                why = self.damaged.get(target.name, "its manifest is not a manager's for this step")
-                raise CheckpointWriteError(
-                    target,
-                    f"exists, and is not a checkpoint this manager can vouch for ({why}); nothing was written. "
-                    "Move it out of the way, or use another directory or template",
+        with self._save_order:
+            self._finish_pending()  # at most one save in flight; its error, if any, is raised here
+            with self._mutex:
+                target, plan, plain, now = self._plan_save(
+                    step, metrics, model, optimizer, scheduler, scaler, components, rng, state
                 )
-            now = time.time()
-            plan = plan_checkpoint(
-                model=model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                scaler=scaler,
-                components=components,
-                rng=rng,
-                state=state,
-                info={"manager": 1, "step": step, "metrics": plain, "time": now},
+                if not self.async_save:
+                    return self._commit_save(step, target, plan, plain, now)
+                snapshot = self._staging.snapshot(plan)
+                pending = self._writer.submit(
+                    step, target, lambda: self._commit_save(step, target, snapshot, plain, now)
+                )
+                self._pending = pending
+                return pending
+
+    def _plan_save(
+        self,
+        step: int,
+        metrics: Mapping[str, Any] | None,
+        model: nn.Module | None,
+        optimizer: Any,
+        scheduler: Any,
+        scaler: Any,
+        components: Mapping[str, Any] | None,
+        rng: bool,
+        state: Mapping[str, Any],
+    ) -> tuple[Path, CheckpointPlan, dict[str, Any], float]:
+        """Check the step and the directory, plan what to write, and check it fits; nothing is written."""
+        if self._lease is None:
+            raise CheckpointWriteError(self.directory, "this manager is read_only")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        self._lease.check()
+        self._check_step(step)
+        plain = plain_metrics(metrics or {})
+        target = self.directory / self.template.format(step=step)
+        if os.path.lexists(target):
+            why = self.damaged.get(target.name, "its manifest is not a manager's for this step")
+            raise CheckpointWriteError(
+                target,
+                f"exists, and is not a checkpoint this manager can vouch for ({why}); nothing was written. "
+                "Move it out of the way, or use another directory or template",
             )
-            self._check_space(plan, target)
-            try:
-                with write_errors(target, "writing the checkpoint"):
-                    write_checkpoint_dir(target, plan)
-            except CheckpointWriteError as exc:
-                raise CheckpointWriteError(
-                    exc.path, f"{exc.problem}; earlier checkpoints are intact, nothing was left", cause=exc
-                ) from exc
-            self._checkpoints[step] = CheckpointInfo(
-                step=step, path=target, metrics=plain, time=now, size=self._read_back(target, step)
-            )
+        now = time.time()
+        plan = plan_checkpoint(
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            components=components,
+            rng=rng,
+            state=state,
+            info={"manager": 1, "step": step, "metrics": plain, "time": now},
+        )
+        self._check_space(plan, target)
+        return target, plan, plain, now
+
+    def _commit_save(
+        self, step: int, target: Path, plan: CheckpointPlan, plain: dict[str, Any], now: float
+    ) -> CheckpointInfo:
+        """Write, read back, then move ``latest`` and apply retention (on the worker thread when async)."""
+        try:
+            with write_errors(target, "writing the checkpoint"):
+                write_checkpoint_dir(target, plan)
+        except CheckpointWriteError as exc:
+            raise CheckpointWriteError(
+                exc.path, f"{exc.problem}; earlier checkpoints are intact, nothing was left", cause=exc
+            ) from exc
+        with self._mutex:
+            size = self._read_back(target, step)
+            if self._lease is not None:
+                self._lease.check()  # another manager took over while this one was writing
+            self._checkpoints[step] = CheckpointInfo(step=step, path=target, metrics=plain, time=now, size=size)
             self._write_latest(target, step)
             self._apply_retention(step)
             return self._decorated(self._checkpoints[step], self._best_step(), step)
+
+    def _finish_pending(self) -> None:
+        """Wait for the background save, if any; raise its error if nobody has seen it."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            error = pending.unreported_error()
+            if error is not None:
+                raise error
 
     def _check_step(self, step: int) -> None:
         newest = max(self._checkpoints, default=None)
@@ -483,7 +547,9 @@ class CheckpointManager:
                 self._deleter.start()
 
     def wait(self) -> None:
-        """Wait for background deletions of retired checkpoints to finish."""
+        """Wait for a background save (raising its error) and for deletions of retired checkpoints."""
+        with self._save_order:
+            self._finish_pending()
         self._deleter.wait()
 
     # -- restore -----------------------------------------------------------------------------

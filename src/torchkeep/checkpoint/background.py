@@ -1,0 +1,119 @@
+"""Checkpoints written in the background: a snapshot of the state is taken while the caller waits, the
+writing and committing happen on a worker thread.
+
+The snapshot copies every tensor a plan refers to into staging buffers that are allocated once and reused
+by the next save of the same shapes (so a training loop does not allocate a model's worth of memory per
+save), and deep-copies the manifest, so training may go on changing the live tensors at once.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Generic, TypeVar
+
+import torch
+
+from torchkeep.checkpoint.layout import CheckpointPlan
+from torchkeep.state.tensors import PreparedTensors
+
+T = TypeVar("T")
+
+
+class StagingBuffers:
+    """Host copies of a plan's tensors, kept between saves; pinned when the source is on a GPU."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    def snapshot(self, plan: CheckpointPlan) -> CheckpointPlan:
+        """A plan that no longer shares memory with the live state (the copy the caller waits for)."""
+        kept: dict[str, torch.Tensor] = {}
+        on_gpu = False
+        for name, tensor in plan.tensors.tensors.items():
+            buffer = self._buffers.get(name)
+            if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+                pin = tensor.is_cuda and torch.cuda.is_available()
+                buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pin)
+            on_gpu = on_gpu or tensor.is_cuda
+            buffer.copy_(tensor, non_blocking=tensor.is_cuda)
+            kept[name] = buffer
+        if on_gpu:
+            torch.cuda.synchronize()
+        self._buffers = kept  # buffers of tensors this plan no longer has are released
+        return CheckpointPlan(copy.deepcopy(plan.manifest), PreparedTensors(dict(kept), dict(plan.tensors.aliases)))
+
+
+class PendingSave(Generic[T]):
+    """A checkpoint being written in the background.
+
+    ``wait()`` returns what the save returns when done (a :class:`~torchkeep.CheckpointInfo` for a
+    manager) or raises the error that stopped it; ``done()`` says whether it finished.
+    """
+
+    def __init__(self, step: int | None, path: Path, future: Future[T]) -> None:
+        self.step = step
+        self.path = path
+        self._future = future
+        self._reported = False
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self, timeout: float | None = None) -> T:
+        """Block until durable (or failed); raises the background error, once."""
+        try:
+            return self._future.result(timeout)
+        except BaseException:
+            self._reported = True
+            raise
+
+    def unreported_error(self) -> BaseException | None:
+        """Wait, then the error nobody has seen yet (the next save, ``wait()`` or ``close()`` raises it)."""
+        error = self._future.exception()
+        if error is None or self._reported:
+            return None
+        self._reported = True
+        return error
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "writing"
+        return f"PendingSave(step={self.step}, path={str(self.path)!r}, {state})"
+
+
+class Writer:
+    """One worker thread; at most one save in flight (the caller waits for the previous one first).
+
+    The thread is not a daemon: at interpreter exit Python joins it, so a save in flight is finished.
+    """
+
+    def __init__(self) -> None:
+        self._executor: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, step: int | None, path: Path, work: Callable[[], T]) -> PendingSave[T]:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchkeep-save")
+            return PendingSave(step, path, self._executor.submit(work))
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+
+
+_SHARED = Writer()
+
+
+def submit(step: int | None, path: Path, work: Callable[[], T]) -> PendingSave[T]:
+    """Run ``work`` on the shared background writer (``save_checkpoint(..., blocking=False)``)."""
+    return _SHARED.submit(step, path, work)
