@@ -193,3 +193,59 @@ def test_save_checkpoint_without_blocking(tmp_path: Path) -> None:
     assert torchkeep.load_checkpoint(tmp_path / "ckpt", model=restored)["epoch"] == 3
     assert_same_tensors(restored.state_dict(), before)
     assert torchkeep.save_checkpoint(tmp_path / "ckpt2", model=model) is None  # blocking by default
+
+
+PREEMPTED = textwrap.dedent("""
+    import sys, time, torch, torchkeep
+    model = torch.nn.Linear(4, 4)
+    with torch.no_grad():
+        model.weight.zero_()  # weight == step after each step
+    mgr = torchkeep.CheckpointManager(sys.argv[1], async_save=True, keep_last=2)
+    step = 0
+    mgr.save_on_signal(lambda: dict(step=step, model=model, seen=step))
+    while True:
+        step += 1
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        if step % 10 == 0:
+            mgr.save(step, model=model, seen=step)
+        print(step, flush=True)
+        time.sleep(0.002)
+""")
+
+
+def test_sigterm_saves_a_final_checkpoint_then_ends_the_process(tmp_path: Path) -> None:
+    with subprocess.Popen(
+        [sys.executable, "-c", PREEMPTED, str(tmp_path / "run")], stdout=subprocess.PIPE, text=True
+    ) as child:
+        assert child.stdout is not None
+        for line in child.stdout:
+            if int(line) >= 25:
+                break
+        child.send_signal(signal.SIGTERM)
+        child.wait(timeout=60)
+    assert child.returncode == -signal.SIGTERM  # the default action still ends it
+    mgr = torchkeep.CheckpointManager(tmp_path / "run", read_only=True)
+    latest = mgr.latest()
+    assert latest is not None and latest.step >= 25  # saved at the signal, not only at the last multiple of 10
+    model = nn.Linear(4, 4)
+    state = mgr.restore(model=model, rng=False)
+    assert state["seen"] == latest.step
+    assert torch.equal(model.weight.detach(), torch.full((4, 4), float(latest.step)))  # the state of that step
+
+
+def test_a_python_handler_installed_before_still_runs(tmp_path: Path) -> None:
+    called = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: called.append(signum))
+    try:
+        mgr = torchkeep.CheckpointManager(tmp_path / "run", async_save=True)
+        model = nn.Linear(2, 2)
+        uninstall = mgr.save_on_signal(lambda: {"step": 7, "model": model})
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.05)  # the handler runs at the next bytecode boundary of this thread
+        assert called == [signal.SIGUSR1]
+        assert [c.step for c in mgr.list()] == [7]
+        uninstall()
+        mgr.close()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)

@@ -7,10 +7,11 @@ import math
 import os
 import re
 import shutil
+import signal
 import threading
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,10 @@ from torchkeep.errors import (
     CheckpointNotFoundError,
     CheckpointWriteError,
     CorruptCheckpointError,
+    TorchkeepError,
     TorchkeepWarning,
 )
+from torchkeep.manager import preemption
 from torchkeep.manager.folders import TEMPORARY, Deleter, foreign_files, manager_info, not_ours, remove_own
 from torchkeep.manager.lock import LOCK_FILE, Lease, acquire, release
 from torchkeep.manager.policies import (
@@ -145,6 +148,7 @@ class CheckpointManager:
         self._staging = StagingBuffers()
         self._writer = Writer()
         self._pending: PendingSave[CheckpointInfo] | None = None
+        self._saving = False
         self._deleter = Deleter()
         self._warned: set[str] = set()
         self.directory = Path(directory)
@@ -355,19 +359,81 @@ class CheckpointManager:
                 step's name, or another manager took over; earlier checkpoints are intact.
         """
         with self._save_order:
-            self._finish_pending()  # at most one save in flight; its error, if any, is raised here
-            with self._mutex:
-                target, plan, plain, now = self._plan_save(
-                    step, metrics, model, optimizer, scheduler, scaler, components, rng, state
+            self._saving = True
+            try:
+                return self._save(step, metrics, model, optimizer, scheduler, scaler, components, rng, state)
+            finally:
+                self._saving = False
+
+    def _save(
+        self,
+        step: int,
+        metrics: Mapping[str, Any] | None,
+        model: nn.Module | None,
+        optimizer: Any,
+        scheduler: Any,
+        scaler: Any,
+        components: Mapping[str, Any] | None,
+        rng: bool,
+        state: Mapping[str, Any],
+    ) -> CheckpointInfo | PendingSave[CheckpointInfo]:
+        self._finish_pending()  # at most one save in flight; its error, if any, is raised here
+        with self._mutex:
+            target, plan, plain, now = self._plan_save(
+                step, metrics, model, optimizer, scheduler, scaler, components, rng, state
+            )
+            if not self.async_save:
+                return self._commit_save(step, target, plan, plain, now)
+            snapshot = self._staging.snapshot(plan)
+            pending = self._writer.submit(step, target, lambda: self._commit_save(step, target, snapshot, plain, now))
+            self._pending = pending
+            return pending
+
+    def save_on_signal(
+        self,
+        state: Callable[[], Mapping[str, Any]],
+        *,
+        signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGUSR1),
+        deadline: float = 60.0,
+    ) -> Callable[[], None]:
+        """Save a final checkpoint when the job is told to stop, then let the signal act as before.
+
+        ``state()`` returns :meth:`save`'s arguments, ``step`` included (``lambda: dict(step=step,
+        model=model, optimizer=opt, epoch=epoch)``). On SIGTERM (schedulers' notice) or SIGUSR1
+        (preemption warnings), a save in flight is finished (waiting at most ``deadline`` seconds),
+        then ``state()`` is saved synchronously unless that step is already saved; then the previous
+        handler runs, or the default action (SIGTERM ends the process). Install from the main thread;
+        returns a function that uninstalls. A signal that arrives during a ``save`` call does not
+        start a second one: that save is the final one.
+        """
+        return preemption.install(self, state, signals, deadline)
+
+    def save_now(self, step: int, deadline: float, **kwargs: Any) -> bool:
+        """The final, blocking save of :meth:`save_on_signal`; False when skipped (and why, as a warning)."""
+        if self._saving:
+            warnings.warn("a signal arrived during save(): that save is the final one", TorchkeepWarning, stacklevel=2)
+            return False
+        pending = self._pending
+        if pending is not None:
+            try:
+                pending.wait(timeout=max(deadline - time.monotonic(), 0.0))
+            except TimeoutError:
+                warnings.warn(
+                    "the save in flight outlasted the deadline: no final save", TorchkeepWarning, stacklevel=2
                 )
-                if not self.async_save:
-                    return self._commit_save(step, target, plan, plain, now)
-                snapshot = self._staging.snapshot(plan)
-                pending = self._writer.submit(
-                    step, target, lambda: self._commit_save(step, target, snapshot, plain, now)
-                )
-                self._pending = pending
-                return pending
+                return False
+            except TorchkeepError:
+                pass  # that step failed; the final save below replaces it
+            self._pending = None
+        with self._mutex:
+            if self._checkpoints and step <= max(self._checkpoints):
+                return False  # already saved
+        was, self.async_save = self.async_save, False
+        try:
+            self.save(step, **kwargs)
+        finally:
+            self.async_save = was
+        return True
 
     def _plan_save(
         self,
