@@ -130,6 +130,16 @@ def map_tensors(path: str, header: Header) -> dict[str, torch.Tensor]:
     return out
 
 
+def verify_mapped(header: Header, tensors: dict[str, torch.Tensor], path: str) -> None:
+    """Check mapped tensors against their checksums by hashing the mapped pages (page cache, no copy)."""
+    if header.checksums is None:
+        return
+    for entry in header.by_offset():
+        tensor = tensors[entry.name]
+        if entry.nbytes and digest(byte_view(tensor)) != header.checksums[entry.name]:
+            raise CorruptCheckpointError(path, "checksum mismatch: the tensor's bytes are damaged", key=entry.name)
+
+
 def verify_tensors(f: Any, header: Header, path: str) -> int:
     """Check every tensor's checksum by streaming the file; returns the number checked."""
     if header.checksums is None:

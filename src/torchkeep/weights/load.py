@@ -10,7 +10,7 @@ import torch
 
 from torchkeep._gc import gc_paused
 from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError
-from torchkeep.format.io import map_tensors, read_tensors
+from torchkeep.format.io import map_tensors, read_tensors, verify_mapped
 from torchkeep.format.layout import Header, read_header
 from torchkeep.format.pickle.dcp import is_dcp_dir, read_dcp
 from torchkeep.state.devices import MapLocation, placer
@@ -58,11 +58,18 @@ def open_weights_file(path: str) -> BinaryIO:
 
 
 def read_file(path: str, *, mmap: bool, verify: bool) -> tuple[Header, dict[str, torch.Tensor]]:
-    """One file's header and its stored tensors (aliases not yet expanded)."""
+    """One file's header and its stored tensors (aliases not yet expanded).
+
+    Mapped tensors are verified (when ``verify``) by hashing the mapped pages: nothing is copied.
+    """
     with open_weights_file(path) as f:
         header = open_header(f, path)
         _advise_sequential(f)
-        tensors = map_tensors(path, header) if mmap else read_tensors(f, header, path, verify=verify)
+        if not mmap:
+            return header, read_tensors(f, header, path, verify=verify)
+        tensors = map_tensors(path, header)
+    if verify:
+        verify_mapped(header, tensors, path)
     return header, tensors
 
 
@@ -145,7 +152,7 @@ def load(
     if is_dcp_dir(path):
         tensors = extract_state_dict(read_dcp(path), os.fspath(path))
     else:
-        tensors = read_weights(resolve(path), mmap=mmap, verify=verify, trusted=trusted)
+        tensors = read_weights(resolve(path), mmap=mmap, verify=verify and not mmap, trusted=trusted)
     if dtype is None and isinstance(map_location, str) and map_location == "cpu":
         return tensors  # already where and what they should be
     place = placer(map_location)

@@ -9,10 +9,12 @@ import torch
 from torch import nn
 
 from torchkeep.errors import LoadMismatchError
+from torchkeep.format.pickle.dcp import is_dcp_dir
 from torchkeep.state.devices import MapLocation
 from torchkeep.state.keys import Remap, compile_remap, drop_compile_segments, strip_wrapper_prefix, unwrap_model
 from torchkeep.state.wrappers import flatten_wrappers
-from torchkeep.weights.load import load
+from torchkeep.weights.files import resolve
+from torchkeep.weights.load import load, read_weights
 from torchkeep.weights.report import LoadReport, Mismatch
 
 
@@ -95,8 +97,14 @@ def load_into(
         raw = dict(source)
         source_name = "state dict"
     else:
-        raw = load(source, map_location=map_location or "cpu", verify=verify, trusted=trusted)
         source_name = os.fspath(source)
+        if map_location is None and not is_dcp_dir(source):
+            # Straight from the page cache into the model: the file is mapped, every checksum is checked
+            # on the mapped pages first (so a strict load stays all-or-nothing), then each tensor is copied
+            # once, into the parameter that already exists. No full copy of the state is ever allocated.
+            raw = read_weights(resolve(source), mmap=True, verify=verify, trusted=trusted)
+        else:
+            raw = load(source, map_location=map_location or "cpu", verify=verify, trusted=trusted)
     pending = match_model(model, raw, remap=remap, source_name=source_name)
     if strict and not pending.report.ok:
         raise LoadMismatchError(pending.report, source_name)
