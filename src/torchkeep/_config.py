@@ -21,3 +21,6 @@ MAX_JSON_BYTES = 1 << 30
 MAX_JSON_DEPTH = 256
 # Training state nests at most this deep (each level may take up to three JSON levels).
 MAX_VALUE_DEPTH = 64
+# Threads that hash mapped tensors in parallel (xxh3 releases the GIL), and the least work worth splitting.
+HASH_THREADS = 2
+PARALLEL_HASH_BYTES = 64 * 1024 * 1024

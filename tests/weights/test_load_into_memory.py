@@ -76,3 +76,30 @@ def test_a_damaged_tensor_is_found_before_any_parameter_changes(tmp_path: Path) 
     else:
         raise AssertionError("a flipped bit was not found")
     assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+
+
+def test_load_is_mapped_and_verified_by_default_and_a_copy_when_cast(tmp_path: Path) -> None:
+    from torchkeep import _config
+
+    state = {f"w{i}": torch.randn(256, 1024) for i in range(80)}  # 80 MiB: hashed in parallel
+    path = tmp_path / "w.safetensors"
+    torchkeep.save(state, path)
+    before = path.read_bytes()
+    loaded = torchkeep.load(path)
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    loaded["w0"].add_(1.0)  # a private mapping: the file never changes
+    assert path.read_bytes() == before
+    assert torchkeep.load(path, dtype=torch.float16)["w1"].dtype == torch.float16
+
+    data = bytearray(before)
+    data[-5] ^= 0x10  # in the last tensor, which the second hashing thread checks
+    path.write_bytes(bytes(data))
+    assert _config.PARALLEL_HASH_BYTES < 80 << 20
+    for mmap in (None, False):
+        try:
+            torchkeep.load(path, mmap=mmap)
+        except torchkeep.CorruptCheckpointError as exc:
+            assert exc.key == "w79"
+        else:
+            raise AssertionError(f"mmap={mmap}: a flipped bit was not found")
+    assert torchkeep.load(path, mmap=True)["w79"].shape == (256, 1024)  # lazy: structure only, as documented

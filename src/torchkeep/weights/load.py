@@ -113,7 +113,7 @@ def load(
     path: str | os.PathLike[str],
     *,
     map_location: MapLocation = "cpu",
-    mmap: bool = False,
+    mmap: bool | None = None,
     dtype: torch.dtype | None = None,
     verify: bool = True,
     trusted: bool = False,
@@ -130,9 +130,13 @@ def load(
         path: a ``.safetensors`` file, a folder, or a ``*.safetensors.index.json`` file.
         map_location: as ``torch.load`` accepts (str, device, dict, callable), or ``"auto"``
             for the current accelerator if any.
-        mmap: return tensors backed by the file (copy-on-write); nothing is read until used.
-            Checksums are then not checked, since that would read everything: use
-            ``torchkeep verify`` or a full load for that.
+        mmap: where the tensors' memory comes from. ``None`` (default): tensors of a safetensors
+            file loaded to the CPU without a cast are backed by a private, copy-on-write map of the
+            file (writes never reach it), verified by hashing the mapped pages, so no second copy
+            is made; a cast or a device move makes a private copy. ``True``: mapped and lazy, nothing
+            read until used, checksums not checked (``torchkeep verify`` does). ``False``: a private
+            copy in fresh memory, verified as it is read. A mapped file must not be truncated in
+            place while you hold its tensors (torchkeep never writes in place).
         dtype: cast floating-point tensors to this dtype; integer and bool tensors keep theirs.
         verify: check each tensor against the checksum torchkeep recorded (files from other
             writers have none and are loaded unchecked; zip archives are CRC-checked).
@@ -152,7 +156,8 @@ def load(
     if is_dcp_dir(path):
         tensors = extract_state_dict(read_dcp(path), os.fspath(path))
     else:
-        tensors = read_weights(resolve(path), mmap=mmap, verify=verify and not mmap, trusted=trusted)
+        mapped = mmap if mmap is not None else dtype is None and _on_cpu(map_location)
+        tensors = read_weights(resolve(path), mmap=mapped, verify=verify and mmap is not True, trusted=trusted)
     if dtype is None and isinstance(map_location, str) and map_location == "cpu":
         return tensors  # already where and what they should be
     place = placer(map_location)
@@ -164,6 +169,10 @@ def load(
             converted[id(tensor)] = place(moved)
         out[key] = converted[id(tensor)]
     return out
+
+
+def _on_cpu(map_location: MapLocation) -> bool:
+    return map_location is None or (isinstance(map_location, (str, torch.device)) and str(map_location) == "cpu")
 
 
 @gc_paused
