@@ -1,10 +1,10 @@
-"""What each way of saving does when the disk fills up mid-save: is the previous save still there?
+"""What each way of saving does when the disk fills up, or turns read-only, mid-save: is the previous save still there?
 
     .venv/bin/python bench/fault_compare.py          # needs root (mounts a small tmpfs)
 
-For each writer, on a real 64 MiB tmpfs: save a small file, fill the disk but for 1 MiB, then
-save a 4 MiB state over it. Reported: what the second save raised, and whether the first save is
-still readable bit for bit afterwards (and whether debris was left on the disk).
+For each writer, on a real 64 MiB tmpfs: save a small file, fill the disk but for 1 MiB (or remount
+the tmpfs read-only), then save a 4 MiB state over it. Reported: what the second save raised, and
+whether the first save is still readable bit for bit afterwards (and whether debris was left on the disk).
 """
 
 from __future__ import annotations
@@ -38,13 +38,20 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def read_only(disk: Path) -> None:
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+
+
 def scenario(
-    disk: Path, save: Callable[[dict[str, torch.Tensor], Path], None], load: Callable[[Path], dict[str, torch.Tensor]]
+    disk: Path,
+    save: Callable[[dict[str, torch.Tensor], Path], None],
+    load: Callable[[Path], dict[str, torch.Tensor]],
+    fault: Callable[[Path], None],
 ) -> tuple[str, str, str]:
     target = disk / "target"
     small = {"w": torch.arange(16.0)}
     save(small, target)
-    fill(disk, leave=MiB)
+    fault(disk)
     big = {"w": torch.randn(MiB)}  # 4 MiB
     try:
         save(big, target)
@@ -76,19 +83,21 @@ def main() -> int:
                                         lambda p: torch.load(p, weights_only=True)["model_state_dict"]),
         "safetensors save_file": (lambda s, p: save_file(s, str(p)), lambda p: load_file(str(p))),
     }  # fmt: skip
-    print("| writer | second save raised | first save intact | debris left |")
-    print("|---|---|---|---|")
-    for name, (save, load) in writers.items():
-        with tempfile.TemporaryDirectory() as tmp:
-            disk = Path(tmp)
-            if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", tmp], check=False).returncode:
-                print("cannot mount a tmpfs (needs root)")
-                return 1
-            try:
-                raised, kept, debris = scenario(disk, save, load)
-            finally:
-                subprocess.run(["umount", "-l", tmp], check=False)
-        print(f"| {name} | {raised} | {kept} | {debris} |")
+    faults: dict[str, Callable[[Path], None]] = {"disk full": lambda d: fill(d, leave=MiB), "read-only": read_only}
+    print("| fault | writer | second save raised | first save intact | debris left |")
+    print("|---|---|---|---|---|")
+    for fault, make_fault in faults.items():
+        for name, (save, load) in writers.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                disk = Path(tmp)
+                if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", tmp], check=False).returncode:
+                    print("cannot mount a tmpfs (needs root)")
+                    return 1
+                try:
+                    raised, kept, debris = scenario(disk, save, load, make_fault)
+                finally:
+                    subprocess.run(["umount", "-l", tmp], check=False)
+            print(f"| {fault} | {name} | {raised} | {kept} | {debris} |")
     return 0
 
 
