@@ -128,15 +128,18 @@ class LoadedCheckpoint:
 
     path: str
     manifest: dict[str, Any]
-    decoder: Decoder
+    decoder: Decoder  # tensors come out as private copies
+    model_decoder: Decoder | None = None  # tensors may stay on the mapped file: copied into a model at once
 
     @property
     def objects(self) -> dict[str, Any]:
         objects: dict[str, Any] = self.manifest.get("objects", {})
         return objects
 
-    def decode(self, node: Any) -> Any:
-        return self.decoder.decode(node)
+    def decode(self, node: Any, *, into_model: bool = False) -> Any:
+        """The value of a manifest node; ``into_model``: its tensors may be views of the mapped file."""
+        decoder = self.model_decoder if into_model and self.model_decoder is not None else self.decoder
+        return decoder.decode(node)
 
     def info(self) -> dict[str, Any]:
         return self._decode_dict("info")
@@ -177,16 +180,28 @@ def read_checkpoint(
         raise CorruptCheckpointError(
             tensors_path, f"size {actual} differs from the {tensors_file['size']} recorded in the manifest{cut}"
         )
-    header, tensors = read_file(str(tensors_path), mmap=False, verify=verify)
+    # Mapped, and verified on the mapped pages: a model's tensors are then copied straight from the page
+    # cache into its parameters; everything else gets a private copy (objects keep what they are given).
+    header, tensors = read_file(str(tensors_path), mmap=True, verify=verify)
     for alias, target in header.aliases.items():
         tensors[alias] = tensors[target]
+    mapped = {id(t) for t in tensors.values()}
 
     def place_tensor(tensor: Any, saved_device: str) -> Any:
         if map_location is None:  # as torch.load: back where it was saved
             return tensor if saved_device == "cpu" else tensor.to(parse_device(saved_device))
         return placer(map_location, saved_location=saved_device)(tensor)
 
-    return LoadedCheckpoint(str(root), manifest, Decoder(tensors, str(manifest_path), place_tensor))
+    def place_copy(tensor: Any, saved_device: str) -> Any:
+        placed = place_tensor(tensor, saved_device)
+        return placed.clone() if id(placed) in mapped else placed
+
+    return LoadedCheckpoint(
+        str(root),
+        manifest,
+        Decoder(tensors, str(manifest_path), place_copy),
+        Decoder(tensors, str(manifest_path), place_tensor),
+    )
 
 
 def _read_small(path: Path) -> bytes:
@@ -321,7 +336,7 @@ def load_checkpoint(
         value = saved.get(key)
         if value is None:
             continue
-        state = value.decode() if isinstance(value, _Encoded) else value
+        state = value.decode(into_model=isinstance(obj, nn.Module)) if isinstance(value, _Encoded) else value
         if isinstance(obj, nn.Module):
             _check_model_state(state, f"{source} [{key}]")
             pending = match_model(obj, state, source_name=f"{source} [{key}]")
@@ -355,8 +370,8 @@ class _Encoded:
     node: Any
     loaded: LoadedCheckpoint
 
-    def decode(self) -> Any:
-        return self.loaded.decode(self.node)
+    def decode(self, *, into_model: bool = False) -> Any:
+        return self.loaded.decode(self.node, into_model=into_model)
 
 
 # Where dict checkpoints written by hand (the tutorials' idiom) and by Lightning keep each object.
