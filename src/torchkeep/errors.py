@@ -11,6 +11,7 @@ would already catch::
     ├── CheckpointWriteError      (also OSError: disk full, no space, read-only, locked)
     ├── InvalidDeviceError        (also ValueError: a malformed or unavailable device)
     ├── LoadMismatchError         (also RuntimeError)
+    ├── StateMismatchError        (also ValueError: saved optimizer/scheduler state that does not fit the object)
     ├── ExportError               (also RuntimeError: the exporter failed; names the op)
     │   └── ExportVerificationError   (the artifact's outputs differ from eager mode)
     └── UnsafeCheckpointError     (also pickle.UnpicklingError)
@@ -116,6 +117,15 @@ class LoadMismatchError(TorchkeepError, RuntimeError):
         )
 
 
+class StateMismatchError(TorchkeepError, ValueError):
+    """Saved state of an object (an optimizer's parameter groups...) does not fit the live object; nothing changed."""
+
+    def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
+        self.path = os.fspath(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
 class ExportError(TorchkeepError, RuntimeError):
     """A model could not be exported; ``.op`` names the operator that failed where the exporter says."""
 
@@ -154,6 +164,7 @@ __all__ = [
     "ExportVerificationError",
     "InvalidDeviceError",
     "LoadMismatchError",
+    "StateMismatchError",
     "TorchkeepError",
     "TorchkeepWarning",
     "UnsafeCheckpointError",

@@ -306,3 +306,14 @@ def test_model_structure_that_cannot_be_built_is_typed(tmp_path: Path, structure
     (net / "torchkeep_model.json").write_text(json.dumps({**manifest, "structure": structure}))
     with pytest.raises(torchkeep.CorruptCheckpointError, match="cannot rebuild"):
         torchkeep.load_model(net)
+
+
+def test_an_optimizer_group_listing_fewer_parameters_is_typed(tmp_path: Path) -> None:
+    """Found by the fuzzing campaign: a re-signed manifest whose group lists one parameter fewer."""
+    path, _, _ = checkpoint(tmp_path)
+    rewrite_manifest(path, lambda body: body["objects"]["optimizer"]["param_groups"][0]["params"].pop())
+    model, opt, before = fresh()
+    with pytest.raises(torchkeep.StateMismatchError, match="parameter group 0 has 2 parameters, the checkpoint 1"):
+        torchkeep.load_checkpoint(path, model=model, optimizer=opt)
+    assert_same_tensors(before, dict(model.state_dict()))
+    assert opt.state_dict()["state"] == {}

@@ -29,6 +29,7 @@ from torchkeep.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     LoadMismatchError,
+    StateMismatchError,
     TorchkeepWarning,
 )
 from torchkeep.format.names import member
@@ -236,14 +237,16 @@ def _check_optimizer(optimizer: Any, saved: Any, path: str) -> None:
     if not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in saved_groups):
         raise CorruptCheckpointError(path, "optimizer param_groups are not dicts with a 'params' list")
     if len(groups) != len(saved_groups):
-        raise ValueError(
-            f"{path}: the optimizer has {len(groups)} parameter groups, the checkpoint {len(saved_groups)}"
+        raise StateMismatchError(
+            path,
+            f"the optimizer has {len(groups)} parameter groups, the checkpoint {len(saved_groups)}; nothing changed",
         )
     for i, (mine, theirs) in enumerate(zip(groups, saved_groups, strict=True)):
         if len(mine["params"]) != len(theirs["params"]):
-            raise ValueError(
-                f"{path}: optimizer parameter group {i} has {len(mine['params'])} parameters, "
-                f"the checkpoint {len(theirs['params'])}"
+            raise StateMismatchError(
+                path,
+                f"optimizer parameter group {i} has {len(mine['params'])} parameters, "
+                f"the checkpoint {len(theirs['params'])}; nothing changed",
             )
 
 
@@ -290,7 +293,7 @@ def load_checkpoint(
     Raises:
         CheckpointNotFoundError, CorruptCheckpointError: as for :func:`torchkeep.load`.
         LoadMismatchError: a model does not match (strict), or an object was not saved.
-        ValueError: an optimizer whose parameter groups differ from the saved ones.
+        StateMismatchError: an optimizer whose parameter groups differ from the saved ones (a ValueError).
     """
     source = os.fspath(path)
     rng_node = None

@@ -197,8 +197,15 @@ def _read_legacy(path: str) -> Any:
             return RestrictedUnpickler(f, path=path, size=file_size - f.tell(), load_storage=load_storage).load()
 
         first = next_pickle()
-        if type(first) is not int or first != LEGACY_MAGIC:
-            return first  # a plain pickle
+        if type(first) is not int or first != LEGACY_MAGIC:  # a plain pickle: it must be all the file holds
+            left = file_size - f.tell()
+            if left:
+                raise CorruptCheckpointError(
+                    path,
+                    f"{left} bytes follow the end of the pickle (another pickle a loader may read next); "
+                    "torchkeep reads files whole or not at all",
+                )
+            return first
         if next_pickle() != LEGACY_PROTOCOL:
             raise CorruptCheckpointError(path, "legacy file: unknown protocol version")
         next_pickle()  # sys_info: byte order and type sizes, little-endian and standard on every torch
