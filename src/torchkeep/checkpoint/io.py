@@ -16,9 +16,11 @@ from torch import nn
 
 from torchkeep import _config
 from torchkeep._gc import gc_paused
+from torchkeep.checkpoint import objects
 from torchkeep.checkpoint.background import PendingSave, StagingBuffers, submit
 from torchkeep.checkpoint.layout import (
     MANIFEST_FILE,
+    SHARED_VERSION,
     TENSORS_FILE,
     CheckpointPlan,
     manifest_bytes,
@@ -36,6 +38,7 @@ from torchkeep.format.names import member
 from torchkeep.format.pickle.dcp import is_dcp_dir, read_dcp
 from torchkeep.state.devices import MapLocation, parse_device, placer
 from torchkeep.state.rng import check_rng, restore_rng
+from torchkeep.state.tensors import PreparedTensors
 from torchkeep.state.values import Decoder
 from torchkeep.storage.base import Storage
 from torchkeep.storage.local import LocalStorage, commit_dir, fsync_dir, temporary_sibling, write_errors
@@ -53,6 +56,29 @@ def write_checkpoint(storage: Storage, plan: CheckpointPlan) -> int:
     with storage.open_write(MANIFEST_FILE) as sink:
         sink.write(manifest)
     return size + len(manifest)
+
+
+def share_tensors(plan: CheckpointPlan, folder: Path) -> tuple[CheckpointPlan, int]:
+    """Move a plan's large tensors into the run's object store (each written once, whatever the step).
+
+    Returns the plan that remains (small tensors in the checkpoint's own file, the large ones listed
+    in the manifest as ``shared_tensors``) and the bytes of new objects written. Objects are durable
+    before the manifest that lists them is written.
+    """
+    stored, aliases = plan.tensors.tensors, plan.tensors.aliases
+    large = {n: t for n, t in stored.items() if t.numel() * t.element_size() >= objects.MIN_OBJECT_BYTES}
+    if not large:
+        return plan, 0
+    keys = objects.keys_of(large)
+    written = sum(objects.put(folder, keys[n], t) for n, t in large.items())
+    entries = {n: objects.describe(t, keys[n]) for n, t in large.items()}
+    entries.update({alias: entries[target] for alias, target in aliases.items() if target in large})
+    kept = PreparedTensors(
+        {n: t for n, t in stored.items() if n not in large},
+        {a: t for a, t in aliases.items() if t not in large},
+    )
+    manifest = dict(plan.manifest, version=SHARED_VERSION, shared_tensors=entries)
+    return CheckpointPlan(manifest, kept), written
 
 
 def write_checkpoint_dir(target: Path, plan: CheckpointPlan) -> int:
@@ -184,9 +210,17 @@ def read_checkpoint(
     # Mapped, and verified on the mapped pages: a model's tensors are then copied straight from the page
     # cache into its parameters; everything else gets a private copy (objects keep what they are given).
     header, tensors = read_file(str(tensors_path), mmap=True, verify=verify)
+    mapped = {id(t) for t in tensors.values()}
+    shared = manifest.get("shared_tensors")
+    if shared is not None:
+        entries = objects.check_entries(shared, str(manifest_path))
+        store = objects.objects_dir(root)
+        for name, entry in entries.items():
+            if name in tensors:
+                raise CorruptCheckpointError(manifest_path, f"tensor {name!r:.80} is both in the file and shared")
+            tensors[name] = objects.read(store, name, entry, verify=verify)
     for alias, target in header.aliases.items():
         tensors[alias] = tensors[target]
-    mapped = {id(t) for t in tensors.values()}
 
     def place_tensor(tensor: Any, saved_device: str) -> Any:
         if map_location is None:  # as torch.load: back where it was saved

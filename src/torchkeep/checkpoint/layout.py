@@ -21,6 +21,8 @@ from torchkeep.state.values import Encoder
 
 FORMAT_NAME = "torchkeep.checkpoint"
 FORMAT_VERSION = 1
+# Incremental checkpoints (shared tensor objects) are version 2, so an older reader says to upgrade.
+SHARED_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 TENSORS_FILE = "tensors.safetensors"
 CHECKSUM_KEY = "xxh3_64"
@@ -115,7 +117,7 @@ def parse_manifest(raw: bytes, path: str) -> dict[str, Any]:
     body = parse_json(raw, path, "manifest")
     if not isinstance(body, dict) or body.get("format") != FORMAT_NAME:
         raise CorruptCheckpointError(path, "not a torchkeep checkpoint manifest")
-    check_version(path, "checkpoint", body.get("version"), FORMAT_VERSION)
+    check_version(path, "checkpoint", body.get("version"), SHARED_VERSION)
     recorded = body.pop(CHECKSUM_KEY, None)
     if recorded != digest(_canonical(body)):
         raise CorruptCheckpointError(path, "manifest checksum mismatch: the manifest is damaged")

@@ -18,8 +18,9 @@ from typing import Any
 
 from torch import nn
 
+from torchkeep.checkpoint import objects
 from torchkeep.checkpoint.background import PendingSave, StagingBuffers, Writer
-from torchkeep.checkpoint.io import load_checkpoint, write_checkpoint_dir
+from torchkeep.checkpoint.io import load_checkpoint, share_tensors, write_checkpoint_dir
 from torchkeep.checkpoint.layout import (
     MANIFEST_FILE,
     TENSORS_FILE,
@@ -109,6 +110,10 @@ class CheckpointManager:
         policies: more retention policies (objects with ``keep(candidates) -> set[int]``).
         template: directory name for a step; must contain ``{step}`` (format spec allowed).
         read_only: do not take the lock or clean up (for listing and restoring only).
+        incremental: store each large tensor once, by content, in the run's ``objects/`` folder: a
+            tensor that did not change since a kept checkpoint (a frozen backbone, a fine-tune's base
+            weights) is not written again. An object is deleted only when no kept checkpoint uses it.
+            Such checkpoints are format version 2 (torchkeep older than this reads none of them).
         async_save: :meth:`save` returns once the state is copied into reusable staging buffers and
             writes, verifies and commits on a background thread (then moves ``latest`` and applies
             retention). One save is in flight at a time: the next ``save`` first waits for it. A
@@ -140,6 +145,7 @@ class CheckpointManager:
         template: str = "step-{step:08d}",
         read_only: bool = False,
         async_save: bool = False,
+        incremental: bool = False,
     ) -> None:
         self._lease: Lease | None = None
         self._mutex = threading.RLock()
@@ -149,6 +155,8 @@ class CheckpointManager:
         self._writer = Writer()
         self._pending: PendingSave[CheckpointInfo] | None = None
         self._saving = False
+        self.incremental = incremental
+        self._refs: dict[int, set[str]] = {}  # the objects each checkpoint uses
         self._deleter = Deleter()
         self._warned: set[str] = set()
         self.directory = Path(directory)
@@ -177,6 +185,8 @@ class CheckpointManager:
             self._lease = acquire(self.directory)
             self._clean_temporaries()
         self._checkpoints: dict[int, CheckpointInfo] = self._scan()
+        if not read_only:
+            self._collect_objects()  # what a killed save or retention left
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -262,6 +272,7 @@ class CheckpointManager:
             tensors = manifest.get("tensors_file")
             recorded = tensors.get("size") if isinstance(tensors, dict) else None
             step = info["step"]
+            self._refs[step] = objects.referenced(manifest)
             found[step] = CheckpointInfo(
                 step=step,
                 path=path,
@@ -483,6 +494,8 @@ class CheckpointManager:
         """Write, read back, then move ``latest`` and apply retention (on the worker thread when async)."""
         try:
             with write_errors(target, "writing the checkpoint"):
+                if self.incremental:
+                    plan, _ = share_tensors(plan, objects.objects_dir(target))
                 write_checkpoint_dir(target, plan)
         except CheckpointWriteError as exc:
             raise CheckpointWriteError(
@@ -493,6 +506,7 @@ class CheckpointManager:
             if self._lease is not None:
                 self._lease.check()  # another manager took over while this one was writing
             self._checkpoints[step] = CheckpointInfo(step=step, path=target, metrics=plain, time=now, size=size)
+            self._refs[step] = objects.referenced(plan.manifest)
             self._write_latest(target, step)
             self._apply_retention(step)
             return self._decorated(self._checkpoints[step], self._best_step(), step)
@@ -546,6 +560,10 @@ class CheckpointManager:
                 raise CorruptCheckpointError(
                     target / TENSORS_FILE, f"size {actual} differs from the {recorded} recorded"
                 )
+            for key in objects.referenced(manifest):
+                path = objects.objects_dir(target) / key
+                if os.stat(path).st_size != int(key.rsplit("-", 1)[1]):
+                    raise CorruptCheckpointError(path, "object has the wrong size")
         except (OSError, CorruptCheckpointError) as exc:
             raise CheckpointWriteError(
                 target,
@@ -611,6 +629,18 @@ class CheckpointManager:
                 with write_errors(self.directory, "syncing the run directory after retiring old checkpoints"):
                     fsync_dir(self.directory)
                 self._deleter.start()
+                self._collect_objects()
+
+    def _collect_objects(self) -> None:
+        """Delete shared objects no kept checkpoint uses (after retention, and at start-up for what a crash left)."""
+        folder = self.directory / objects.OBJECTS_DIR
+        if not folder.is_dir():
+            return
+        with self._mutex:
+            used = set().union(*(self._refs.get(step, set()) for step in self._checkpoints))
+            for name in self.damaged:  # unreadable now, perhaps repaired later: keep what it may use
+                used |= objects.referenced_by_folder(self.directory / name)
+            objects.collect(folder, used)
 
     def wait(self) -> None:
         """Wait for a background save (raising its error) and for deletions of retired checkpoints."""

@@ -1,0 +1,143 @@
+"""Content-addressed tensor objects shared by a run's incremental checkpoints.
+
+An object is one tensor's raw bytes, named by what they are: ``<xxh3-64 hex>-<byte count>``. A checkpoint
+lists the objects it uses; a tensor that did not change since an earlier checkpoint (a frozen backbone,
+embeddings, a fine-tune's base weights) is written once and referenced again. Objects live in the run
+directory's ``objects/`` folder, found by the reader from the checkpoint's place (never from a path in a
+file), and are deleted only when no checkpoint that is kept references them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from torchkeep import _config
+from torchkeep.errors import CorruptCheckpointError
+from torchkeep.format.dtypes import CODE_TO_DTYPE, DTYPE_TO_CODE, ITEMSIZE
+from torchkeep.format.io import write_all
+from torchkeep.format.layout import byte_view, digest
+from torchkeep.storage.local import atomic_write, is_temporary, write_errors
+
+OBJECTS_DIR = "objects"
+KEY = re.compile(r"^[0-9a-f]{16}-(0|[1-9][0-9]{0,18})$")
+_ANY_KEY = re.compile(rb"[0-9a-f]{16}-[0-9]{1,19}")
+# Tensors smaller than this stay in the checkpoint's own tensor file: not worth a file of their own.
+MIN_OBJECT_BYTES = 64 * 1024
+
+
+def objects_dir(checkpoint: Path) -> Path:
+    """The shared folder of the run a checkpoint folder belongs to."""
+    return checkpoint.parent / OBJECTS_DIR
+
+
+def key_of(tensor: torch.Tensor) -> str:
+    view = byte_view(tensor)
+    return f"{digest(view)}-{view.nbytes}"
+
+
+def keys_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Every tensor's object key, hashed in parallel (xxh3 releases the GIL)."""
+    names = list(tensors)
+    with ThreadPoolExecutor(max_workers=max(1, _config.HASH_THREADS)) as pool:
+        return dict(zip(names, pool.map(lambda n: key_of(tensors[n]), names), strict=True))
+
+
+def describe(tensor: torch.Tensor, key: str) -> dict[str, Any]:
+    return {"object": key, "dtype": DTYPE_TO_CODE[tensor.dtype], "shape": list(tensor.shape)}
+
+
+def put(folder: Path, key: str, tensor: torch.Tensor) -> int:
+    """Write an object unless it is there; returns the bytes written (0 when it already was)."""
+    path = folder / key
+    if path.is_file() and path.stat().st_size == tensor.numel() * tensor.element_size():
+        return 0
+    with write_errors(folder, "creating the objects folder"):
+        folder.mkdir(exist_ok=True)
+    with atomic_write(path) as sink:
+        write_all(sink, byte_view(tensor))
+    return tensor.numel() * tensor.element_size()
+
+
+def check_entries(entries: Any, where: str) -> dict[str, dict[str, Any]]:
+    """A manifest's ``shared_tensors``, validated before any object is opened."""
+    if not isinstance(entries, dict):
+        raise CorruptCheckpointError(where, "'shared_tensors' is not an object")
+    for name, entry in entries.items():
+        if not isinstance(entry, dict):
+            raise CorruptCheckpointError(where, f"shared tensor {name!r:.80} is not an object")
+        key, code, shape = entry.get("object"), entry.get("dtype"), entry.get("shape")
+        if not isinstance(key, str) or not KEY.match(key):
+            raise CorruptCheckpointError(where, f"shared tensor {name!r:.80} names object {key!r:.80}, not a key")
+        if code not in CODE_TO_DTYPE:
+            raise CorruptCheckpointError(where, f"shared tensor {name!r:.80} has dtype {code!r:.40}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise CorruptCheckpointError(where, f"shared tensor {name!r:.80} has shape {shape!r:.80}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if numel * ITEMSIZE[code] != int(key.rsplit("-", 1)[1]):
+            raise CorruptCheckpointError(where, f"shared tensor {name!r:.80}: its shape and dtype do not fit {key}")
+    return entries
+
+
+def read(folder: Path, name: str, entry: Mapping[str, Any], *, verify: bool) -> torch.Tensor:
+    """One shared tensor, read into its own memory and checked against its key."""
+    key = entry["object"]
+    path = folder / key
+    dtype = CODE_TO_DTYPE[entry["dtype"]]
+    tensor = torch.empty(entry["shape"], dtype=dtype)
+    view = byte_view(tensor)
+    try:
+        if path.is_symlink() or not path.is_file():
+            raise CorruptCheckpointError(path, f"object of shared tensor {name!r} is missing", key=name)
+        if path.stat().st_size != view.nbytes:
+            raise CorruptCheckpointError(path, f"object of shared tensor {name!r} has the wrong size", key=name)
+        with open(path, "rb", buffering=0) as f:
+            filled = 0
+            while filled < view.nbytes:
+                got = f.readinto(view[filled:])
+                if not got:
+                    raise CorruptCheckpointError(path, "object ended early (truncated?)", key=name)
+                filled += got
+    except OSError as exc:
+        raise CorruptCheckpointError(path, f"object of shared tensor {name!r} cannot be read: {exc}") from exc
+    if verify and f"{digest(view)}-{view.nbytes}" != key:
+        raise CorruptCheckpointError(path, "checksum mismatch: the object's bytes are damaged", key=name)
+    return tensor
+
+
+def referenced(manifest: Mapping[str, Any]) -> set[str]:
+    entries = manifest.get("shared_tensors")
+    if not isinstance(entries, dict):
+        return set()
+    return {e["object"] for e in entries.values() if isinstance(e, dict) and isinstance(e.get("object"), str)}
+
+
+def referenced_by_folder(checkpoint: Path) -> set[str]:
+    """Every key a checkpoint's manifest mentions, read loosely (for a manifest that no longer parses)."""
+    try:
+        raw = (checkpoint / "manifest.json").read_bytes()[: _config.MAX_JSON_BYTES]
+    except OSError:
+        return set()
+    return {m.decode() for m in _ANY_KEY.findall(raw)}
+
+
+def collect(folder: Path, keep: Iterable[str]) -> int:
+    """Delete every object no kept checkpoint references, and temporaries of objects; returns how many."""
+    if not folder.is_dir():
+        return 0
+    wanted = set(keep)
+    removed = 0
+    for entry in os.scandir(folder):
+        if is_temporary(entry.name) or (KEY.match(entry.name) and entry.name not in wanted):
+            with write_errors(entry.path, "deleting an object no checkpoint uses"):
+                os.unlink(entry.path)
+            removed += 1
+    return removed
