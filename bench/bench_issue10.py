@@ -277,6 +277,45 @@ def section_async(root: Path, repeat: int) -> None:
         row("4 training step during a background write / alone (medians)", f"{mm(during)} vs {mm(alone)}", ratio, 1.15)
 
 
+def section_incremental(root: Path, mib: int) -> None:
+    """K=10 checkpoints of a model whose weights are 90% frozen: disk use and bytes written per save."""
+    width = 1024
+    layers = max(10, mib * (1 << 20) // (width * width * 4))
+    model = nn.Sequential(*[nn.Linear(width, width, bias=False) for _ in range(layers)])
+    frozen = layers * 9 // 10
+    for layer in list(model)[:frozen]:
+        layer.requires_grad_(False)
+
+    def disk(path: Path) -> int:
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+    torchkeep.save_checkpoint(root / "one", model=model, rng=False)
+    one = disk(root / "one")
+    written, times = [], []
+    with torchkeep.CheckpointManager(root / "inc", incremental=True) as mgr:
+        for step in range(1, 11):
+            with torch.no_grad():
+                for layer in list(model)[frozen:]:
+                    layer.weight.add_(0.01)
+            before = disk(root / "inc")
+            start = time.perf_counter()
+            mgr.save(step, model=model, rng=False)
+            times.append(time.perf_counter() - start)
+            written.append(disk(root / "inc") - before)
+    total = disk(root / "inc")
+    print(f"\n5. incremental: {one / 2**20:.0f} MiB per checkpoint, {frozen}/{layers} layers frozen")
+    row("5 disk for 10 checkpoints / (1 + 0.1*9) x one", f"{total / 2**20:.1f} MiB", total / (1.9 * one), 1.05)
+    row(
+        "5 bytes written by a later save / one checkpoint (max)",
+        f"{max(written[1:]) / 2**20:.1f} MiB",
+        max(written[1:]) / one,
+        0.15,
+    )
+    ROWS.append(
+        ("5 save time: first / later (median)", f"{times[0]:.3f} / {statistics.median(times[1:]):.3f} s", "", "")
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeat", type=int, default=5)
@@ -284,7 +323,7 @@ def main() -> None:
     parser.add_argument("--checkpoint-gib", type=float, default=3.0)
     parser.add_argument("--ttft-gib", type=float, default=1.4)
     parser.add_argument("--dir", default="/var/tmp/tk10")
-    parser.add_argument("--sections", default="load,ttft,checkpoint,async")
+    parser.add_argument("--sections", default="load,ttft,checkpoint,async,incremental")
     args = parser.parse_args()
     torch.set_num_threads(1)
     root = Path(args.dir)
@@ -299,6 +338,8 @@ def main() -> None:
         section_checkpoint(root, args.checkpoint_gib, args.repeat)
     if "async" in sections:
         section_async(root, args.repeat)
+    if "incremental" in sections:
+        section_incremental(root, args.weights_mib)
     shutil.rmtree(root, ignore_errors=True)
     print("\n| target | measured (min / median s) | ratio (min) | goal |")
     print("|---|---|---|---|")
