@@ -372,33 +372,21 @@ class CheckpointManager:
         with self._save_order:
             self._saving = True
             try:
-                return self._save(step, metrics, model, optimizer, scheduler, scaler, components, rng, state)
+                self._finish_pending()  # at most one save in flight; its error, if any, is raised here
+                with self._mutex:
+                    target, plan, plain, now = self._plan_save(
+                        step, metrics, model, optimizer, scheduler, scaler, components, rng, state
+                    )
+                    if not self.async_save:
+                        return self._commit_save(step, target, plan, plain, now)
+                    snapshot = self._staging.snapshot(plan)
+                    pending = self._writer.submit(
+                        step, target, lambda: self._commit_save(step, target, snapshot, plain, now)
+                    )
+                    self._pending = pending
+                    return pending
             finally:
                 self._saving = False
-
-    def _save(
-        self,
-        step: int,
-        metrics: Mapping[str, Any] | None,
-        model: nn.Module | None,
-        optimizer: Any,
-        scheduler: Any,
-        scaler: Any,
-        components: Mapping[str, Any] | None,
-        rng: bool,
-        state: Mapping[str, Any],
-    ) -> CheckpointInfo | PendingSave[CheckpointInfo]:
-        self._finish_pending()  # at most one save in flight; its error, if any, is raised here
-        with self._mutex:
-            target, plan, plain, now = self._plan_save(
-                step, metrics, model, optimizer, scheduler, scaler, components, rng, state
-            )
-            if not self.async_save:
-                return self._commit_save(step, target, plan, plain, now)
-            snapshot = self._staging.snapshot(plan)
-            pending = self._writer.submit(step, target, lambda: self._commit_save(step, target, snapshot, plain, now))
-            self._pending = pending
-            return pending
 
     def save_on_signal(
         self,
