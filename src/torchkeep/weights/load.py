@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -14,6 +15,7 @@ from torchkeep.format.io import map_tensors, read_tensors, verify_mapped
 from torchkeep.format.layout import Header, read_header
 from torchkeep.format.pickle.dcp import is_dcp_dir, read_dcp
 from torchkeep.state.devices import MapLocation, placer
+from torchkeep.storage.remote import is_url
 from torchkeep.weights.files import WeightFiles, resolve
 from torchkeep.weights.legacy import detect_kind, extract_state_dict, read_raw
 
@@ -91,21 +93,33 @@ def read_weights(files: WeightFiles, *, mmap: bool, verify: bool, trusted: bool 
         else:
             tensors = extract_state_dict(read_raw(path, trusted=trusted), path)
             aliases = {}
-        if files.expected is not None:
-            listed = {k for k, v in files.expected.items() if v == name}
-            stray = set(tensors) - listed
-            if stray:
-                raise CorruptCheckpointError(path, f"holds tensors its index does not list: {sorted(stray)[:5]}")
-            absent = listed - set(tensors)
-            if absent:
-                raise CorruptCheckpointError(path, f"lacks tensors its index lists: {sorted(absent)[:5]}")
-        for alias, target in aliases.items():
-            tensors[alias] = tensors[target]
-        for key, tensor in tensors.items():
-            if key in out:
-                raise CorruptCheckpointError(path, "tensor also stored in another shard", key=key)
-            out[key] = tensor
+        add_file(out, tensors, aliases, files.expected, name, path)
     return out
+
+
+def add_file(
+    out: dict[str, torch.Tensor],
+    tensors: dict[str, torch.Tensor],
+    aliases: dict[str, str],
+    expected: dict[str, str] | None,
+    name: str,
+    path: str,
+) -> None:
+    """Merge one file's tensors into ``out``, checked against the index's weight map if there is one."""
+    if expected is not None:
+        listed = {k for k, v in expected.items() if v == name}
+        stray = set(tensors) - listed
+        if stray:
+            raise CorruptCheckpointError(path, f"holds tensors its index does not list: {sorted(stray)[:5]}")
+        absent = listed - set(tensors)
+        if absent:
+            raise CorruptCheckpointError(path, f"lacks tensors its index lists: {sorted(absent)[:5]}")
+    for alias, target in aliases.items():
+        tensors[alias] = tensors[target]
+    for key, tensor in tensors.items():
+        if key in out:
+            raise CorruptCheckpointError(path, "tensor also stored in another shard", key=key)
+        out[key] = tensor
 
 
 @gc_paused
@@ -117,6 +131,7 @@ def load(
     dtype: torch.dtype | None = None,
     verify: bool = True,
     trusted: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Load weights from any file users have, without running any code from it.
 
@@ -142,6 +157,8 @@ def load(
             writers have none and are loaded unchecked; zip archives are CRC-checked).
         trusted: for pickle-based files only: allow full unpickling, which runs any code the file
             holds. Only for files you vouch for; a warning says so.
+        storage_options: for a URL (``s3://...``, ``gs://...``, ``memory://...``) of safetensors weights
+            (a file, an index or a folder): passed to fsspec. Read into memory, verified.
 
     Returns:
         A dict of name -> tensor, in the file's order; tensors saved as shared come back shared.
@@ -153,7 +170,11 @@ def load(
     """
     if dtype is not None and not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
-    if is_dcp_dir(path):
+    if is_url(path):
+        from torchkeep.weights.remote import load_url
+
+        tensors = load_url(str(path), storage_options=storage_options, verify=verify)
+    elif is_dcp_dir(path):
         tensors = extract_state_dict(read_dcp(path), os.fspath(path))
     else:
         mapped = mmap if mmap is not None else dtype is None and _on_cpu(map_location)
