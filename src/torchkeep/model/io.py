@@ -23,7 +23,7 @@ from torchkeep.errors import (
     UnsafeCheckpointError,
 )
 from torchkeep.format.jsondoc import check_version, expect, parse_json
-from torchkeep.model import structure
+from torchkeep.model import structure, torch_ao
 from torchkeep.model.config import build, config_of
 from torchkeep.model.quantize import check_recipe, recipe_of, requantize
 from torchkeep.model.registry import import_path, registered
@@ -78,7 +78,10 @@ def save_model(
     target = unwrap_model(model)
     cfg, source = config_of(target, config)
     described = None
-    if source == "none":
+    ao_recipe = torch_ao.recipe_of(target, stock=source == "none")  # torch.ao quantized modules: how to redo it
+    if ao_recipe is not None and source == "none":
+        described, source = ao_recipe.pop("structure"), "stock"
+    elif source == "none":
         described = structure.describe(target)
         if described is None or not structure.matches(target, structure.rebuild(described)):
             raise ValueError(
@@ -101,6 +104,8 @@ def save_model(
     }
     if recipe is not None:
         manifest["quantization"] = recipe
+    if ao_recipe is not None:
+        manifest[torch_ao.MANIFEST_KEY] = ao_recipe
     out = Path(path)
     temp = temporary_sibling(out)
     with write_errors(out, "creating the model folder"):
@@ -246,6 +251,9 @@ def load_model(
                 root, f"cannot rebuild the model from its config and manifest: {type(exc).__name__}: {exc}"
             ) from exc
 
+    if manifest is not None and torch_ao.MANIFEST_KEY in manifest:  # built, quantized by torch.ao, then loaded
+        where = str(root / MODEL_MANIFEST)
+        return torch_ao.load_quantized(root, manifest, construct_checked, map_location, where, dtype, strict, eval)
     recipe = (manifest or {}).get("quantization")
     if recipe is not None:
         return _load_quantized(root, construct_checked, recipe, map_location, dtype, strict, eval)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from torchkeep.errors import UnsupportedTensorError
+from torchkeep.errors import TorchkeepWarning, UnsupportedTensorError
 from torchkeep.format.dtypes import DTYPE_TO_CODE, dtype_name
+from torchkeep.state import torch_ao
 from torchkeep.state.keys import drop_compile_segments, unwrap_model
 from torchkeep.state.wrappers import flatten_wrappers
 
@@ -28,20 +32,38 @@ class PreparedTensors:
 
 def state_dict_of(obj: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The tensors to save: a module's unwrapped state dict, or a mapping as given."""
+    return state_and_metadata(obj)[0]
+
+
+def state_and_metadata(obj: nn.Module | Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """:func:`state_dict_of`, and the reserved metadata describing how torch.ao quantized entries were stored."""
+    raw = _raw_state(obj)
+    metadata: dict[str, str] = {}
+    if torch_ao.has_entries(raw):
+        flat = torch_ao.flatten(raw)
+        warnings.warn(torch_ao.MIGRATION, TorchkeepWarning, stacklevel=4)
+        raw, metadata[torch_ao.META_KEY] = (
+            flat.tensors,
+            json.dumps(flat.description(), sort_keys=True, separators=(",", ":")),
+        )
+    return flatten_wrappers(raw), metadata
+
+
+def _raw_state(obj: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, Any]:
     if isinstance(obj, nn.Module):
         module = unwrap_model(obj)
-        return flatten_wrappers({drop_compile_segments(k): v for k, v in module.state_dict().items()})
+        return {drop_compile_segments(k): v for k, v in module.state_dict().items()}
     if isinstance(obj, Mapping):
-        out: dict[str, torch.Tensor] = {}
+        out: dict[str, Any] = {}
         for key, value in obj.items():
             if not isinstance(key, str):
                 raise TypeError(f"state dict keys must be str, got {key!r} ({type(key).__name__})")
-            if not isinstance(value, torch.Tensor):
+            if not isinstance(value, torch.Tensor) and not torch_ao.is_entry(key, value):
                 raise UnsupportedTensorError(
                     key, f"is a {type(value).__name__}, not a tensor; save_checkpoint stores other values"
                 )
             out[key] = value
-        return flatten_wrappers(out)
+        return out
     raise TypeError(f"save() takes an nn.Module or a mapping of str to Tensor, not {type(obj).__name__}")
 
 

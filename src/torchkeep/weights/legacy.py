@@ -19,6 +19,7 @@ import torch
 
 from torchkeep.errors import CorruptCheckpointError, TorchkeepError, TorchkeepWarning, UnsafeCheckpointError
 from torchkeep.format.pickle.torchfile import MAX_DEFLATE_RATIO, PARSE_ERRORS, read_torch_file
+from torchkeep.state import torch_ao
 
 Kind = Literal["safetensors", "torch", "npy", "npz", "unknown"]
 
@@ -118,7 +119,9 @@ def _check_npy_header(f: Any, size: int, path: str, what: str) -> None:
                                      f"more than the {size} bytes that hold it")  # fmt: skip
 
 
-def _tensors_only(mapping: Mapping[Any, Any]) -> dict[str, torch.Tensor]:
+def _tensors_only(mapping: Mapping[Any, Any], path: str) -> dict[str, torch.Tensor]:
+    if torch_ao.has_entries(mapping):  # torch.ao quantized state: every entry as plain tensors, or a typed error
+        mapping = torch_ao.flatten(mapping, torch_ao.reading_error(path)).tensors
     out: dict[str, torch.Tensor] = {}
     for key, value in mapping.items():
         if isinstance(value, np.ndarray) and not value.dtype.hasobject:
@@ -132,7 +135,10 @@ def _is_state_dict(value: Any) -> bool:
     return (
         isinstance(value, Mapping)
         and bool(value)
-        and all(isinstance(k, str) and isinstance(v, (torch.Tensor, np.ndarray)) for k, v in value.items())
+        and all(
+            isinstance(k, str) and (isinstance(v, (torch.Tensor, np.ndarray)) or torch_ao.is_entry(k, v))
+            for k, v in value.items()
+        )
     )
 
 
@@ -141,12 +147,12 @@ def extract_state_dict(obj: Any, path: str) -> dict[str, torch.Tensor]:
     if isinstance(obj, np.ndarray):
         raise CorruptCheckpointError(path, "holds a single NumPy array, not named weights; use load_raw")
     if _is_state_dict(obj):
-        return _tensors_only(obj)
+        return _tensors_only(obj, path)
     if isinstance(obj, Mapping):
         for key in STATE_DICT_KEYS:
             if _is_state_dict(obj.get(key)):
-                return _tensors_only(obj[key])
-        tensors = _tensors_only(obj)
+                return _tensors_only(obj[key], path)
+        tensors = _tensors_only(obj, path)
         if tensors:
             return tensors
     if isinstance(obj, torch.nn.Module):

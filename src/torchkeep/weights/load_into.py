@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from torchkeep.errors import LoadMismatchError
 from torchkeep.format.pickle.dcp import is_dcp_dir
+from torchkeep.state import torch_ao
 from torchkeep.state.devices import MapLocation
 from torchkeep.state.keys import Remap, compile_remap, drop_compile_segments, strip_wrapper_prefix, unwrap_model
 from torchkeep.state.wrappers import flatten_wrappers
@@ -125,7 +128,7 @@ class PendingLoad:
         # (torchao's quantized weights) have no key of their own there and are copied in place.
         own = self.target.state_dict(keep_vars=True)
         parts = flatten_wrappers(own)
-        to_load = dict(self.to_load)
+        to_load = copy.copy(self.to_load)  # keeps the _metadata torch.ao modules' load hooks read (a repack's)
         with torch.no_grad():
             for key in [k for k in to_load if k not in own and k in parts]:
                 parts[key].copy_(to_load.pop(key))
@@ -139,7 +142,9 @@ def match_model(
 ) -> PendingLoad:
     """Match a state dict to a (possibly wrapped) model's keys, handling prefixes; touches nothing."""
     target = unwrap_model(model)
-    own_state = flatten_wrappers(target.state_dict(keep_vars=True))  # quantized weights as their parts
+    own_raw = target.state_dict(keep_vars=True)
+    quantized_ao = torch_ao.has_entries(own_raw)  # torch.ao modules: their quantized entries as plain parts
+    own_state = flatten_wrappers(torch_ao.flatten(own_raw).tensors if quantized_ao else own_raw)
     model_keys = {drop_compile_segments(k): k for k in own_state}
     model_state = {clean: own_state[orig] for clean, orig in model_keys.items()}
 
@@ -153,4 +158,21 @@ def match_model(
             raise ValueError(f"remap sends two source keys to {new_key!r}")
         renamed[new_key] = value
     report, to_load = plan_load(model_state, renamed, source_name=source_name)
-    return PendingLoad(target, report, {model_keys[k]: v for k, v in to_load.items()})
+    pending = {model_keys[k]: v for k, v in to_load.items()}
+    if quantized_ao:
+        pending = _repack_torch_ao(target, own_raw, report, pending)
+    return PendingLoad(target, report, pending)
+
+
+def _repack_torch_ao(
+    target: nn.Module, own_raw: Mapping[str, Any], report: LoadReport, to_load: dict[str, torch.Tensor]
+) -> dict[str, Any]:
+    """Integer parts must have the model's exact type (int8 is not uint8); then the parts become entries again."""
+    exact = torch_ao.exact_int_types(own_raw)
+    for key in [k for k in to_load if k in exact and to_load[k].dtype != exact[k]]:
+        value, clean = to_load.pop(key), drop_compile_segments(key)
+        report.loaded.remove(clean)
+        if clean in report.cast:
+            report.cast.remove(clean)
+        report.mismatched.append(Mismatch(clean, tuple(value.shape), exact[key], tuple(value.shape), value.dtype))
+    return torch_ao.repack(target, own_raw, to_load)

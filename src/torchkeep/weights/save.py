@@ -16,7 +16,7 @@ from torchkeep.errors import CheckpointNotFoundError, CheckpointWriteError
 from torchkeep.format.io import write_plan
 from torchkeep.format.layout import RESERVED_PREFIX, plan_file
 from torchkeep.format.sharding import SHARD_NAME, index_document, parse_size, shard_names, split_shards
-from torchkeep.state.tensors import PreparedTensors, prepare, state_dict_of
+from torchkeep.state.tensors import PreparedTensors, prepare, state_and_metadata
 from torchkeep.storage.base import Storage
 from torchkeep.storage.local import LocalStorage, write_errors
 from torchkeep.weights.files import FOREIGN_SUFFIXES, SAFETENSORS_SUFFIX
@@ -48,7 +48,9 @@ def save(
         >>> torchkeep.save(model, "model.safetensors", metadata={"epoch": "3"})
     """
     meta = _check_metadata(metadata)
-    prepared = prepare(state_dict_of(obj))
+    state, reserved = state_and_metadata(obj)  # reserved: how torch.ao quantized entries were stored, if any
+    prepared = prepare(state)
+    meta.update(reserved)
     target = Path(path)
     if target.name.endswith(SAFETENSORS_SUFFIX) and max_shard_size is None:
         if target.is_dir():

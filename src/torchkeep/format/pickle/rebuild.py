@@ -11,6 +11,7 @@ import collections
 import contextlib
 import contextvars
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -379,6 +380,14 @@ def rebuild_qtensor(
                 itemsize(storage.dtype))  # fmt: skip
     if not isinstance(quantizer_params, tuple) or not quantizer_params:
         raise RefusedData("bad quantizer parameters")
+    with warnings.catch_warnings():  # torch deprecates creating quantized tensors; reading old files is not that
+        warnings.filterwarnings("ignore", "torch.quantize_per_tensor, torch.quantize_per_channel", UserWarning)
+        return _qtensor(storage, storage_offset, shape, strides, quantizer_params)
+
+
+def _qtensor(
+    storage: LoadedStorage, storage_offset: Any, shape: tuple[int, ...], strides: tuple[int, ...], quantizer_params: Any
+) -> torch.Tensor:
     scheme = quantizer_params[0]
     if scheme == torch.per_tensor_affine and len(quantizer_params) == 3:
         _, scale, zero_point = quantizer_params
@@ -390,6 +399,14 @@ def rebuild_qtensor(
         _, scales, zero_points, axis = quantizer_params
         if not isinstance(scales, torch.Tensor) or not isinstance(zero_points, torch.Tensor) or type(axis) is not int:
             raise RefusedData("per-channel quantizer needs tensors and an int axis")
+        # torch checks none of this when it builds the tensor, only when it computes with it.
+        if not 0 <= axis < len(shape) or any(
+            t.layout != torch.strided or t.is_quantized or t.dim() != 1 or t.numel() != shape[axis]
+            for t in (scales, zero_points)
+        ):
+            raise BadData(f"per-channel quantizer of axis {axis} does not fit a tensor of shape {list(shape)}")
+        if not scales.is_floating_point() or zero_points.is_complex() or zero_points.dtype == torch.bool:
+            raise BadData("per-channel quantizer scales must be float and zero points numbers")
         tensor = torch._empty_per_channel_affine_quantized(shape, scales=scales, zero_points=zero_points,
                                                            axis=axis, dtype=storage.dtype)  # fmt: skip
     else:
