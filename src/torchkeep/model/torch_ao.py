@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -132,7 +133,8 @@ def recipe_of(model: nn.Module, *, stock: bool) -> dict[str, Any] | None:
         if described is None:
             raise ValueError(
                 f"cannot record how to rebuild {type(model).__qualname__} before torch.ao quantized it (a fused "
-                "or non-stock layer): save_model the model's class with a config (pass config=..., give it "
+                "layer, or a quantized layer other than Linear, Conv1d/2d/3d and the stubs): save_model the "
+                "model's class with a config (pass config=..., give it "
                 "get_config()/from_config(), or @torchkeep.register_model), or save its weights with "
                 "torchkeep.save and load_into a model you quantized the same way"
             )
@@ -174,8 +176,6 @@ def _float_args(float_cls: type[nn.Module], module: nn.Module) -> dict[str, Any]
 
 
 def _parameters(cls: type[nn.Module]) -> dict[str, Any]:
-    import inspect
-
     skip = {"self", "device", "dtype"}
     return {
         name: p

@@ -318,7 +318,7 @@ def repack(model: nn.Module, own: Mapping[str, Any], loaded: Mapping[str, torch.
 def _part(name: str, own_flat: Mapping[str, torch.Tensor], loaded: Mapping[str, torch.Tensor], used: set[str]) -> Any:
     if name in loaded:
         used.add(name)
-        return loaded[name].detach()
+        return loaded[name].detach().clone()  # packed params may keep it: their own memory, not the file's map
     return own_flat[name].detach()
 
 
