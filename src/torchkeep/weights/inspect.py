@@ -1,15 +1,22 @@
-"""torchkeep.inspect: what a weights file or folder holds, from the headers alone."""
+"""torchkeep.inspect: what a weights file or folder holds, from the headers alone.
+
+Deployment files (TorchScript, ExportedProgram .pt2, ONNX) are described by
+:mod:`torchkeep.format.deploy`: their kind, weights, and inputs/outputs where the file holds them.
+"""
 
 from __future__ import annotations
 
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from torchkeep._gc import gc_paused
+from torchkeep.format import deploy
 from torchkeep.format.dtypes import dtype_name
 from torchkeep.weights.files import resolve
+from torchkeep.weights.legacy import detect_kind
 from torchkeep.weights.load import open_header, open_weights_file
 
 
@@ -26,7 +33,12 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class Inspection:
-    """The contents of a weights path: tensors, totals, metadata, and how it was written."""
+    """The contents of a weights path: tensors, totals, metadata, and how it was written.
+
+    For deployment files, ``kind`` is ``"torchscript"``, ``"exported_program"`` or ``"onnx"`` (else
+    None), ``inputs``/``outputs`` list the model's ports where the file holds them (else None), and
+    ``notes`` says what a reader should know about them.
+    """
 
     path: str
     files: list[str]
@@ -36,6 +48,10 @@ class Inspection:
     format: str
     file_bytes: int
     aliases: dict[str, str] = field(default_factory=dict)
+    kind: str | None = None
+    inputs: tuple[deploy.Port, ...] | None = None
+    outputs: tuple[deploy.Port, ...] | None = None
+    notes: tuple[str, ...] = ()
 
     @property
     def total_bytes(self) -> int:
@@ -57,7 +73,14 @@ class Inspection:
         return groups
 
     def to_dict(self) -> dict[str, Any]:
+        ports = {} if self.kind is None else {
+            "kind": self.kind,
+            "inputs": None if self.inputs is None else [p.to_dict() for p in self.inputs],
+            "outputs": None if self.outputs is None else [p.to_dict() for p in self.outputs],
+            "notes": list(self.notes),
+        }  # fmt: skip
         return {
+            **ports,
             "path": self.path,
             "format": self.format,
             "files": self.files,
@@ -112,10 +135,24 @@ class Inspection:
             lines.append(f"{'  ' * len(parts)}{parts[-1]}  {counts[parts]:,}")
         return "\n".join(lines)
 
+    def ports(self) -> list[str]:
+        """The inputs, outputs and notes of a deployment file, as lines."""
+        lines = []
+        for what, ports in (("inputs", self.inputs), ("outputs", self.outputs)):
+            if ports is None:
+                lines.append(f"{what}: not recorded in the file")
+            else:
+                lines.append(f"{what}: " + (", ".join(str(p) for p in ports) or "none"))
+        lines += [f"note: {note}" for note in self.notes]
+        return lines
+
     def __str__(self) -> str:
         check = "xxh3-64 per tensor" if self.checksummed else "none (not written by torchkeep: cannot verify)"
+        if self.kind is not None:
+            check = "none in the format (zip entries are CRC-checked)" if self.kind != "onnx" else "none in the format"
         lines = [
             f"{self.path}: {self.format}, {len(self.files)} file(s), {_human(self.file_bytes)} on disk",
+            *(self.ports() if self.kind is not None else []),
             f"checksums: {check}",
             self.table(),
             f"total: {len(self.tensors)} tensors, {self.total_params:,} elements, {_human(self.total_bytes)}",
@@ -138,10 +175,18 @@ def _human(n: int) -> str:
 def inspect(path: str | os.PathLike[str]) -> Inspection:
     """Describe a weights file or folder by reading only its headers.
 
+    A TorchScript archive, an ExportedProgram archive (.pt2) or an ONNX model is described by what
+    it is, its weights' names, dtypes and shapes, and its inputs and outputs where it records them;
+    nothing in it is run (an ONNX file needs ``pip install 'torchkeep[export]'``).
+
     Raises:
         CheckpointNotFoundError: nothing at ``path``.
         CorruptCheckpointError: a malformed header.
     """
+    if Path(path).is_file():
+        detected = detect_kind(os.fspath(path))
+        if detected in deploy.DEPLOY_KINDS:
+            return _inspect_deployed(os.fspath(path), detected)
     files = resolve(path)
     tensors: list[TensorInfo] = []
     metadata: dict[str, str] = {}
@@ -180,4 +225,22 @@ def inspect(path: str | os.PathLike[str]) -> Inspection:
         format=kind,
         file_bytes=file_bytes,
         aliases=aliases,
+    )
+
+
+def _inspect_deployed(path: str, kind: deploy.DeployKind) -> Inspection:
+    described = deploy.describe_file(path, kind)
+    name = Path(path).name
+    return Inspection(
+        path=path,
+        files=[name],
+        tensors=[TensorInfo(t.name, t.dtype_name, t.shape, t.numel, t.nbytes, name) for t in described.tensors],
+        metadata={},
+        checksummed=False,
+        format=described.summary,
+        file_bytes=os.path.getsize(path),
+        kind=described.kind,
+        inputs=described.inputs,
+        outputs=described.outputs,
+        notes=described.notes,
     )

@@ -1,7 +1,8 @@
-"""Files torchkeep did not write: torch.save archives (.pt/.pth/.bin/.ckpt, zip or legacy), NumPy.
+"""Files torchkeep did not write: torch.save archives (.pt/.pth/.bin/.ckpt, zip or legacy), NumPy, and
+deployment formats (TorchScript, ExportedProgram .pt2, ONNX: read by :mod:`torchkeep.format.deploy`).
 
-Formats are told apart by content, not by name. Nothing here runs code from a file unless the
-caller passes ``trusted=True``.
+Formats are told apart by content, not by name (:func:`detect_kind`, the one detector). Nothing here
+runs code from a file unless the caller passes ``trusted=True``.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import numpy as np
 import torch
 
 from torchkeep.errors import CorruptCheckpointError, TorchkeepError, TorchkeepWarning, UnsafeCheckpointError
+from torchkeep.format import deploy
 from torchkeep.format.pickle.torchfile import MAX_DEFLATE_RATIO, PARSE_ERRORS, read_torch_file
 from torchkeep.state import torch_ao
 
-Kind = Literal["safetensors", "torch", "npy", "npz", "unknown"]
+Kind = Literal["safetensors", "torch", "npy", "npz", "torchscript", "exported_program", "onnx", "unknown"]
 
 # First bytes of a pickle: PROTO (protocols 2-5), or what protocols 0-1 begin with (MARK, containers,
 # GLOBAL, numbers and strings; torch.save's legacy format begins with the LONG of its magic number).
@@ -31,8 +33,9 @@ STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "
 
 
 def detect_kind(path: str) -> Kind:
+    """What a file is, from its content: the one place torchkeep decides which reader reads a file."""
     with open(path, "rb") as f:
-        head = f.read(9)
+        head = f.read(16)
     if head.startswith(b"\x93NUMPY"):
         return "npy"
     if head.startswith(b"PK\x03\x04"):
@@ -41,12 +44,16 @@ def detect_kind(path: str) -> Kind:
                 names = archive.namelist()
         except PARSE_ERRORS:
             return "torch"  # damaged: the torch reader reports it
-        return "npz" if names and all(n.endswith(".npy") for n in names) else "torch"
+        if names and all(n.endswith(".npy") for n in names):
+            return "npz"
+        return deploy.zip_kind(names) or "torch"
     # Safetensors first: its length prefix may begin with any byte, a pickle opcode included.
-    if len(head) == 9 and head[8:9] == b"{" and 0 < struct.unpack("<Q", head[:8])[0] < os.path.getsize(path):
+    if len(head) >= 9 and head[8:9] == b"{" and 0 < struct.unpack("<Q", head[:8])[0] < os.path.getsize(path):
         return "safetensors"
     if head[:1] and head[:1] in _PICKLE_STARTS:
         return "torch"
+    if deploy.looks_like_onnx(head):
+        return "onnx"
     return "unknown"
 
 
@@ -66,6 +73,8 @@ def _read_raw(path: str, *, trusted: bool) -> Any:
     kind = detect_kind(path)
     if kind in ("npy", "npz"):
         return _numpy(path)
+    if kind in deploy.DEPLOY_KINDS:
+        return _deployed(path, kind, trusted=trusted)
     if trusted:
         warnings.warn(
             f"{path}: loading with full pickle because trusted=True; this runs any code the file holds",
@@ -74,6 +83,25 @@ def _read_raw(path: str, *, trusted: bool) -> Any:
         )
         return torch.load(path, map_location="cpu", weights_only=False)  # trusted-path
     return read_torch_file(path)
+
+
+def _deployed(path: str, kind: deploy.DeployKind, *, trusted: bool) -> dict[str, torch.Tensor]:
+    """A deployment file's weights by name. ``trusted`` runs the format's own loader, with its code."""
+    if not trusted or kind == "onnx":
+        return deploy.read_weights(path, kind)
+    warnings.warn(
+        f"{path}: loading with {'torch.jit.load' if kind == 'torchscript' else 'torch.export.load'} because "
+        "trusted=True; this runs the code the file holds",
+        TorchkeepWarning,
+        stacklevel=4,
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)  # torch.jit.load's own deprecation
+        if kind == "torchscript":
+            state = torch.jit.load(path, map_location="cpu").state_dict()  # type: ignore[no-untyped-call]  # trusted-path
+        else:
+            state = torch.export.load(path).state_dict  # trusted-path
+    return {k: v.detach() for k, v in state.items()}
 
 
 def _numpy(path: str) -> Any:

@@ -11,6 +11,7 @@ import torch
 
 from torchkeep._gc import gc_paused
 from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError
+from torchkeep.format.deploy import DEPLOY_KINDS
 from torchkeep.format.io import map_tensors, read_tensors, verify_mapped
 from torchkeep.format.layout import Header, read_header
 from torchkeep.format.pickle.dcp import is_dcp_dir, read_dcp
@@ -91,7 +92,8 @@ def read_weights(files: WeightFiles, *, mmap: bool, verify: bool, trusted: bool 
             header, tensors = read_file(path, mmap=mmap, verify=verify)
             aliases = dict(header.aliases)
         else:
-            tensors = extract_state_dict(read_raw(path, trusted=trusted), path)
+            raw = read_raw(path, trusted=trusted)
+            tensors = raw if kind in DEPLOY_KINDS else extract_state_dict(raw, path)
             aliases = {}
         add_file(out, tensors, aliases, files.expected, name, path)
     return out
@@ -139,7 +141,10 @@ def load(
     directories (read in one process, chunks reassembled), torch.save archives (``.pt``,
     ``.pth``, ``.bin``, ``.ckpt``; zip or the legacy pre-1.6 format), Hugging Face
     ``pytorch_model.bin`` (sharded too), Lightning and dict checkpoints (their model state dict
-    is returned), and NumPy ``.npz``. The format is found from the content, not the name.
+    is returned), NumPy ``.npz``, and deployment files: TorchScript archives (``torch.jit.save``)
+    and ExportedProgram archives (``torch.export.save``, ``.pt2``) give their parameters and
+    buffers by name, ONNX models their initializers (needs ``pip install 'torchkeep[export]'``);
+    none of their code is run. The format is found from the content, not the name.
 
     Args:
         path: a ``.safetensors`` file, a folder, or a ``*.safetensors.index.json`` file.
@@ -167,6 +172,7 @@ def load(
         CheckpointNotFoundError: nothing at ``path``.
         CorruptCheckpointError: a damaged or malformed file, naming the file and the problem.
         UnsafeCheckpointError: a pickle that would run code (every refused global is named).
+        ImportError: an ONNX file without the ``onnx`` package (``pip install 'torchkeep[export]'``).
     """
     if dtype is not None and not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")

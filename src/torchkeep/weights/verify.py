@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
+from torchkeep.format import deploy
 from torchkeep.format.io import verify_tensors
 from torchkeep.weights.files import resolve
+from torchkeep.weights.legacy import detect_kind
 from torchkeep.weights.load import open_header, open_weights_file
 
 
@@ -13,12 +16,18 @@ def verify(path: str | os.PathLike[str]) -> int | None:
     """Read everything once and check it; returns the number of tensors checked.
 
     Returns None when no file has checksums (written by another tool): only the structure was
-    checked then.
+    checked then. Deployment files (TorchScript, .pt2, ONNX) have none: their weights are read
+    whole (zip entries CRC-checked), nothing in them run.
 
     Raises:
         CheckpointNotFoundError: nothing at ``path``.
         CorruptCheckpointError: damage, naming the file and the tensor.
     """
+    if Path(path).is_file():
+        kind = detect_kind(os.fspath(path))
+        if kind in deploy.DEPLOY_KINDS:
+            deploy.read_weights(os.fspath(path), kind)
+            return None
     files = resolve(path)
     checked = 0
     any_checksums = False

@@ -13,7 +13,10 @@ file is read the ways a loader could read it:
 The result is a :class:`ScanReport` whose :attr:`~ScanReport.exit_code` is the contract of
 ``torchkeep scan``: 0 only when every pickle was read to its end and imports only allowlisted
 globals; 1 when anything is dangerous; 2 when anything is unknown, unreadable, truncated,
-encrypted, compressed in a way Python cannot read, or skipped for size.
+encrypted, compressed in a way Python cannot read, or skipped for size, and for TorchScript and
+ExportedProgram (.pt2) archives, whose loaders run the code they hold (1 if what they hold is
+plainly dangerous: a shape expression that reaches Python builtins, a graph target outside torch's
+operators such as ``torch.os.system``).
 """
 
 from __future__ import annotations
@@ -63,6 +66,19 @@ MAX_DEPTH = 3  # archives inside archives
 MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library's own limit
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
+# A serialized ExportedProgram larger than this is not checked (it stays unverified: 2).
+MAX_PROGRAM_JSON = 256 << 20
+TORCHSCRIPT_REASON = (
+    "a TorchScript archive: torch.jit.load (and torch.load, which hands such files to it) compiles and runs the "
+    "TorchScript code in its code/ folder, which no scan verifies; torchkeep.load reads only its weights "
+    "(parameters and buffers) without running it"
+)
+EXPORTED_PROGRAM_REASON = (
+    "an ExportedProgram archive (.pt2): torch.export.load evaluates its symbolic shape expressions with sympy "
+    "(Python's eval) and unpickles its constants, and running the program calls whatever its graph names; the "
+    "scan checks those expressions, guards and targets but cannot verify the program; torchkeep.load reads only "
+    "its weights, without running or evaluating any of it"
+)
 _ZIP_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
 _COMPRESSED = {
     b"\x1f\x8b": "gzip",
@@ -299,13 +315,11 @@ class _Scanner:
             infos = archive.infolist()
             if len(infos) > MAX_MEMBERS:
                 self.problem(location, f"more than {MAX_MEMBERS} members; the rest is not scanned")
+            self.deployment(archive, infos[:MAX_MEMBERS], location)
             names: dict[str, int] = {}
             for info in infos[:MAX_MEMBERS]:
                 names[info.filename] = names.get(info.filename, 0) + 1
                 inner = f"{location}:{info.filename}" + (f"#{names[info.filename]}" if names[info.filename] > 1 else "")
-                if info.filename.endswith("constants.pkl"):
-                    self.problem(inner, "a TorchScript archive: torch.load hands it to torch.jit.load, which runs "
-                                 "its code", "unknown")  # fmt: skip
                 if info.filename.endswith("/"):  # a folder entry (is_dir() fails on an empty name)
                     continue
                 if info.compress_type not in _ZIP_METHODS:
@@ -323,6 +337,38 @@ class _Scanner:
                         self.member(cast(BinaryIO, member), info.file_size, inner, depth)
                 except Exception as exc:  # a damaged member: bad local header, CRC, compressed data
                     self.problem(inner, f"unreadable zip member: {type(exc).__name__}: {exc}")
+
+    def deployment(self, archive: zipfile.ZipFile, infos: list[zipfile.ZipInfo], location: str) -> None:
+        """TorchScript and ExportedProgram archives hold code their loaders run: never verified (2, or 1)."""
+        from torchkeep.format import deploy
+        from torchkeep.format.deploy import pt2
+
+        names = [info.filename for info in infos]
+        kind = deploy.zip_kind(names)
+        if kind == "torchscript" or any(name.endswith("constants.pkl") for name in names):
+            self.report.files[location] = "zip (TorchScript archive)"
+            self.problem(location, TORCHSCRIPT_REASON, "unknown")
+        elif kind == "exported_program":
+            self.report.files[location] = "zip (ExportedProgram archive, .pt2)"
+            self.problem(location, EXPORTED_PROGRAM_REASON, "unknown")
+            for info in infos:
+                parts = info.filename.split("/")
+                if len(parts) >= 2 and parts[-2] == "models" and parts[-1].endswith(".json"):
+                    self.exported_program(archive, info, f"{location}:{info.filename}", pt2.audit)
+
+    def exported_program(self, archive: zipfile.ZipFile, info: zipfile.ZipInfo, location: str, audit: Any) -> None:
+        """A serialized program: the expressions, guards and targets torch.export.load would evaluate or call."""
+        if info.file_size > MAX_PROGRAM_JSON:
+            self.problem(location, f"a program of {info.file_size:,} bytes is not checked (skipped for size)")
+            return
+        try:
+            with archive.open(info) as member:
+                document = json.loads(member.read(MAX_PROGRAM_JSON + 1))
+        except Exception as exc:  # damaged member, not JSON, nesting too deep for the parser
+            self.problem(location, f"unreadable program: {type(exc).__name__}: {str(exc)[:200]}")
+            return
+        for where, status, reason in audit(document):
+            self.problem(f"{location}:{where}", reason, cast(Status, status))
 
     def member(self, f: BinaryIO, size: int, location: str, depth: int) -> None:
         if depth + 1 > MAX_DEPTH:
