@@ -16,6 +16,7 @@ from torchkeep.state import torch_ao
 from torchkeep.state.devices import MapLocation
 from torchkeep.state.keys import Remap, compile_remap, drop_compile_segments, strip_wrapper_prefix, unwrap_model
 from torchkeep.state.wrappers import flatten_wrappers
+from torchkeep.storage.remote import is_url
 from torchkeep.weights.files import resolve
 from torchkeep.weights.load import load, read_weights
 from torchkeep.weights.report import LoadReport, Mismatch
@@ -72,6 +73,7 @@ def load_into(
     map_location: MapLocation = None,
     verify: bool = True,
     trusted: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> LoadReport:
     """Load weights into ``model`` in place and report what happened, key by key.
 
@@ -89,6 +91,7 @@ def load_into(
         map_location: where to read tensors first (default: CPU, then copied to the model's device).
         verify: check checksums when reading from a path.
         trusted: allow full unpickling of a pickle-based file you vouch for (runs its code).
+        storage_options: for a URL source (``s3://...``): passed to fsspec.
 
     Returns:
         The :class:`LoadReport`.
@@ -101,7 +104,9 @@ def load_into(
         source_name = "state dict"
     else:
         source_name = os.fspath(source)
-        if map_location is None and not is_dcp_dir(source):
+        if is_url(source):
+            raw = load(source, map_location=map_location or "cpu", verify=verify, storage_options=storage_options)
+        elif map_location is None and not is_dcp_dir(source):
             # Straight from the page cache into the model: the file is mapped, every checksum is checked
             # on the mapped pages first (so a strict load stays all-or-nothing), then each tensor is copied
             # once, into the parameter that already exists. No full copy of the state is ever allocated.

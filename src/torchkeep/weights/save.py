@@ -6,6 +6,7 @@ import contextlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,6 +20,7 @@ from torchkeep.format.sharding import SHARD_NAME, index_document, parse_size, sh
 from torchkeep.state.tensors import PreparedTensors, prepare, state_and_metadata
 from torchkeep.storage.base import Storage
 from torchkeep.storage.local import LocalStorage, write_errors
+from torchkeep.storage.remote import RemoteStorage, is_url, split_url
 from torchkeep.weights.files import FOREIGN_SUFFIXES, SAFETENSORS_SUFFIX
 
 
@@ -29,6 +31,7 @@ def save(
     *,
     metadata: Mapping[str, str] | None = None,
     max_shard_size: int | str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> None:
     """Save weights safely: no pickle, atomic, checksummed.
 
@@ -39,6 +42,9 @@ def save(
             Hugging Face sharded layout when ``max_shard_size`` splits it).
         metadata: string pairs kept in each file's header.
         max_shard_size: bytes per shard, as an int or a string such as ``"500MB"`` or ``"2GiB"``.
+        storage_options: for a URL (``s3://bucket/model.safetensors``, ``memory://...``): passed to
+            fsspec (credentials, ``endpoint_url``...). Each object is published whole or not at all; a
+            sharded folder's index is written last.
 
     Raises:
         UnsupportedTensorError: a tensor the format cannot hold (sparse, quantized, ...).
@@ -51,6 +57,15 @@ def save(
     state, reserved = state_and_metadata(obj)  # reserved: how torch.ao quantized entries were stored, if any
     prepared = prepare(state)
     meta.update(reserved)
+    if is_url(path):
+        url = str(path)
+        limit = parse_size(max_shard_size) if max_shard_size is not None else None
+        if url.endswith(SAFETENSORS_SUFFIX) and limit is None:
+            folder, name = split_url(url)
+            write_weights(RemoteStorage(folder, storage_options), name, prepared, meta)
+        else:
+            save_folder(RemoteStorage(url, storage_options), prepared, meta, limit)
+        return
     target = Path(path)
     if target.name.endswith(SAFETENSORS_SUFFIX) and max_shard_size is None:
         if target.is_dir():

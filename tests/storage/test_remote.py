@@ -1,0 +1,132 @@
+"""Weights at URLs through fsspec: fsspec's in-memory filesystem, and a real S3-compatible server (moto's)
+started by the test, with credentials and the endpoint passed as storage_options."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import torchkeep
+from tests.conftest import assert_same_tensors
+from torchkeep.storage.remote import RemoteStorage
+
+
+def state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return {"a": torch.randn(64, 32), "b": torch.arange(10), "c": torch.randn(3).half()}
+
+
+@pytest.fixture
+def memory_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    import fsspec
+
+    url = f"memory://torchkeep-test/{request.node.name}"
+    yield url
+    fs = fsspec.filesystem("memory")
+    if fs.exists(url):
+        fs.rm(url, recursive=True)
+
+
+def test_round_trips_on_the_memory_filesystem(memory_url: str) -> None:
+    tensors = state()
+    torchkeep.save(tensors, f"{memory_url}/w.safetensors", metadata={"epoch": "3"})
+    assert_same_tensors(tensors, torchkeep.load(f"{memory_url}/w.safetensors"))
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8))
+    torchkeep.save(model, f"{memory_url}/sharded", max_shard_size=10_000)
+    names = RemoteStorage(f"{memory_url}/sharded").list()
+    assert "model.safetensors.index.json" in names and len(names) > 2
+    fresh = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8))
+    assert torchkeep.load_into(fresh, f"{memory_url}/sharded").ok
+    assert_same_tensors(fresh.state_dict(), model.state_dict())
+
+
+def test_a_damaged_object_is_caught_by_its_checksums(memory_url: str) -> None:
+    torchkeep.save(state(), f"{memory_url}/w.safetensors")
+    storage = RemoteStorage(memory_url)
+    with storage.open_read("w.safetensors") as f:
+        data = bytearray(f.read())
+    data[-2] ^= 0x40
+    with storage.open_write("w.safetensors") as sink:
+        sink.write(bytes(data))
+    with pytest.raises(torchkeep.CorruptCheckpointError, match="checksum mismatch"):
+        torchkeep.load(f"{memory_url}/w.safetensors")
+    with pytest.raises(torchkeep.CheckpointNotFoundError):
+        torchkeep.load(f"{memory_url}/absent.safetensors")
+    with pytest.raises(torchkeep.CheckpointNotFoundError, match="neither"):
+        torchkeep.load(f"{memory_url}/no-such-folder")
+
+
+def test_a_failed_write_publishes_nothing_and_keeps_the_old_object(memory_url: str) -> None:
+    storage = RemoteStorage(memory_url)
+    with storage.open_write("x.bin") as sink:
+        sink.write(b"old")
+    with pytest.raises(RuntimeError, match="interrupted"), storage.open_write("x.bin") as sink:
+        sink.write(b"new, cut short")
+        raise RuntimeError("interrupted")
+    with storage.open_read("x.bin") as f:
+        assert f.read() == b"old"
+    with pytest.raises(ValueError, match=r"without '\.\.'"), storage.open_write("../escape"):
+        pass
+    assert storage.list() == ["x.bin"]  # no temporary left by the failed write
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[dict[str, Any]]:
+    """A real S3 endpoint on loopback (moto's server), and a bucket in it."""
+    pytest.importorskip("s3fs")
+    server_module = pytest.importorskip("moto.server")
+    port = _free_port()
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    options = {
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"},
+        "skip_instance_cache": True,  # each test's filesystem object, not one cached across servers
+    }
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{port}",
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    client.create_bucket(Bucket="torchkeep-bucket")
+    try:
+        yield options
+    finally:
+        server.stop()
+
+
+def test_save_and_load_on_s3(s3: dict[str, Any]) -> None:
+    tensors = state()
+    url = "s3://torchkeep-bucket/run1/w.safetensors"
+    torchkeep.save(tensors, url, storage_options=s3)
+    assert_same_tensors(tensors, torchkeep.load(url, storage_options=s3))
+
+    model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 4))
+    torchkeep.save(model, "s3://torchkeep-bucket/run1/model", storage_options=s3, max_shard_size="40KB")
+    fresh = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 4))
+    report = torchkeep.load_into(fresh, "s3://torchkeep-bucket/run1/model", map_location="cpu", storage_options=s3)
+    assert report.ok
+    assert_same_tensors(fresh.state_dict(), model.state_dict())
+
+
+def test_s3_errors_are_typed(s3: dict[str, Any]) -> None:
+    with pytest.raises(torchkeep.CheckpointWriteError):
+        torchkeep.save(state(), "s3://no-such-bucket/w.safetensors", storage_options=s3)
+    with pytest.raises(torchkeep.CheckpointNotFoundError):
+        torchkeep.load("s3://torchkeep-bucket/nothing/w.safetensors", storage_options=s3)
