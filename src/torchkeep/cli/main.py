@@ -117,11 +117,13 @@ SCAN_EXIT_CODES = """exit codes:
   0  every pickle in every file was read to its end and imports only allowlisted globals
      (files without pickles, e.g. safetensors with a valid header, count as verified)
   1  something is dangerous: a global that can run code or touch the system (os, subprocess,
-     builtins.eval, importlib, torch.load, ...), or one whose name the pickle computes
+     builtins.eval, importlib, torch.load, ...), or one whose name the pickle computes; in a
+     .pt2, a shape expression, guard or graph target that reaches Python or the system
   2  nothing dangerous, but something is not verified: a global not on the allowlist
      (unknown), a pickle that is truncated or unreadable, an encrypted member, a compression
-     Python cannot read, a compressed stream, a TorchScript archive, or a limit reached
-     (skipped for size); a missing PATH is 2 as well
+     Python cannot read, a compressed stream, a TorchScript archive or a torch.export .pt2
+     archive (their loaders run the code they hold), or a limit reached (skipped for size);
+     a missing PATH is 2 as well
   1 wins over 2 when both apply."""
 
 
