@@ -140,3 +140,22 @@ def test_without_onnx_the_error_names_the_extra(models: dict[str, Any], monkeypa
     monkeypatch.setitem(sys.modules, "onnx", None)
     with pytest.raises(ImportError, match=r"pip install 'torchkeep\[export\]'"):
         torchkeep.load(models["mlp"][1])
+
+
+def _rename_bytes(src: Path, dst: Path, old: str, new: bytes) -> Path:
+    """Replace a name inside the serialized model with bytes that are not UTF-8 (protobuf keeps them as bytes)."""
+    data = src.read_bytes()
+    assert data.count(old.encode()) >= 1 and len(new) == len(old)
+    dst.write_bytes(data.replace(old.encode(), new))
+    return dst
+
+
+def test_names_that_are_not_utf8(models: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # fuzz finding: protobuf returns such a name as bytes, which then broke inspect --json with a TypeError
+    weight = _rename_bytes(models["mlp"][1], tmp_path / "weight.onnx", "fc1.weight", b"fc1.\xff\xfeight")
+    for read in (torchkeep.load, torchkeep.inspect):
+        with pytest.raises(torchkeep.CorruptCheckpointError, match="not UTF-8"):
+            read(weight)
+    port = _rename_bytes(models["mlp"][1], tmp_path / "port.onnx", "linear_1", b"linear_\xff")
+    assert main(["inspect", "--json", str(port)]) == 0
+    assert json.loads(capsys.readouterr().out)["outputs"][0]["name"] == "linear_\ufffd"

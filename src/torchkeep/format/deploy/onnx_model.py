@@ -89,6 +89,18 @@ def _load(path: str) -> Any:
     return model
 
 
+def _text(value: Any) -> str:
+    """A string field for display: protobuf hands back bytes for a proto2 string that is not UTF-8."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _name(tensor: Any, path: str) -> str:
+    if not isinstance(tensor.name, str):
+        raise CorruptCheckpointError(path, f"an initializer's name is not UTF-8 text ({_text(tensor.name)!r})")
+    name: str = tensor.name
+    return name
+
+
 def _dtype(tensor: Any, path: str) -> torch.dtype:
     dtype = ONNX_DTYPES.get(tensor.data_type)
     if dtype is None:
@@ -180,26 +192,27 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
     model = _load(path)
     out: dict[str, torch.Tensor] = {}
     for tensor in model.graph.initializer:
-        if tensor.name in out:
-            raise CorruptCheckpointError(path, "two initializers share this name", key=tensor.name)
-        out[tensor.name] = _tensor(tensor, path)
+        name = _name(tensor, path)
+        if name in out:
+            raise CorruptCheckpointError(path, "two initializers share this name", key=name)
+        out[name] = _tensor(tensor, path)
     return out
 
 
 def _type_port(value: Any, onnx: Any) -> Port:
     kind = value.type.WhichOneof("value")
     if kind != "tensor_type":
-        return Port(value.name, type=kind or "unknown")
+        return Port(_text(value.name), type=kind or "unknown")
     tensor_type = value.type.tensor_type
     dtype = ONNX_DTYPES.get(tensor_type.elem_type)
     name = dtype_name(dtype) if dtype is not None else onnx.TensorProto.DataType.Name(tensor_type.elem_type).lower()
     shape: tuple[Dim, ...] | None = None
     if tensor_type.HasField("shape"):
         shape = tuple(
-            d.dim_value if d.HasField("dim_value") else d.dim_param if d.HasField("dim_param") else "?"
+            d.dim_value if d.HasField("dim_value") else _text(d.dim_param) if d.HasField("dim_param") else "?"
             for d in tensor_type.shape.dim
         )
-    return Port(value.name, name, shape, "tensor")
+    return Port(_text(value.name), name, shape, "tensor")
 
 
 def describe_file(path: str) -> Description:
@@ -210,7 +223,7 @@ def describe_file(path: str) -> Description:
     initializers = {t.name for t in graph.initializer}
     tensors: list[TensorMeta] = []
     for tensor in graph.initializer:
-        tensors.append(TensorMeta(tensor.name, _dtype(tensor, path), _shape(tensor, path)))
+        tensors.append(TensorMeta(_name(tensor, path), _dtype(tensor, path), _shape(tensor, path)))
     inputs = tuple(_type_port(v, onnx) for v in graph.input if v.name not in initializers)
     outputs = tuple(_type_port(v, onnx) for v in graph.output)
     kinds: dict[str, str] = {}
@@ -231,7 +244,11 @@ def describe_file(path: str) -> Description:
         notes.append(f"{external} initializer(s) keep their data in an external file beside the model")
     if graph.sparse_initializer:
         notes.append(f"{len(graph.sparse_initializer)} sparse initializer(s) are not read")
-    opsets = ", ".join(f"{o.domain or 'ai.onnx'} {o.version}" for o in model.opset_import)
-    producer = f", produced by {model.producer_name} {model.producer_version}".rstrip() if model.producer_name else ""
+    opsets = ", ".join(f"{_text(o.domain) or 'ai.onnx'} {o.version}" for o in model.opset_import)
+    producer = (
+        f", produced by {_text(model.producer_name)} {_text(model.producer_version)}".rstrip()
+        if model.producer_name
+        else ""
+    )
     summary = f"{KIND_TITLES['onnx']}: IR version {model.ir_version}, opset {opsets or '?'}{producer}"
     return Description("onnx", summary, tensors, inputs, outputs, tuple(notes))
