@@ -60,6 +60,7 @@ def test_inspect_lists_inputs_and_outputs_with_the_symbolic_batch(programs: dict
     (y,) = info.outputs or ()
     assert x.name == "x" and x.dtype == "float32" and x.shape is not None and x.shape[1] == 4
     assert isinstance(x.shape[0], str) and x.shape[0] == (y.shape or ())[0]  # the batch symbol, as text
+    assert x.shape[0].startswith("s") and x.shape[0][1:].isdigit()  # "s31", not "Symbol('s31', ...)"
     assert y.dtype == "float32" and y.shape is not None and y.shape[1] == 3
     assert [t.name for t in info.tensors] == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
 

@@ -268,14 +268,18 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
 # -- describing -----------------------------------------------------------------------------------------
 
 
+_SYMBOL = re.compile(r"Symbol\('([A-Za-z_]\w*)'(?:,\s*\w+=\w+)*\)")
+
+
 def _dim(value: Any) -> Dim:
     if isinstance(value, dict) and type(value.get("as_int")) is int:
         number: int = value["as_int"]
         return number
     if isinstance(value, dict) and isinstance(value.get("as_expr"), dict):
         expr = value["as_expr"].get("expr_str")
-        if isinstance(expr, str):
-            return expr if len(expr) <= 80 else expr[:77] + "..."  # shown, never evaluated
+        if isinstance(expr, str):  # shown as text, never evaluated; Symbol('s31', positive=True) reads as s31
+            expr = _SYMBOL.sub(r"\1", expr[:200])
+            return expr if len(expr) <= 80 else expr[:77] + "..."
     return "?"
 
 
