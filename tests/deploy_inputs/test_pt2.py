@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +189,17 @@ def test_graph_target_outside_the_operators_is_dangerous(programs: dict[str, Any
     assert report.exit_code == 1
     assert any("torch.os.system" in p.reason for p in report.problems)
     assert_same_tensors(torchkeep.load(hostile), torchkeep.load(programs["cnn"][1]))
+
+
+def test_older_archives_with_one_pickled_state_dict(programs: dict[str, Any], tmp_path: Path) -> None:
+    """Before the weights config, an archive kept data/weights/<model>.pt (a torch.save'd state dict)."""
+    model, src = programs["mlp"]
+    buffer = io.BytesIO()
+    torch.save(dict(model.state_dict()), buffer)
+    prefix = member_named(src, "archive_format")[: -len("archive_format")]
+
+    older = rewrite_zip(src, tmp_path / "older.pt2", lambda n, d: None if n.startswith(prefix + "data/weights/") else d)
+    with zipfile.ZipFile(older, "a") as archive:  # the pickled state dict under its old name
+        archive.writestr(prefix + "data/weights/model.pt", buffer.getvalue())
+    assert_same_tensors(torchkeep.load(older), dict(model.state_dict()))
+    assert [t.name for t in torchkeep.inspect(older).tensors] == list(model.state_dict())
