@@ -203,3 +203,29 @@ def test_older_archives_with_one_pickled_state_dict(programs: dict[str, Any], tm
         archive.writestr(prefix + "data/weights/model.pt", buffer.getvalue())
     assert_same_tensors(torchkeep.load(older), dict(model.state_dict()))
     assert [t.name for t in torchkeep.inspect(older).tensors] == list(model.state_dict())
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "status"),
+    [
+        ("expr_str", "Symbol('s31', positive=True, integer=True)", None),
+        ("expr_str", "Max(2, FloorDiv(s0 + 1, 2)) >= 2*s1", None),
+        ("expr_str", "exec(bytes((112, 114)))", "dangerous"),  # no dot, no dunder: still a builtin call
+        ("expr_str", "preview(s0)", "dangerous"),  # a sympy helper that starts programs
+        ("expr_str", "s0.func", "dangerous"),
+        ("guards_code", ["L['x'].size()[0] == 3", "2 <= L['y'].stride()[1]"], None),
+        ("guards_code", ["L['x'].size()[0] == 3), print((1"], "dangerous"),  # torch pastes it into a call
+        ("guards_code", ["L['x'].__class__"], "dangerous"),
+        ("target", "torch.ops.aten.conv2d.default", None),
+        ("target", "_operator.getitem", None),
+        ("target", "torch.sym_max", None),
+        ("target", "torch.ops.load_library", "dangerous"),
+        ("target", "torch.serialization.load", "dangerous"),
+        ("target", "builtins.eval", "unknown"),
+    ],
+)
+def test_audit_of_what_torch_export_load_would_evaluate(key: str, value: Any, status: str | None) -> None:
+    from torchkeep.format.deploy.pt2_audit import audit
+
+    findings = audit({"graph_module": {"graph": {"nodes": [{key: value}]}}})
+    assert [f[1] for f in findings] == ([status] if status else [])

@@ -341,7 +341,7 @@ class _Scanner:
     def deployment(self, archive: zipfile.ZipFile, infos: list[zipfile.ZipInfo], location: str) -> None:
         """TorchScript and ExportedProgram archives hold code their loaders run: never verified (2, or 1)."""
         from torchkeep.format import deploy
-        from torchkeep.format.deploy import pt2
+        from torchkeep.format.deploy import pt2_audit
 
         names = [info.filename for info in infos]
         kind = deploy.zip_kind(names)
@@ -354,7 +354,7 @@ class _Scanner:
             for info in infos:
                 parts = info.filename.split("/")
                 if len(parts) >= 2 and parts[-2] == "models" and parts[-1].endswith(".json"):
-                    self.exported_program(archive, info, f"{location}:{info.filename}", pt2.audit)
+                    self.exported_program(archive, info, f"{location}:{info.filename}", pt2_audit.audit)
 
     def exported_program(self, archive: zipfile.ZipFile, info: zipfile.ZipInfo, location: str, audit: Any) -> None:
         """A serialized program: the expressions, guards and targets torch.export.load would evaluate or call."""
