@@ -20,9 +20,9 @@ from torchkeep.cli.main import main
 from torchkeep.weights.legacy import detect_kind
 
 
-def _quiet_jit(fn: Any, *args: Any) -> Any:
+def _quietly(fn: Any, *args: Any) -> Any:
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.jit is deprecated upstream, and still what repositories hold
+        warnings.simplefilter("ignore")  # torch.jit and torch.ao.quantization are deprecated upstream, still in use
         return fn(*args)
 
 
@@ -35,18 +35,18 @@ def archives(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[nn.Mod
         model = trained(cls, seed)
         for how in ("trace", "script"):
             scripted = (
-                _quiet_jit(torch.jit.trace, model, example(model))
+                _quietly(torch.jit.trace, model, example(model))
                 if how == "trace"
-                else _quiet_jit(torch.jit.script, model)
+                else _quietly(torch.jit.script, model)
             )
             path = folder / f"{name}_{how}.pt"
-            _quiet_jit(scripted.save, str(path))
+            _quietly(scripted.save, str(path))
             out[f"{name}_{how}"] = (model, path)
     return out
 
 
 def _jit_state(path: Path) -> dict[str, torch.Tensor]:
-    return dict(_quiet_jit(torch.jit.load, str(path)).state_dict())
+    return dict(_quietly(torch.jit.load, str(path)).state_dict())
 
 
 @pytest.mark.parametrize("key", ["mlp_trace", "mlp_script", "cnn_trace", "cnn_script"])
@@ -224,8 +224,18 @@ def test_parameters_come_from_the_class_headers(archives: dict[str, Any], tmp_pa
             return self.fc(x) * self.scale + self.shift + self.scratch
 
     path = tmp_path / "constant.pt"
-    _quiet_jit(_quiet_jit(torch.jit.script, WithConstant()).save, str(path))
+    _quietly(_quietly(torch.jit.script, WithConstant()).save, str(path))
     loaded, jit = torchkeep.load(path), _jit_state(path)
     assert list(loaded) == list(jit)
     assert_same_tensors(loaded, jit)
     assert "scale" not in loaded
+
+
+def test_packed_quantized_weights_are_named_not_silently_dropped(tmp_path: Path) -> None:
+    """torch.jit.load(f).state_dict() of a scripted quantize_dynamic model is empty: torchkeep says why."""
+    model = _quietly(torch.ao.quantization.quantize_dynamic, trained(MLP, 1), {nn.Linear}, torch.qint8)
+    path = tmp_path / "quantized.pt"
+    _quietly(_quietly(torch.jit.script, model).save, str(path))
+    with pytest.raises(torchkeep.UnsupportedTensorError, match="LinearPackedParamsBase") as caught:
+        torchkeep.load(path)
+    assert caught.value.key == "fc1._packed_params._packed_params"

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from torchkeep.errors import CorruptCheckpointError
+from torchkeep.errors import CorruptCheckpointError, UnsupportedTensorError
 from torchkeep.format.deploy.common import (
     KIND_TITLES,
     Description,
@@ -45,6 +45,7 @@ from torchkeep.format.pickle.unpickler import RestrictedUnpickler
 MAX_CODE_FILE = 8 << 20
 MAX_CODE_TOTAL = 64 << 20
 _TORCH_MODULE = "__torch__"
+_TORCHBIND = "__torch__.torch.classes."
 
 
 class ScriptRecord(rebuild.SafeState):
@@ -259,6 +260,19 @@ def _attrs(record: ScriptRecord) -> dict[str, Any]:
     return attributes
 
 
+def _holds_tensors(value: Any, depth: int = 0) -> bool:
+    """A tensor anywhere in a record's state (nested containers: bounded, data.pkl is a checked tree)."""
+    if isinstance(value, torch.Tensor):
+        return True
+    if depth > 8:
+        return False
+    if isinstance(value, dict):
+        return any(_holds_tensors(v, depth + 1) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_tensors(v, depth + 1) for v in value)
+    return False
+
+
 def state_items(root: Any, classes: dict[str, ClassInfo], path: str) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every parameter and buffer, in the order ``state_dict()`` gives them."""
     if not _is_module(root, classes):
@@ -280,6 +294,20 @@ def state_items(root: Any, classes: dict[str, ClassInfo], path: str) -> Iterator
         for key in ordered:
             tensor = tensors[key]
             yield prefix + key, tensor.detach() if tensor.requires_grad else tensor
+        for key, value in attributes.items():
+            # A torchbind object (a C++ class: quantized packed parameters) keeps tensors in its own state,
+            # which torch.jit.load(f).state_dict() leaves out too: say so rather than return a silent subset.
+            if (
+                isinstance(value, ScriptRecord)
+                and value.qualname.startswith(_TORCHBIND)
+                and _holds_tensors(vars(value))
+            ):
+                raise UnsupportedTensorError(
+                    prefix + key,
+                    f"in {path}: a {value.qualname.removeprefix('__torch__.')} object holds tensors in its own state "
+                    "(packed weights of a quantized module), which torchkeep does not unpack from TorchScript; "
+                    "save the eager model with torchkeep.save instead (torch.ao packed weights are supported there)",
+                )
         children = [(prefix + k + ".", v) for k, v in attributes.items() if _is_module(v, classes)]
         stack.extend(reversed(children))
 
