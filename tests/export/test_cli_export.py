@@ -44,3 +44,14 @@ def test_input_shapes_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[s
     # Not a model folder: torchkeep's own error, exit 1, no traceback.
     assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "x.pt2"), "--input", "1,4"]) == 1
     assert "not a model directory" in capsys.readouterr().err
+
+
+def test_inspect_shows_the_spec_written_beside_the_artifact(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = nn.Sequential(nn.Linear(4, 3))
+    torchkeep.export(model, torch.randn(2, 4), tmp_path / "m.pt2", format="exported_program")
+    assert main(["inspect", str(tmp_path / "m.pt2")]) == 0
+    out = capsys.readouterr().out
+    assert "exported by torchkeep (exported_program): inputs input: float32[batch, 4]" in out
+    assert "verified on random inputs, batch 5: max abs error" in out
+    assert main(["inspect", "--json", str(tmp_path / "m.pt2")]) == 0
+    assert json.loads(capsys.readouterr().out)["export_spec"]["kind"] == "exported_program"

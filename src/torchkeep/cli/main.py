@@ -26,13 +26,50 @@ def _inspect(args: argparse.Namespace) -> int:
     if is_model_dir(args.path):
         return _inspect_model(args)
     info = inspect(args.path)
+    spec = _export_spec(Path(args.path))
     if args.json:
-        print(json.dumps(info.to_dict(), indent=2))
+        print(json.dumps({**info.to_dict(), **({"export_spec": spec} if spec else {})}, indent=2))
     elif args.tree:
         print(info.tree())
     else:
         print(info)
+        if spec:
+            print(_spec_summary(spec))
     return 0
+
+
+def _export_spec(path: Path) -> dict[str, Any] | None:
+    """The I/O spec torchkeep.export wrote beside an artifact, if it is there and readable."""
+    from torchkeep.exporting.report import SPEC_FORMAT, SPEC_SUFFIX
+    from torchkeep.format.jsondoc import parse_json
+
+    side = path.with_name(path.name + SPEC_SUFFIX)
+    if not side.is_file() or side.stat().st_size > 1 << 20:
+        return None
+    try:
+        spec = parse_json(side.read_bytes(), str(side), "export spec")
+    except TorchkeepError:
+        return None
+    return spec if isinstance(spec, dict) and spec.get("format") == SPEC_FORMAT else None
+
+
+def _spec_summary(spec: dict[str, Any]) -> str:
+    def shapes(items: Any) -> str:
+        if not isinstance(items, list):
+            return "?"
+        return "; ".join(
+            f"{i.get('name')}: {i.get('dtype')}[{', '.join(map(str, i.get('shape', [])))}]"
+            for i in items
+            if isinstance(i, dict)
+        )
+
+    io = f"inputs {shapes(spec.get('inputs'))}; outputs {shapes(spec.get('outputs'))}"
+    lines = [f"exported by torchkeep ({spec.get('kind')}): {io}"]
+    for check in spec.get("verified") or []:
+        if isinstance(check, dict):
+            worst = max((o.get("max_abs", 0.0) for o in check.get("outputs", []) if isinstance(o, dict)), default=0.0)
+            lines.append(f"  verified on {check.get('inputs')}: max abs error {worst:.2g}")
+    return "\n".join(lines)
 
 
 def _inspect_checkpoint(args: argparse.Namespace) -> int:
