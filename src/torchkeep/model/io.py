@@ -39,7 +39,7 @@ from torchkeep.storage.local import (
     write_errors,
 )
 from torchkeep.weights.load import load
-from torchkeep.weights.load_into import match_model
+from torchkeep.weights.load_into import load_into, match_model
 from torchkeep.weights.save import save_folder
 
 MODEL_MANIFEST = "torchkeep_model.json"
@@ -291,11 +291,7 @@ def _load_quantized(
         raise ValueError("dtype= cannot cast a quantized model; load it as saved")
     model = construct()
     requantize(model, recipe, where)
-    state = load(root, map_location="cpu")
-    pending = match_model(model, state, source_name=str(root))
-    if strict and not pending.report.ok:
-        raise LoadMismatchError(pending.report, str(root))
-    pending.apply()
+    load_into(model, root, strict=strict, map_location="cpu")  # the int8 parts over what re-quantizing made
     if map_location not in (None, "cpu"):
         if not isinstance(map_location, (str, torch.device)):
             raise ValueError("a quantized model loads onto one device: pass map_location as a device")

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchkeep.errors import CorruptCheckpointError, LoadMismatchError, TorchkeepError
+from torchkeep.errors import CorruptCheckpointError, TorchkeepError
 from torchkeep.model import structure
 from torchkeep.state import torch_ao
 from torchkeep.state.devices import MapLocation
@@ -401,8 +401,7 @@ def load_quantized(
     eval: bool,
 ) -> nn.Module:
     """load_model's path for a folder whose manifest holds a torch.ao recipe."""
-    from torchkeep.weights.load import load
-    from torchkeep.weights.load_into import match_model
+    from torchkeep.weights.load_into import load_into
 
     recipe = check_recipe(manifest[MANIFEST_KEY], where)
     if dtype is not None:
@@ -417,9 +416,5 @@ def load_quantized(
     except (ValueError, TypeError, KeyError) as exc:
         raise CorruptCheckpointError(where, f"cannot rebuild the float model: {exc}") from exc
     requantize(model, recipe, where)
-    state = load(root, map_location="cpu")
-    pending = match_model(model, state, source_name=str(root))
-    if strict and not pending.report.ok:
-        raise LoadMismatchError(pending.report, str(root))
-    pending.apply()
+    load_into(model, root, strict=strict, map_location="cpu")  # the saved parts over what re-quantizing made
     return model.eval() if eval else model.train()
