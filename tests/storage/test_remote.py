@@ -130,3 +130,25 @@ def test_s3_errors_are_typed(s3: dict[str, Any]) -> None:
         torchkeep.save(state(), "s3://no-such-bucket/w.safetensors", storage_options=s3)
     with pytest.raises(torchkeep.CheckpointNotFoundError):
         torchkeep.load("s3://torchkeep-bucket/nothing/w.safetensors", storage_options=s3)
+
+
+def test_inspect_and_verify_at_a_url(memory_url: str, s3: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from torchkeep.cli.main import main
+
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8))
+    torchkeep.save(model, f"{memory_url}/m", max_shard_size=10_000)
+    info = torchkeep.inspect(f"{memory_url}/m")
+    assert {t.name for t in info.tensors} == set(model.state_dict()) and "sharded" in info.format
+    assert torchkeep.verify(f"{memory_url}/m") == 4
+
+    url = "s3://torchkeep-bucket/cli/w.safetensors"
+    torchkeep.save(state(), url, storage_options=s3)
+    options = json.dumps(s3)
+    assert main(["inspect", url, "--storage-options", options, "--json"]) == 0
+    assert {t["name"] for t in json.loads(capsys.readouterr().out)["tensors"]} == {"a", "b", "c"}
+    assert main(["verify", url, "--storage-options", options]) == 0
+    assert "OK, 3 tensors verified" in capsys.readouterr().out
+    assert main(["verify", "s3://torchkeep-bucket/cli/none.safetensors", "--storage-options", options]) == 1
+    assert "none.safetensors" in capsys.readouterr().err

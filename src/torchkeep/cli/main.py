@@ -16,17 +16,18 @@ from torchkeep.errors import TorchkeepError
 from torchkeep.format.pickle.scan import scan
 from torchkeep.manager.manager import CheckpointManager
 from torchkeep.model.io import is_model_dir, read_config, read_model_manifest
+from torchkeep.storage.remote import is_url
 from torchkeep.weights.inspect import inspect
 from torchkeep.weights.verify import verify
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    if is_checkpoint_dir(args.path):
+    if not is_url(args.path) and is_checkpoint_dir(args.path):
         return _inspect_checkpoint(args)
     if is_model_dir(args.path):
         return _inspect_model(args)
-    info = inspect(args.path)
-    spec = _export_spec(Path(args.path))
+    info = inspect(args.path, storage_options=args.storage_options)
+    spec = None if is_url(args.path) else _export_spec(Path(args.path))
     if args.json:
         print(json.dumps({**info.to_dict(), **({"export_spec": spec} if spec else {})}, indent=2))
     elif args.tree:
@@ -138,11 +139,11 @@ def _ls(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    if is_checkpoint_dir(args.path):
+    if not is_url(args.path) and is_checkpoint_dir(args.path):
         loaded = read_checkpoint(args.path)  # verifies manifest and every tensor
         print(f"{args.path}: OK, checkpoint with {len(loaded.decoder.tensors)} tensors verified")
         return 0
-    checked = verify(args.path)
+    checked = verify(args.path, storage_options=args.storage_options)
     if checked is None:
         print(f"{args.path}: no checksums recorded (not written by torchkeep); structure is valid")
     else:
@@ -218,13 +219,16 @@ def _demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torchkeep", description="Save, load and inspect PyTorch weights safely.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("inspect", help="list the tensors, totals and metadata of a weights file or folder")
+    storage_help = "JSON options for fsspec when PATH is a URL (s3://...): credentials, client_kwargs..."
+    p = sub.add_parser("inspect", help="list the tensors, totals and metadata of a weights file, folder or URL")
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--tree", action="store_true", help="parameter counts as a module tree")
+    p.add_argument("--storage-options", type=json.loads, default=None, help=storage_help)
     p.set_defaults(func=_inspect)
-    p = sub.add_parser("verify", help="check a weights file or checkpoint against its checksums (exit 1 on damage)")
+    p = sub.add_parser("verify", help="check weights (a file, folder or URL) or a checkpoint against its checksums")
     p.add_argument("path")
+    p.add_argument("--storage-options", type=json.loads, default=None, help=storage_help)
     p.set_defaults(func=_verify)
     p = sub.add_parser(
         "scan",

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from torchkeep import _config
 from torchkeep._gc import gc_paused
 from torchkeep.format import deploy
 from torchkeep.format.dtypes import dtype_name
+from torchkeep.format.layout import Header
+from torchkeep.storage.remote import is_url
 from torchkeep.weights.files import resolve
 from torchkeep.weights.legacy import detect_kind
 from torchkeep.weights.load import open_header, open_weights_file
@@ -172,33 +176,46 @@ def _human(n: int) -> str:
 
 
 @gc_paused
-def inspect(path: str | os.PathLike[str]) -> Inspection:
+def inspect(path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None) -> Inspection:
     """Describe a weights file or folder by reading only its headers.
 
     A TorchScript archive, an ExportedProgram archive (.pt2) or an ONNX model is described by what
     it is, its weights' names, dtypes and shapes, and its inputs and outputs where it records them;
     nothing in it is run (an ONNX file needs ``pip install 'torchkeep[export]'``).
 
+    A URL (``s3://...``, with ``storage_options`` for fsspec) is read by ranged reads of the headers.
+
     Raises:
         CheckpointNotFoundError: nothing at ``path``.
         CorruptCheckpointError: a malformed header.
     """
+    if is_url(path):
+        from torchkeep.weights.remote import remote_headers
+
+        found, indexed = remote_headers(str(path), storage_options)
+        return _from_headers(str(path), found, _config.INDEX_FILE_NAME if indexed else None)
     if Path(path).is_file():
         detected = detect_kind(os.fspath(path))
         if detected in deploy.DEPLOY_KINDS:
             return _inspect_deployed(os.fspath(path), detected)
     files = resolve(path)
+    found = []
+    for name in files.files:
+        file_path = files.path(name)
+        with open_weights_file(file_path) as f:
+            found.append((name, open_header(f, file_path), os.fstat(f.fileno()).st_size))
+    return _from_headers(os.fspath(path), found, files.index)
+
+
+def _from_headers(path: str, found: list[tuple[str, Header, int]], index: str | None) -> Inspection:
     tensors: list[TensorInfo] = []
     metadata: dict[str, str] = {}
     aliases: dict[str, str] = {}
     checksummed = True
     versions: set[str | None] = set()
     file_bytes = 0
-    for name in files.files:
-        file_path = files.path(name)
-        with open_weights_file(file_path) as f:
-            header = open_header(f, file_path)
-            file_bytes += os.fstat(f.fileno()).st_size
+    for name, header, size in found:
+        file_bytes += size
         checksummed &= header.checksums is not None
         versions.add(header.format_version)
         metadata.update(header.metadata)
@@ -214,11 +231,11 @@ def inspect(path: str | os.PathLike[str]) -> Inspection:
             )
     version = versions.pop() if len(versions) == 1 else None
     kind = f"torchkeep safetensors v{version}" if version else "safetensors"
-    if files.index:
-        kind += f", sharded ({files.index})"
+    if index:
+        kind += f", sharded ({index})"
     return Inspection(
-        path=os.fspath(path),
-        files=list(files.files),
+        path=path,
+        files=[name for name, _, _ in found],
         tensors=tensors,
         metadata=metadata,
         checksummed=checksummed,

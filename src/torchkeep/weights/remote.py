@@ -56,9 +56,15 @@ def _files(
     return storage, list(dict.fromkeys(weight_map.values())), weight_map
 
 
-def read_header_at(storage: RemoteStorage, name: str) -> Header:
-    with storage.open_read(name) as f:
-        return read_header(f, f"{storage.url}/{name}", storage.size(name))
+def remote_headers(url: str, storage_options: Mapping[str, Any] | None) -> tuple[list[tuple[str, Header, int]], bool]:
+    """Each file's name, header and size at ``url`` (headers only: ranged reads), and whether an index lists them."""
+    storage, files, expected = _files(url, storage_options)
+    out = []
+    for name in files:
+        size = storage.size(name)
+        with storage.open_read(name) as f:
+            out.append((name, read_header(f, f"{storage.url}/{name}", size), size))
+    return out, expected is not None
 
 
 def load_url(url: str, *, storage_options: Mapping[str, Any] | None, verify: bool) -> dict[str, torch.Tensor]:

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from torchkeep.format import deploy
 from torchkeep.format.io import verify_tensors
+from torchkeep.storage.remote import is_url
 from torchkeep.weights.files import resolve
 from torchkeep.weights.legacy import detect_kind
 from torchkeep.weights.load import open_header, open_weights_file
 
 
-def verify(path: str | os.PathLike[str]) -> int | None:
+def verify(path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None) -> int | None:
     """Read everything once and check it; returns the number of tensors checked.
 
     Returns None when no file has checksums (written by another tool): only the structure was
@@ -23,6 +26,12 @@ def verify(path: str | os.PathLike[str]) -> int | None:
         CheckpointNotFoundError: nothing at ``path``.
         CorruptCheckpointError: damage, naming the file and the tensor.
     """
+    if is_url(path):  # s3://... (storage_options for fsspec): every tensor fetched and checked
+        from torchkeep.weights.remote import load_url, remote_headers
+
+        found, _ = remote_headers(str(path), storage_options)
+        tensors = load_url(str(path), storage_options=storage_options, verify=True)
+        return len(tensors) if any(h.checksums is not None for _, h, _ in found) else None
     if Path(path).is_file():
         kind = detect_kind(os.fspath(path))
         if kind in deploy.DEPLOY_KINDS:
