@@ -152,3 +152,32 @@ def test_inspect_and_verify_at_a_url(memory_url: str, s3: dict[str, Any], capsys
     assert "OK, 3 tensors verified" in capsys.readouterr().out
     assert main(["verify", "s3://torchkeep-bucket/cli/none.safetensors", "--storage-options", options]) == 1
     assert "none.safetensors" in capsys.readouterr().err
+
+
+def test_checkpoints_at_a_url_resume_and_commit_by_their_manifest(s3: dict[str, Any], memory_url: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(4, 8)).sum().backward()
+        optimizer.step()
+    for base, options in (("s3://torchkeep-bucket/ckpt", s3), (f"{memory_url}/ckpt", None)):
+        torchkeep.save_checkpoint(base, model=model, optimizer=optimizer, epoch=3, storage_options=options)
+        first = RemoteStorage(base, options).list()
+        # Saved again: a new tensor file, the manifest replaced last, the old tensor file removed.
+        torchkeep.save_checkpoint(base, model=model, optimizer=optimizer, epoch=4, storage_options=options)
+        second = RemoteStorage(base, options).list()
+        assert len(first) == len(second) == 2 and set(first) != set(second) and "manifest.json" in second
+        restored = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+        restored_opt = torch.optim.AdamW(restored.parameters(), lr=0.01)
+        extra = torchkeep.load_checkpoint(
+            base, model=restored, optimizer=restored_opt, rng=False, storage_options=options
+        )
+        assert extra["epoch"] == 4
+        assert_same_tensors(restored.state_dict(), model.state_dict())
+        assert torch.equal(
+            restored_opt.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"]
+        )
+    with pytest.raises(torchkeep.CheckpointNotFoundError, match="never committed"):
+        torchkeep.load_checkpoint("s3://torchkeep-bucket/no-ckpt", model=model, storage_options=s3)

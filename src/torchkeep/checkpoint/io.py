@@ -42,6 +42,7 @@ from torchkeep.state.tensors import PreparedTensors
 from torchkeep.state.values import Decoder
 from torchkeep.storage.base import Storage
 from torchkeep.storage.local import LocalStorage, commit_dir, fsync_dir, temporary_sibling, write_errors
+from torchkeep.storage.remote import is_url
 from torchkeep.weights.legacy import detect_kind, read_raw
 from torchkeep.weights.load import load, read_file
 from torchkeep.weights.load_into import PendingLoad, match_model
@@ -109,6 +110,7 @@ def save_checkpoint(
     components: Mapping[str, Any] | None = None,
     rng: bool = True,
     blocking: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
     **state: Any,
 ) -> PendingSave[int] | None:
     """Save everything needed to resume training, bit-exactly, as a directory. No pickle.
@@ -119,6 +121,8 @@ def save_checkpoint(
         optimizer, scheduler, scaler: any object with ``state_dict()`` / ``load_state_dict()``.
         components: more such objects by name (a GAN's two models and two optimizers, an EMA...).
         rng: capture Python, NumPy, torch CPU and CUDA random states.
+        storage_options: for a URL (``s3://bucket/run/ckpt``): passed to fsspec. There the tensor file
+            is written under a new name and the manifest, written last, is the commit point.
         blocking: False: return once the state is copied (training may change it at once) and write
             in the background; the returned handle's ``wait()`` raises any error of the write.
         **state: plain values to keep (``epoch=3, loss=loss_tensor, config={...}``).
@@ -141,6 +145,15 @@ def save_checkpoint(
         rng=rng,
         state=state,
     )
+    if is_url(path):
+        from torchkeep.checkpoint.remote import write_remote_checkpoint
+
+        url = str(path)
+        if blocking:
+            write_remote_checkpoint(url, plan, storage_options)
+            return None
+        remote_snapshot = StagingBuffers().snapshot(plan)
+        return submit(None, Path(url), lambda: write_remote_checkpoint(url, remote_snapshot, storage_options))
     target = Path(path)
     if blocking:
         write_checkpoint_dir(target, plan)
@@ -187,9 +200,19 @@ def is_checkpoint_dir(path: str | os.PathLike[str]) -> bool:
 
 @gc_paused
 def read_checkpoint(
-    path: str | os.PathLike[str], *, map_location: MapLocation = "cpu", verify: bool = True
+    path: str | os.PathLike[str],
+    *,
+    map_location: MapLocation = "cpu",
+    verify: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> LoadedCheckpoint:
     """Read a checkpoint directory: manifest checksum, tensor file checksums, and that they belong together."""
+    if is_url(path):
+        from torchkeep.checkpoint.remote import read_remote_checkpoint
+
+        url = str(path)
+        manifest, tensors = read_remote_checkpoint(url, storage_options, verify=verify)
+        return loaded_checkpoint(url.rstrip("/"), manifest, tensors, set(), map_location)
     root = Path(path)
     if not root.exists():
         raise CheckpointNotFoundError(root)
@@ -221,6 +244,14 @@ def read_checkpoint(
             tensors[name] = objects.read(store, name, entry, verify=verify)
     for alias, target in header.aliases.items():
         tensors[alias] = tensors[target]
+    return loaded_checkpoint(str(root), manifest, tensors, mapped, map_location)
+
+
+def loaded_checkpoint(
+    where: str, manifest: dict[str, Any], tensors: dict[str, Any], mapped: set[int], map_location: MapLocation
+) -> LoadedCheckpoint:
+    """A checkpoint's decoders: tensors placed as asked; ``mapped`` ones copied unless they go into a model."""
+    manifest_path = f"{where}/{MANIFEST_FILE}"
 
     def place_tensor(tensor: Any, saved_device: str) -> Any:
         if map_location is None:  # as torch.load: back where it was saved
@@ -232,10 +263,10 @@ def read_checkpoint(
         return placed.clone() if id(placed) in mapped else placed
 
     return LoadedCheckpoint(
-        str(root),
+        where,
         manifest,
-        Decoder(tensors, str(manifest_path), place_copy),
-        Decoder(tensors, str(manifest_path), place_tensor),
+        Decoder(tensors, manifest_path, place_copy),
+        Decoder(tensors, manifest_path, place_tensor),
     )
 
 
@@ -309,6 +340,7 @@ def load_checkpoint(
     map_location: MapLocation = "cpu",
     strict: bool = True,
     trusted: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Restore the given objects in place from a checkpoint and return the remaining state.
 
@@ -316,7 +348,8 @@ def load_checkpoint(
     tutorials do (``{'epoch', 'model_state_dict', 'optimizer_state_dict', ...}``) or by
     Lightning (``state_dict``, ``optimizer_states``, ``lr_schedulers``...), a
     torch.distributed.checkpoint directory, or weights alone (safetensors, Hugging Face folders),
-    read without running code unless ``trusted=True``.
+    read without running code unless ``trusted=True``; or a checkpoint at a URL written by
+    :func:`save_checkpoint` (``s3://...``, ``storage_options`` for fsspec).
 
     Everything is read, verified and matched before any object is modified: with
     ``strict=True`` a mismatch raises and leaves every object as it was.
@@ -343,7 +376,7 @@ def load_checkpoint(
         # a weights folder (Hugging Face layouts); a tensor file without a manifest is a damaged checkpoint
         saved, user_state = {"model": load(source, trusted=trusted)}, {}
     else:
-        loaded = read_checkpoint(path, map_location=map_location)
+        loaded = read_checkpoint(path, map_location=map_location, storage_options=storage_options)
         source = loaded.path
         objects = loaded.objects
         saved = {k: v for k, v in objects.items() if k not in ("components", "rng")}
