@@ -24,3 +24,5 @@ MAX_VALUE_DEPTH = 64
 # Threads that hash mapped tensors in parallel (xxh3 releases the GIL), and the least work worth splitting.
 HASH_THREADS = 2
 PARALLEL_HASH_BYTES = 64 * 1024 * 1024
+# Threads that write (or read) the shards of a sharded folder at once.
+IO_THREADS = 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -117,14 +118,21 @@ def save_folder(
     )
     files = shard_names(len(groups))
     weight_map: dict[str, str] = {}
+    shards = []
     for file, group in zip(files, groups, strict=True):
         members = set(group)
-        shard = PreparedTensors(
-            tensors={n: prepared.tensors[n] for n in group},
-            aliases={a: t for a, t in prepared.aliases.items() if t in members},
+        shards.append(
+            PreparedTensors(
+                tensors={n: prepared.tensors[n] for n in group},
+                aliases={a: t for a, t in prepared.aliases.items() if t in members},
+            )
         )
-        write_weights(storage, file, shard, metadata)
         weight_map.update(dict.fromkeys(group, file))
+    # Shards are written by a few threads (hashing and writing release the GIL); each writes from the
+    # tensors themselves, so nothing is staged. The index is written only after every shard is durable.
+    with ThreadPoolExecutor(max_workers=max(1, min(_config.IO_THREADS, len(shards)))) as pool:
+        for future in [pool.submit(write_weights, storage, f, s, metadata) for f, s in zip(files, shards, strict=True)]:
+            future.result()
     written = list(files)
     if len(files) > 1:
         with storage.open_write(_config.INDEX_FILE_NAME) as sink:
