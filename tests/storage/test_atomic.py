@@ -98,3 +98,31 @@ def test_sigkill_during_saves_never_leaves_a_damaged_file(tmp_path: Path) -> Non
             assert torch.equal(state["w"], torch.full((2_000_000,), float(step)))
             last_steps.append(step)
     assert last_steps, "no save completed before the kills"
+
+
+def test_sigkill_during_sharded_saves_never_mixes_two_saves(tmp_path: Path) -> None:
+    """Shards of a save that replaces a sharded folder never overwrite a shard the live index names."""
+    folder = tmp_path / "sharded"
+    script = textwrap.dedent(f"""
+        import sys, torch, torchkeep
+        i = int(sys.argv[1])
+        while True:
+            state = {{f"w{{k}}": torch.full((1_000_000,), float(i)) for k in range(6)}}
+            torchkeep.save(state, {str(folder)!r}, max_shard_size="8MB")
+            print(i, flush=True)
+            i += 1
+    """)
+    for run, pause in enumerate((0.0, 0.01, 0.03, 0.05)):
+        start = 1000 * run
+        with subprocess.Popen([sys.executable, "-c", script, str(start)], stdout=subprocess.PIPE, text=True) as child:
+            assert child.stdout is not None
+            for line in child.stdout:
+                if int(line) >= start + 2:  # a few complete saves, then a kill in the middle of another
+                    break
+            time.sleep(pause)
+            os.kill(child.pid, signal.SIGKILL)
+            child.wait()
+        state = torchkeep.load(folder)  # the index and every shard it names, checksums verified
+        values = {float(v) for t in state.values() for v in t.unique()}
+        assert len(values) == 1, f"tensors from different saves after kill {run}: {sorted(values)}"
+        assert values.pop() >= start + 2

@@ -26,7 +26,9 @@ _UNITS = {
     "GIB": 2**30,
     "TIB": 2**40,
 }
-SHARD_NAME = re.compile(r"^model-(\d{5})-of-(\d{5})\.safetensors$")
+# Shards of a save that replaces a sharded folder get a tag (model-00001-of-00004-r3fa9c1.safetensors) so
+# that no file the live index names is overwritten before the new index is committed.
+SHARD_NAME = re.compile(r"^model-(\d{5})-of-(\d{5})(-r[0-9a-f]{6})?\.safetensors$")
 
 
 def parse_size(size: int | str) -> int:

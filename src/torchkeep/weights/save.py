@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import uuid
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,10 +15,10 @@ from torch import nn
 
 from torchkeep import _config
 from torchkeep._gc import gc_paused
-from torchkeep.errors import CheckpointNotFoundError, CheckpointWriteError
+from torchkeep.errors import CheckpointNotFoundError, CheckpointWriteError, TorchkeepError
 from torchkeep.format.io import write_plan
 from torchkeep.format.layout import RESERVED_PREFIX, plan_file
-from torchkeep.format.sharding import SHARD_NAME, index_document, parse_size, shard_names, split_shards
+from torchkeep.format.sharding import SHARD_NAME, index_document, parse_index, parse_size, shard_names, split_shards
 from torchkeep.state.tensors import PreparedTensors, prepare, state_and_metadata
 from torchkeep.storage.base import Storage
 from torchkeep.storage.local import LocalStorage, write_errors
@@ -86,6 +87,17 @@ def save(
     save_folder(LocalStorage(target), prepared, meta, limit)
 
 
+def _live_shards(storage: Storage) -> set[str]:
+    """The shard names the folder's current index refers to (none if it has no readable index)."""
+    if not storage.exists(_config.INDEX_FILE_NAME):
+        return set()
+    try:
+        with storage.open_read(_config.INDEX_FILE_NAME) as f:
+            return set(parse_index(f.read(_config.MAX_JSON_BYTES), _config.INDEX_FILE_NAME).values())
+    except (TorchkeepError, OSError):
+        return set(storage.list())  # unreadable: assume every file may be live, so none is overwritten
+
+
 def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
     meta = dict(metadata or {})
     for key, value in meta.items():
@@ -117,6 +129,9 @@ def save_folder(
         else [names]
     )
     files = shard_names(len(groups))
+    if len(files) > 1 and set(files) & _live_shards(storage):
+        tag = uuid.uuid4().hex[:6]
+        files = [name.removesuffix(SAFETENSORS_SUFFIX) + f"-r{tag}{SAFETENSORS_SUFFIX}" for name in files]
     weight_map: dict[str, str] = {}
     shards = []
     for file, group in zip(files, groups, strict=True):
