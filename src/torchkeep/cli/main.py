@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -218,6 +219,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torchkeep", description="Save, load and inspect PyTorch weights safely.")
+    parser.add_argument("--verbose", action="store_true", help="on an error, print the traceback too")
     sub = parser.add_subparsers(dest="command", required=True)
     storage_help = "JSON options for fsspec when PATH is a URL (s3://...): credentials, client_kwargs..."
     p = sub.add_parser("inspect", help="list the tensors, totals and metadata of a weights file, folder or URL")
@@ -290,7 +292,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except TorchkeepError as exc:
         print(f"torchkeep: error: {exc}", file=sys.stderr)
+        _detail(args)
         return 1
+    except KeyboardInterrupt:
+        print("torchkeep: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: one line, never a traceback unless asked
+        print(
+            f"torchkeep: internal error: {type(exc).__name__}: {exc} (this is a bug in torchkeep; please report it, "
+            "with the output of --verbose)",
+            file=sys.stderr,
+        )
+        _detail(args)
+        return 3
+
+
+def _detail(args: argparse.Namespace) -> None:
+    if getattr(args, "verbose", False):
+        traceback.print_exc(file=sys.stderr)
 
 
 if __name__ == "__main__":

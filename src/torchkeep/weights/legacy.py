@@ -185,6 +185,36 @@ def extract_state_dict(obj: Any, path: str) -> dict[str, torch.Tensor]:
             return tensors
     if isinstance(obj, torch.nn.Module):
         return dict(obj.state_dict())
-    raise CorruptCheckpointError(
-        path, f"found no state dict in it (a {type(obj).__name__}); torchkeep.load_raw returns the whole object"
-    )
+    raise CorruptCheckpointError(path, f"found no weights in it: it holds {describe_top(obj)}; {_which_call(obj)}")
+
+
+def _short_type(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor {str(value.dtype).removeprefix('torch.')}{list(value.shape)}"
+    if isinstance(value, Mapping):
+        tensors = sum(isinstance(v, torch.Tensor) for v in value.values())
+        return f"dict of {len(value)}" + (f" ({tensors} tensors)" if tensors else "")
+    if isinstance(value, (list, tuple)):
+        return f"{type(value).__name__} of {len(value)}"
+    return type(value).__name__
+
+
+def describe_top(obj: Any, limit: int = 12) -> str:
+    """``a dict: 'epoch' (int), 'model_state' (dict of 4 (4 tensors))...``: what a file holds, at its top level."""
+    if not isinstance(obj, Mapping):
+        return f"a {_short_type(obj)}"
+    items = [f"{k!r} ({_short_type(v)})" for k, v in list(obj.items())[:limit]]
+    more = f", and {len(obj) - limit} more" if len(obj) > limit else ""
+    return f"a dict of {len(obj)}: " + ", ".join(items) + more
+
+
+def _which_call(obj: Any) -> str:
+    if isinstance(obj, Mapping) and "param_groups" in obj and "state" in obj:
+        return "it is an optimizer's state: load_checkpoint(path, optimizer=...) restores it, load_raw returns it"
+    if isinstance(obj, Mapping) and any(isinstance(v, Mapping) for v in obj.values()):
+        return (
+            "load_checkpoint(path, model=..., optimizer=...) restores a training checkpoint's objects, load_raw "
+            "returns the whole structure, torchkeep inspect shows it"
+        )
+    return "torchkeep.load_raw returns the whole object"
+
