@@ -53,3 +53,18 @@ def test_the_cli_prints_one_line_and_the_traceback_only_when_asked(
     assert cli.main(["verify", str(path)]) == 3
     err = capsys.readouterr().err
     assert "internal error: KeyError" in err and "Traceback" not in err
+
+
+def test_weights_and_scalers_under_other_libraries_keys(tmp_path: Path) -> None:
+    model = nn.Linear(3, 2)
+    path = tmp_path / "timm_like.pth"
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    torch.save({"epoch": 2, "model_state": model.state_dict(), "amp_scaler": scaler.state_dict()}, path)
+    loaded = torchkeep.load(path)
+    assert set(loaded) == {"weight", "bias"} and torch.equal(loaded["weight"], model.weight)
+    restored_scaler = torch.amp.GradScaler("cpu")
+    fresh = nn.Linear(3, 2)
+    extra = torchkeep.load_checkpoint(path, model=fresh, scaler=restored_scaler, rng=False)
+    assert extra == {"epoch": 2}
+    assert restored_scaler.state_dict()["scale"] == 1024.0
+    assert torch.equal(fresh.weight, model.weight)

@@ -446,10 +446,10 @@ class _Encoded:
 
 # Where dict checkpoints written by hand (the tutorials' idiom) and by Lightning keep each object.
 LEGACY_KEYS: dict[str, tuple[str, ...]] = {
-    "model": ("model_state_dict", "state_dict", "model", "net", "module"),
+    "model": ("model_state_dict", "state_dict", "model_state", "model", "net", "module"),
     "optimizer": ("optimizer_state_dict", "optimizer", "optimizer_states", "optim"),
     "scheduler": ("scheduler_state_dict", "scheduler", "lr_scheduler", "lr_schedulers"),
-    "scaler": ("scaler_state_dict", "scaler", "grad_scaler", "amp_scaling_state"),
+    "scaler": ("scaler_state_dict", "scaler", "grad_scaler", "amp_scaling_state", "amp_scaler", "amp"),
 }
 
 

@@ -29,7 +29,20 @@ Kind = Literal["safetensors", "torch", "npy", "npz", "torchscript", "exported_pr
 # GLOBAL, numbers and strings; torch.save's legacy format begins with the LONG of its magic number).
 _PICKLE_STARTS = frozenset(bytes([c]) for c in b"\x80(}])cLIJKMFGNSVXTU")
 # Where common checkpoint layouts keep the model's weights, in the order they are tried.
-STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights")
+# In order of preference; EMA weights come last (a file with both is read for its trained weights).
+STATE_DICT_KEYS = (
+    "state_dict",
+    "model_state_dict",
+    "model_state",
+    "model",
+    "module",
+    "net",
+    "network",
+    "weights",
+    "state_dict_ema",
+    "model_ema",
+    "ema",
+)
 
 
 def detect_kind(path: str) -> Kind:
@@ -217,4 +230,3 @@ def _which_call(obj: Any) -> str:
             "returns the whole structure, torchkeep inspect shows it"
         )
     return "torchkeep.load_raw returns the whole object"
-
