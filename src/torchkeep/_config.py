@@ -26,3 +26,5 @@ HASH_THREADS = 2
 PARALLEL_HASH_BYTES = 64 * 1024 * 1024
 # Threads that write (or read) the shards of a sharded folder at once.
 IO_THREADS = 2
+# Longest list a DCP folder's planner data may build (an index past it is a damaged file, not a big model).
+MAX_DCP_LIST = 1 << 20

@@ -289,6 +289,20 @@ def _check_model_state(saved: Any, path: str) -> None:
             )
 
 
+def _int_state_keys(saved: Any) -> Any:
+    """An optimizer state saved through DCP has its per-parameter keys as strings ("0"): back to the ints
+    its param_groups use, so the live optimizer finds them (torch would ignore them silently)."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict):
+        return saved
+    state = saved["state"]
+    if not state or not all(isinstance(k, str) and k.isdigit() for k in state):
+        return saved
+    ids = {p for g in saved.get("param_groups", []) if isinstance(g, dict) for p in g.get("params", [])}
+    if not all(int(k) in ids for k in state):
+        return saved
+    return {**saved, "state": {int(k): v for k, v in state.items()}}
+
+
 def _check_optimizer(optimizer: Any, saved: Any, path: str) -> None:
     """The checks torch's load_state_dict makes, before anything is modified."""
     groups = getattr(optimizer, "param_groups", None)
@@ -415,6 +429,7 @@ def load_checkpoint(
             pending_models.append(pending)
         else:
             if key == "optimizer" or hasattr(obj, "param_groups"):
+                state = _int_state_keys(state)
                 _check_optimizer(obj, state, f"{source} [{key}]")
             pending_states.append((key, obj, state))
     rng_state = loaded.decode(rng_node) if rng and rng_node is not None else None

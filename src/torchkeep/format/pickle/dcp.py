@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+from torchkeep import _config
 from torchkeep.errors import CorruptCheckpointError, TorchkeepError
 from torchkeep.format.names import is_plain_name, member
 from torchkeep.format.pickle import rebuild
@@ -293,10 +294,45 @@ def _nest(flat: dict[str, Any], planner_data: Any, path: str) -> dict[str, Any]:
         if not isinstance(parts, (tuple, list)) or not parts or not all(isinstance(p, (str, int)) for p in parts):
             out[fqn] = value
             continue
-        node = out
-        for part in parts[:-1]:
-            node = node.setdefault(str(part), {})
-            if not isinstance(node, dict):
-                raise CorruptCheckpointError(path, f"planner data nests {fqn!r} under a value", key=fqn)
-        node[str(parts[-1])] = value
+        _set_element(out, list(parts), value, fqn, path)
     return out
+
+
+def _set_element(root: dict[str, Any], parts: list[str | int], value: Any, fqn: str, path: str) -> None:
+    """As DCP's own unflattening does: an int part is a list index, a str part a dict key (DCP turned every dict
+    key into a str when it flattened), so optimizer param_groups come back as lists."""
+    node: Any = root
+    if not isinstance(parts[0], str):
+        raise CorruptCheckpointError(path, f"planner data for {fqn!r} starts with an index", key=fqn)
+    for part, following in itertools.pairwise(parts):
+        empty: Any = [] if isinstance(following, int) else {}
+        node = _child(node, part, empty, fqn, path)
+    _put(node, parts[-1], value, fqn, path)
+
+
+def _child(node: Any, part: str | int, empty: Any, fqn: str, path: str) -> Any:
+    existing = _get(node, part, fqn, path)
+    if existing is None:
+        _put(node, part, empty, fqn, path)
+        return empty
+    if type(existing) is not type(empty):
+        raise CorruptCheckpointError(path, f"planner data nests {fqn!r} inconsistently", key=fqn)
+    return existing
+
+
+def _get(node: Any, part: str | int, fqn: str, path: str) -> Any:
+    if isinstance(node, dict):
+        return node.get(part)
+    if isinstance(node, list) and isinstance(part, int):
+        return node[part] if 0 <= part < len(node) else None
+    raise CorruptCheckpointError(path, f"planner data nests {fqn!r} under a value", key=fqn)
+
+
+def _put(node: Any, part: str | int, value: Any, fqn: str, path: str) -> None:
+    if isinstance(node, dict) and isinstance(part, str):
+        node[part] = value
+    elif isinstance(node, list) and isinstance(part, int) and 0 <= part < _config.MAX_DCP_LIST:
+        node.extend([None] * (part + 1 - len(node)))
+        node[part] = value
+    else:
+        raise CorruptCheckpointError(path, f"planner data for {fqn!r} has a bad part {part!r:.40}", key=fqn)
