@@ -9,7 +9,7 @@ EXPECTED = {
     "UnsafeCheckpointError", "UnsupportedTensorError", "UnsupportedValueError", "CheckpointWriteError",
     "TorchkeepWarning", "__version__", "load_raw", "scan", "ScanReport", "convert", "ConvertReport",
     "save_model", "load_model", "register_model", "export", "ExportReport", "ExportError", "ExportVerificationError",
-    "quantize", "PendingSave", "StateMismatchError",
+    "quantize", "PendingSave", "StateMismatchError", "diff", "DiffReport",
 }  # fmt: skip
 
 

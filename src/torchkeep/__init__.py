@@ -30,6 +30,7 @@ from torchkeep.manager.policies import KeepBest, KeepEvery, KeepLast, SaveEvery
 from torchkeep.model.io import load_model, save_model
 from torchkeep.model.quantize import quantize
 from torchkeep.model.registry import register_model
+from torchkeep.weights.diff import DiffReport, diff
 from torchkeep.weights.inspect import Inspection, TensorInfo, inspect
 from torchkeep.weights.load import load, load_raw
 from torchkeep.weights.load_into import load_into
@@ -46,6 +47,7 @@ __all__ = [
     "CheckpointWriteError",
     "ConvertReport",
     "CorruptCheckpointError",
+    "DiffReport",
     "ExportError",
     "ExportReport",
     "ExportVerificationError",
@@ -70,6 +72,7 @@ __all__ = [
     "UnsupportedValueError",
     "__version__",
     "convert",
+    "diff",
     "export",
     "inspect",
     "load",

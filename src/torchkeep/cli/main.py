@@ -211,6 +211,14 @@ def _export(args: argparse.Namespace) -> int:
     return run_export(args)
 
 
+def _diff(args: argparse.Namespace) -> int:
+    from torchkeep.weights.diff import diff
+
+    report = diff(args.a, args.b, trusted=args.trusted)
+    print(json.dumps(report.to_dict(args.threshold), indent=2) if args.json else report.render(args.threshold))
+    return 0 if report.same(args.threshold) else 1
+
+
 def _demo(args: argparse.Namespace) -> int:
     from torchkeep.cli.demo import run
 
@@ -275,6 +283,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-module", action="append", default=[], help="a module whose model classes may be imported")
     p.add_argument("--json", action="store_true", help="print the report as JSON (the I/O spec with the errors)")
     p.set_defaults(func=_export)
+    p = sub.add_parser(
+        "diff",
+        help="compare two sets of weights in any formats: keys, shapes, relative change per tensor and module",
+        description="Exit 0 when A and B hold the same keys, shapes and dtypes and no tensor changed by more than "
+        "--threshold (relative: ||a-b|| / ||a||); 1 otherwise. module./_orig_mod. prefixes are ignored.",
+    )
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument(
+        "--threshold", type=float, default=0.0, help="relative change at or below which a tensor counts as same"
+    )
+    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--trusted", action="store_true", help="allow full unpickling of pickle-based files (runs their code)"
+    )
+    p.set_defaults(func=_diff)
     p = sub.add_parser("ls", help="list a CheckpointManager directory: steps, times, sizes, metrics")
     p.add_argument("directory")
     p.add_argument("--monitor", help="metric that marks the best checkpoint")
