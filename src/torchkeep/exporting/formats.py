@@ -137,7 +137,8 @@ def export_program(model: nn.Module, inputs: Inputs, dynamic: bool, folder: Path
 
 def run_program(path: Path) -> Runner:
     with quiet_exporter():
-        module = torch.export.load(str(path)).module()
+        # The artifact this process just wrote from the caller's own model, in its private temporary folder.
+        module = torch.export.load(str(path)).module()  # trusted-path
 
     def run(inputs: Inputs) -> list[torch.Tensor]:
         with torch.no_grad():
@@ -168,7 +169,8 @@ def export_torchscript(model: nn.Module, inputs: Inputs, method: str, folder: Pa
 
 def run_torchscript(path: Path) -> Runner:
     with quiet_exporter():
-        module = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
+        # As above: verifying torchkeep's own fresh output, never a file from elsewhere.
+        module = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]  # trusted-path
 
     def run(inputs: Inputs) -> list[torch.Tensor]:
         with torch.no_grad():

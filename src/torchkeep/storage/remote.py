@@ -71,7 +71,8 @@ class RemoteStorage:
         self.url = url.rstrip("/")
         self.root = root.rstrip("/")
 
-    def _path(self, name: str) -> str:
+    def key_path(self, name: str) -> str:
+        """The filesystem path of ``name`` (validated: relative, no '..')."""
         parts = name.split("/")
         if not name or name.startswith("/") or any(p in ("", ".", "..") for p in parts):
             raise ValueError(f"invalid storage name {name!r}: must be relative, without '..'")
@@ -82,7 +83,7 @@ class RemoteStorage:
 
     @contextlib.contextmanager
     def open_write(self, name: str) -> Iterator[Sink]:
-        path = self._path(name)
+        path = self.key_path(name)
         transactional = bool(_protocols(self.fs) & OBJECT_STORES)
         # Object stores publish on commit() (autocommit=False: nothing is visible before it); other
         # filesystems get the bytes under a temporary name, moved over the real one at the end.
@@ -120,7 +121,7 @@ class RemoteStorage:
 
     def open_read(self, name: str) -> BinaryIO:
         try:
-            return self.fs.open(self._path(name), "rb")  # type: ignore[no-any-return]
+            return self.fs.open(self.key_path(name), "rb")  # type: ignore[no-any-return]
         except FileNotFoundError as exc:
             raise CheckpointNotFoundError(self._where(name)) from exc
         except Exception as exc:
@@ -128,15 +129,15 @@ class RemoteStorage:
 
     def size(self, name: str) -> int:
         try:
-            return int(self.fs.size(self._path(name)))
+            return int(self.fs.size(self.key_path(name)))
         except FileNotFoundError as exc:
             raise CheckpointNotFoundError(self._where(name)) from exc
 
     def exists(self, name: str) -> bool:
-        return bool(self.fs.exists(self._path(name)))
+        return bool(self.fs.exists(self.key_path(name)))
 
     def list(self, prefix: str = "") -> list[str]:
-        base = self._path(prefix) if prefix else self.root
+        base = self.key_path(prefix) if prefix else self.root
         try:
             found = self.fs.find(base)
         except FileNotFoundError:
@@ -147,7 +148,7 @@ class RemoteStorage:
 
     def delete(self, name: str) -> None:
         try:
-            self.fs.rm(self._path(name))
+            self.fs.rm(self.key_path(name))
         except FileNotFoundError:
             pass
         except Exception as exc:

@@ -88,7 +88,7 @@ def load_url(url: str, *, storage_options: Mapping[str, Any] | None, verify: boo
 
 def _fetch(storage: RemoteStorage, name: str, header: Header, where: str, *, verify: bool) -> dict[str, torch.Tensor]:
     """Every tensor's bytes by concurrent ranged GETs (batches of about FETCH_BATCH_BYTES), checked, copied in."""
-    path = storage._path(name)
+    path = storage.key_path(name)
     out: dict[str, torch.Tensor] = {}
     entries = header.by_offset()
     i = 0
