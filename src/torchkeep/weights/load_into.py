@@ -123,20 +123,25 @@ def load_into(
 class PendingLoad:
     """A matched, not yet applied load into one model: check ``report``, then ``apply()``."""
 
-    def __init__(self, target: nn.Module, report: LoadReport, to_load: dict[str, torch.Tensor]) -> None:
+    def __init__(
+        self,
+        target: nn.Module,
+        report: LoadReport,
+        to_load: dict[str, torch.Tensor],
+        wrapper_parts: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
         self.target = target
         self.report = report
         self.to_load = to_load
+        self.wrapper_parts = dict(wrapper_parts or {})  # key -> the inner tensor of a torchao weight
 
     def apply(self) -> None:
         # load_state_dict (not raw copies) so modules' own load hooks run; parts of wrapper tensors
         # (torchao's quantized weights) have no key of their own there and are copied in place.
-        own = self.target.state_dict(keep_vars=True)
-        parts = flatten_wrappers(own)
         to_load = copy.copy(self.to_load)  # keeps the _metadata torch.ao modules' load hooks read (a repack's)
         with torch.no_grad():
-            for key in [k for k in to_load if k not in own and k in parts]:
-                parts[key].copy_(to_load.pop(key))
+            for key in [k for k in to_load if k in self.wrapper_parts]:
+                self.wrapper_parts[key].copy_(to_load.pop(key))
         result = self.target.load_state_dict(to_load, strict=False)
         if result.unexpected_keys:  # cannot happen after plan_load; guard the contract anyway
             raise RuntimeError(f"load_state_dict rejected keys {result.unexpected_keys}")
@@ -150,6 +155,7 @@ def match_model(
     own_raw = target.state_dict(keep_vars=True)
     quantized_ao = torch_ao.has_entries(own_raw)  # torch.ao modules: their quantized entries as plain parts
     own_state = flatten_wrappers(torch_ao.flatten(own_raw).tensors if quantized_ao else own_raw)
+    wrapper_parts = {k: v for k, v in flatten_wrappers(own_raw).items() if k not in own_raw}
     model_keys = {drop_compile_segments(k): k for k in own_state}
     model_state = {clean: own_state[orig] for clean, orig in model_keys.items()}
 
@@ -166,7 +172,7 @@ def match_model(
     pending = {model_keys[k]: v for k, v in to_load.items()}
     if quantized_ao:
         pending = _repack_torch_ao(target, own_raw, report, pending)
-    return PendingLoad(target, report, pending)
+    return PendingLoad(target, report, pending, wrapper_parts)
 
 
 def _repack_torch_ao(
