@@ -5,7 +5,8 @@ EXPECTED = {
     "save", "load", "load_into", "inspect", "verify", "LoadReport", "Mismatch", "Inspection", "TensorInfo",
     "save_checkpoint", "load_checkpoint", "CheckpointManager", "CheckpointInfo",
     "KeepLast", "KeepBest", "KeepEvery", "SaveEvery", "ResumableSampler",
-    "TorchkeepError", "CheckpointNotFoundError", "CorruptCheckpointError", "LoadMismatchError", "InvalidDeviceError",
+    "TorchkeepError", "CheckpointNotFoundError", "CorruptCheckpointError", "DistributedError", "LoadMismatchError",
+    "InvalidDeviceError",
     "UnsafeCheckpointError", "UnsupportedTensorError", "UnsupportedValueError", "CheckpointWriteError",
     "TorchkeepWarning", "__version__", "load_raw", "scan", "ScanReport", "convert", "ConvertReport",
     "save_model", "load_model", "register_model", "export", "ExportReport", "ExportError", "ExportVerificationError",
@@ -23,6 +24,7 @@ def test_error_tree_inherits_the_builtins_callers_catch() -> None:
     assert issubclass(errors.CheckpointNotFoundError, FileNotFoundError)
     assert issubclass(errors.CorruptCheckpointError, ValueError)
     assert issubclass(errors.LoadMismatchError, RuntimeError)
+    assert issubclass(errors.DistributedError, RuntimeError)
     assert issubclass(errors.UnsupportedTensorError, TypeError)
     assert issubclass(errors.UnsupportedValueError, TypeError)
     assert issubclass(errors.CheckpointWriteError, OSError)

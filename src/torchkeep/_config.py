@@ -28,3 +28,6 @@ PARALLEL_HASH_BYTES = 64 * 1024 * 1024
 IO_THREADS = 2
 # Longest list a DCP folder's planner data may build (an index past it is a damaged file, not a big model).
 MAX_DCP_LIST = 1 << 20
+# torch.distributed: the longest a collective of a distributed save or load waits for the other ranks
+# (a dead or stuck rank then fails the save everywhere instead of hanging it).
+COLLECTIVE_TIMEOUT_S = 600.0

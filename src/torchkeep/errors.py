@@ -12,6 +12,7 @@ would already catch::
     ├── InvalidDeviceError        (also ValueError: a malformed or unavailable device)
     ├── LoadMismatchError         (also RuntimeError)
     ├── StateMismatchError        (also ValueError: saved optimizer/scheduler state that does not fit the object)
+    ├── DistributedError          (also RuntimeError: a rank failed, died or disagreed; names the ranks)
     ├── ExportError               (also RuntimeError: the exporter failed; names the op)
     │   └── ExportVerificationError   (the artifact's outputs differ from eager mode)
     └── UnsafeCheckpointError     (also pickle.UnpicklingError)
@@ -126,6 +127,23 @@ class StateMismatchError(TorchkeepError, ValueError):
         super().__init__(f"{self.path}: {problem}")
 
 
+class DistributedError(TorchkeepError, RuntimeError):
+    """A distributed save or load failed on some rank, or the ranks disagree; raised on every rank.
+
+    ``.ranks`` are the ranks that failed (empty when none is to blame, e.g. a world size that
+    cannot be resharded to); ``.path`` the checkpoint. Nothing half-written becomes visible.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], problem: str, *, ranks: tuple[int, ...] = ()) -> None:
+        self.path = os.fspath(path)
+        self.problem = problem
+        self.ranks = ranks
+        super().__init__(f"{self.path}: {problem}")
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}"
+
+
 class ExportError(TorchkeepError, RuntimeError):
     """A model could not be exported; ``.op`` names the operator that failed where the exporter says."""
 
@@ -160,6 +178,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointWriteError",
     "CorruptCheckpointError",
+    "DistributedError",
     "ExportError",
     "ExportVerificationError",
     "InvalidDeviceError",

@@ -27,6 +27,7 @@ from torchkeep.checkpoint.layout import (
     parse_manifest,
     plan_checkpoint,
 )
+from torchkeep.checkpoint.sharded import FullTensors, parse_section
 from torchkeep.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -111,6 +112,8 @@ def save_checkpoint(
     rng: bool = True,
     blocking: bool = True,
     storage_options: Mapping[str, Any] | None = None,
+    per_rank: Mapping[str, Any] | None = None,
+    process_group: Any = None,
     **state: Any,
 ) -> PendingSave[int] | None:
     """Save everything needed to resume training, bit-exactly, as a directory. No pickle.
@@ -125,6 +128,13 @@ def save_checkpoint(
             is written under a new name and the manifest, written last, is the commit point.
         blocking: False: return once the state is copied (training may change it at once) and write
             in the background; the returned handle's ``wait()`` raises any error of the write.
+        per_rank: with several ranks, state that differs between them (a per-rank sampler, counters),
+            saved under each rank's own name; objects with ``state_dict()`` or plain values.
+        process_group: the ranks that save together (default: the initialised default group, when
+            it has more than one rank). Every rank calls ``save_checkpoint``; rank 0 writes the shared
+            state once, each rank its own RNG and ``per_rank`` state, and sharded (FSDP2 / DTensor)
+            models and optimizers are written by every rank through torch.distributed.checkpoint.
+            The folder is committed by rank 0 once every rank's files are durable, or not at all.
         **state: plain values to keep (``epoch=3, loss=loss_tensor, config={...}``).
 
     Returns:
@@ -132,10 +142,40 @@ def save_checkpoint(
 
     Raises:
         UnsupportedValueError: a value that cannot be stored without pickle, naming where it is.
+        DistributedError: with several ranks, on every rank, when any rank failed (naming it).
 
     Example:
         >>> torchkeep.save_checkpoint("ckpt", model=model, optimizer=opt, epoch=epoch, loss=loss)
     """
+    from torchkeep.distributed.group import active_group
+
+    group = active_group(process_group)
+    if group is not None:
+        from torchkeep.distributed.plan import plan_distributed
+        from torchkeep.distributed.save import save_distributed
+
+        if is_url(path) or not blocking:
+            raise ValueError(
+                "saving from several ranks is to a local (or mounted shared) folder, blocking; "
+                "use CheckpointManager(async_save=True) for background saves"
+            )
+
+        def make_plan() -> Any:
+            return plan_distributed(
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                scaler=scaler,
+                components=components,
+                rng=rng,
+                per_rank=per_rank,
+                state=state,
+            )
+
+        save_distributed(Path(path), make_plan, group)
+        return None
+    if per_rank:
+        raise ValueError("per_rank= is for saves from several ranks; no process group is initialised")
     plan = plan_checkpoint(
         model=model,
         optimizer=optimizer,
@@ -192,6 +232,23 @@ class LoadedCheckpoint:
         if not isinstance(value, dict):
             raise CorruptCheckpointError(self.path, f"manifest field {field!r} is a {type(value).__name__}, not a dict")
         return value
+
+
+def checkpoint_weights(path: str | os.PathLike[str], *, verify: bool = True) -> dict[str, torch.Tensor]:
+    """The model state dict a training checkpoint holds (sharded tensors reassembled), verified.
+
+    Raises:
+        CheckpointNotFoundError: the checkpoint holds no model.
+    """
+    loaded = read_checkpoint(path, verify=verify)
+    node = loaded.objects.get("model")
+    if node is None:
+        raise CheckpointNotFoundError(
+            path, "this training checkpoint holds no model; load_checkpoint restores its objects, load_raw returns all"
+        )
+    state = loaded.decode(node)
+    _check_model_state(state, f"{loaded.path} [model]")
+    return dict(state)
 
 
 def is_checkpoint_dir(path: str | os.PathLike[str]) -> bool:
@@ -262,11 +319,21 @@ def loaded_checkpoint(
         placed = place_tensor(tensor, saved_device)
         return placed.clone() if id(placed) in mapped else placed
 
+    sharded = None
+    section = parse_section(manifest, manifest_path)
+    if section is not None and section.sharded:
+        if is_url(where):
+            raise CorruptCheckpointError(where, "sharded (DCP) checkpoints are read from a local folder only")
+        full = FullTensors(Path(where), section, manifest_path)
+
+        def sharded(key: str) -> Any:
+            return place_tensor(full(key), "cpu")
+
     return LoadedCheckpoint(
         where,
         manifest,
-        Decoder(tensors, manifest_path, place_copy),
-        Decoder(tensors, manifest_path, place_tensor),
+        Decoder(tensors, manifest_path, place_copy, sharded),
+        Decoder(tensors, manifest_path, place_tensor, sharded),
     )
 
 
@@ -355,6 +422,8 @@ def load_checkpoint(
     strict: bool = True,
     trusted: bool = False,
     storage_options: Mapping[str, Any] | None = None,
+    per_rank: Mapping[str, Any] | None = None,
+    process_group: Any = None,
 ) -> dict[str, Any]:
     """Restore the given objects in place from a checkpoint and return the remaining state.
 
@@ -368,23 +437,32 @@ def load_checkpoint(
     Everything is read, verified and matched before any object is modified: with
     ``strict=True`` a mismatch raises and leaves every object as it was.
 
+    A checkpoint saved by several ranks loads with any number of ranks (every rank calls this; the
+    process group is the initialised default one, or ``process_group``), or in one process:
+    sharded tensors are resharded through torch.distributed.checkpoint. Each rank's RNG and
+    ``per_rank`` state come back exactly when the world size is the one saved; otherwise the RNG
+    is re-derived from the saved state and the new rank, and asking for ``per_rank`` objects raises.
+
     Returns:
-        The plain values saved with the checkpoint (``epoch``, ``loss``, ...).
+        The plain values saved with the checkpoint (``epoch``, ``loss``, ...), and this rank's own
+        ``per_rank`` plain values when the world size is unchanged.
 
     Raises:
         CheckpointNotFoundError, CorruptCheckpointError: as for :func:`torchkeep.load`.
         LoadMismatchError: a model does not match (strict), or an object was not saved.
         StateMismatchError: an optimizer whose parameter groups differ from the saved ones (a ValueError).
+        DistributedError: on every rank, when a rank failed or the world size cannot restore ``per_rank``.
     """
     source = os.fspath(path)
-    rng_node = None
+    saved_rng: SavedState | None = None
+    loaded: LoadedCheckpoint | None = None
     saved: dict[str, Any]
     user_state: dict[str, Any]
     if Path(path).is_file() and detect_kind(source) in ("safetensors", "unknown"):
         saved, user_state = {"model": load(source, trusted=trusted)}, {}
     elif Path(path).is_file():
         saved, user_state = _legacy_objects(source, trusted=trusted)
-    elif is_dcp_dir(path):
+    elif is_dcp_dir(path) and not is_checkpoint_dir(path):
         saved, user_state = split_legacy(read_dcp(path))
     elif Path(path).is_dir() and not is_checkpoint_dir(path) and not (Path(path) / TENSORS_FILE).exists():
         # a weights folder (Hugging Face layouts); a tensor file without a manifest is a damaged checkpoint
@@ -395,9 +473,37 @@ def load_checkpoint(
         objects = loaded.objects
         saved = {k: v for k, v in objects.items() if k not in ("components", "rng")}
         saved.update({f"components.{k}": v for k, v in objects.get("components", {}).items()})
-        saved = {k: _Encoded(v, loaded) for k, v in saved.items()}
-        rng_node = objects.get("rng")
+        saved = {k: SavedState(v, loaded) for k, v in saved.items()}
+        if objects.get("rng") is not None:
+            saved_rng = SavedState(objects["rng"], loaded)
         user_state = loaded.state()
+    if loaded is not None and "distributed" in loaded.manifest:
+        from torchkeep.distributed.load import load_distributed
+
+        return load_distributed(
+            loaded,
+            wanted_objects(model, optimizer, scheduler, scaler, components),
+            per_rank=per_rank,
+            rng=rng,
+            strict=strict,
+            process_group=process_group,
+        )
+    if per_rank:
+        raise ValueError(f"{source} was saved by one process: it holds no per_rank state; pass per_rank=None")
+    restore = prepare_restore(source, saved, wanted_objects(model, optimizer, scheduler, scaler, components), strict)
+    rng_state = saved_rng.decode() if rng and saved_rng is not None else None
+    if rng_state is not None:
+        check_rng(rng_state, source=source)
+    restore.apply()
+    if rng_state is not None:
+        restore_rng(rng_state, source=source)
+    return dict(user_state)
+
+
+def wanted_objects(
+    model: nn.Module | None, optimizer: Any, scheduler: Any, scaler: Any, components: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """The objects a load restores, by their key in the checkpoint."""
     wanted: dict[str, Any] = {
         name: obj
         for name, obj in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler))
@@ -405,51 +511,62 @@ def load_checkpoint(
     }
     for name, obj in (components or {}).items():
         wanted[f"components.{name}"] = obj
+    return wanted
 
+
+@dataclass
+class Restore:
+    """Objects matched against their saved state and checked; nothing is modified until :meth:`apply`."""
+
+    source: str
+    states: list[tuple[str, Any, Any]]
+    models: list[PendingLoad]
+
+    def apply(self) -> None:
+        # Objects whose own load_state_dict may still refuse go first: a refusal then leaves the
+        # models untouched. Models were matched and cannot fail.
+        done: list[str] = []
+        for key, obj, state in self.states:
+            _apply(key, obj, state, self.source, done)
+        for pending in self.models:
+            pending.apply()
+
+
+def prepare_restore(source: str, saved: Mapping[str, Any], wanted: Mapping[str, Any], strict: bool) -> Restore:
+    """Match every wanted object to its saved state (``SavedState`` nodes or plain values); touches nothing.
+
+    Raises:
+        LoadMismatchError: (strict) an object was not saved, or a model does not match.
+        StateMismatchError, CorruptCheckpointError: saved state that cannot fit its object.
+    """
     absent = [key for key in wanted if saved.get(key) is None]
     if absent:
         message = f"{source}: the checkpoint holds no state for {absent}"
         if strict:
             raise LoadMismatchError(LoadReport(missing=absent, source=source), source)
-        warnings.warn(message + "; left as they are", TorchkeepWarning, stacklevel=2)
-
-    # Match everything first; apply only when all of it can be applied.
-    pending_models: list[PendingLoad] = []
-    pending_states: list[tuple[str, Any, Any]] = []
+        warnings.warn(message + "; left as they are", TorchkeepWarning, stacklevel=3)
+    restore = Restore(source, [], [])
     for key, obj in wanted.items():
         value = saved.get(key)
         if value is None:
             continue
-        state = value.decode(into_model=isinstance(obj, nn.Module)) if isinstance(value, _Encoded) else value
+        state = value.decode(into_model=isinstance(obj, nn.Module)) if isinstance(value, SavedState) else value
         if isinstance(obj, nn.Module):
             _check_model_state(state, f"{source} [{key}]")
             pending = match_model(obj, state, source_name=f"{source} [{key}]")
             if strict and not pending.report.ok:
                 raise LoadMismatchError(pending.report, f"{source} [{key}]")
-            pending_models.append(pending)
+            restore.models.append(pending)
         else:
             if key == "optimizer" or hasattr(obj, "param_groups"):
                 state = _int_state_keys(state)
                 _check_optimizer(obj, state, f"{source} [{key}]")
-            pending_states.append((key, obj, state))
-    rng_state = loaded.decode(rng_node) if rng and rng_node is not None else None
-    if rng_state is not None:
-        check_rng(rng_state, source=source)
-
-    # Objects whose own load_state_dict may still refuse go first: a refusal then leaves the
-    # models untouched. Models were matched above and cannot fail; the RNG state was checked.
-    done: list[str] = []
-    for key, obj, state in pending_states:
-        _apply(key, obj, state, source, done)
-    for pending in pending_models:
-        pending.apply()
-    if rng_state is not None:
-        restore_rng(rng_state, source=source)
-    return dict(user_state)
+            restore.states.append((key, obj, state))
+    return restore
 
 
 @dataclass
-class _Encoded:
+class SavedState:
     """A manifest node, decoded only when an object asks for it."""
 
     node: Any

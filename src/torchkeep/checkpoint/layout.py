@@ -23,6 +23,8 @@ FORMAT_NAME = "torchkeep.checkpoint"
 FORMAT_VERSION = 1
 # Incremental checkpoints (shared tensor objects) are version 2, so an older reader says to upgrade.
 SHARED_VERSION = 2
+# Checkpoints saved by several ranks (per-rank files, sharded tensors in DCP files) are version 3.
+DISTRIBUTED_VERSION = 3
 MANIFEST_FILE = "manifest.json"
 TENSORS_FILE = "tensors.safetensors"
 CHECKSUM_KEY = "xxh3_64"
@@ -68,15 +70,22 @@ def plan_checkpoint(
     rng: bool = True,
     state: Mapping[str, Any] | None = None,
     info: Mapping[str, Any] | None = None,
+    encoder: Encoder | None = None,
+    states: Mapping[str, Any] | None = None,
 ) -> CheckpointPlan:
-    """Gather and encode the state of every given object; nothing is written."""
+    """Gather and encode the state of every given object; nothing is written.
+
+    ``encoder`` may route some tensors elsewhere (sharded ones, to DCP); ``states`` holds state dicts
+    already taken (by name: "model", "optimizer"), used instead of calling ``state_dict()``.
+    """
     from torchkeep import __version__
 
-    encoder = Encoder()
+    encoder = encoder or Encoder()
+    taken = states or {}
     objects: dict[str, Any] = {}
     for name, obj in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
         if obj is not None:
-            objects[name] = encoder.encode(object_state(obj), name)
+            objects[name] = encoder.encode(taken[name] if name in taken else object_state(obj), name)
     if components:
         objects["components"] = {
             name: encoder.encode(object_state(obj), f"components.{name}") for name, obj in components.items()
@@ -117,7 +126,7 @@ def parse_manifest(raw: bytes, path: str) -> dict[str, Any]:
     body = parse_json(raw, path, "manifest")
     if not isinstance(body, dict) or body.get("format") != FORMAT_NAME:
         raise CorruptCheckpointError(path, "not a torchkeep checkpoint manifest")
-    check_version(path, "checkpoint", body.get("version"), SHARED_VERSION)
+    check_version(path, "checkpoint", body.get("version"), DISTRIBUTED_VERSION)
     recorded = body.pop(CHECKSUM_KEY, None)
     if recorded != digest(_canonical(body)):
         raise CorruptCheckpointError(path, "manifest checksum mismatch: the manifest is damaged")

@@ -24,7 +24,7 @@ from torchkeep.errors import CorruptCheckpointError, TorchkeepError, Unsupported
 from torchkeep.format.dtypes import dtype_name
 
 Json = Any
-TAGS = ("$tensor", "$ndarray", "$npscalar", "$float", "$tuple", "$dict", "$size", "$dtype", "$device")
+TAGS = ("$tensor", "$ndarray", "$npscalar", "$float", "$tuple", "$dict", "$size", "$dtype", "$device", "$dcp")
 
 
 class Encoder:
@@ -126,11 +126,16 @@ class Decoder:
     """The inverse of :class:`Encoder`, given the tensors read back."""
 
     def __init__(
-        self, tensors: dict[str, torch.Tensor], source: str, place: Callable[[torch.Tensor, str], torch.Tensor]
+        self,
+        tensors: dict[str, torch.Tensor],
+        source: str,
+        place: Callable[[torch.Tensor, str], torch.Tensor],
+        sharded: Callable[[str], Any] | None = None,
     ) -> None:
         self.tensors = tensors
         self.source = source
         self.place = place
+        self.sharded = sharded  # resolves a {"$dcp": key} node: a tensor saved sharded, through DCP
 
     def _bad(self, problem: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(self.source, f"manifest: {problem}")
@@ -163,6 +168,14 @@ class Decoder:
         if not isinstance(name, str) or name not in self.tensors:
             raise self._bad(f"refers to tensor {name!r:.80}, which the tensor file lacks")
         return self.tensors[name]
+
+    def _dcp(self, node: dict[str, Any]) -> Any:
+        key = node["$dcp"]
+        if not isinstance(key, str):
+            raise self._bad(f"$dcp {key!r:.80} is not a string")
+        if self.sharded is None:
+            raise self._bad(f"refers to sharded tensor {key!r:.80}, but this checkpoint has no sharded tensors")
+        return self.sharded(key)
 
     def _tensor(self, node: dict[str, Any]) -> torch.Tensor:
         device = node.get("device", "cpu")

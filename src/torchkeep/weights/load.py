@@ -20,6 +20,7 @@ from torchkeep.storage.remote import is_url
 from torchkeep.weights.files import WeightFiles, resolve
 from torchkeep.weights.legacy import detect_kind, extract_state_dict, read_raw
 
+CHECKPOINT_MANIFEST = "manifest.json"  # a torchkeep training checkpoint's folder has one
 _MAGIC_HINTS = (
     (b"PK\x03\x04", "a zip archive (torch.save writes these)"),
     (b"\x80", "a pickle (legacy torch.save or pickle.dump)"),
@@ -180,6 +181,10 @@ def load(
         from torchkeep.weights.remote import load_url
 
         tensors = load_url(str(path), storage_options=storage_options, verify=verify)
+    elif (Path(path) / CHECKPOINT_MANIFEST).is_file():  # a training checkpoint: its model's weights
+        from torchkeep.checkpoint.io import checkpoint_weights
+
+        tensors = checkpoint_weights(path, verify=verify)
     elif is_dcp_dir(path):
         tensors = extract_state_dict(read_dcp(path), os.fspath(path))
     else:

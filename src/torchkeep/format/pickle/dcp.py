@@ -118,6 +118,7 @@ class _Item:
     start: int
     length: int
     label: str
+    relative: str  # the data file's name in the folder
 
 
 class _DataFiles(contextlib.ExitStack):
@@ -151,7 +152,7 @@ class _DataFiles(contextlib.ExitStack):
             raise CorruptCheckpointError(label, f"item [{describe(start)}, +{describe(length)}) runs past the "
                                          f"file's {size} bytes", key=fqn)  # fmt: skip
         self.ranges.setdefault(relative, []).append((start, length, fqn))
-        return _Item(f, start, length, label)
+        return _Item(f, start, length, label, relative)
 
     def check_disjoint(self) -> None:
         """Two entries reading the same bytes would let a small file fill many large tensors."""
@@ -178,7 +179,16 @@ class _Chunk:
     item: _Item
 
 
-def _read_dcp(files: _DataFiles) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Planned:
+    """A DCP folder's metadata, every entry's reads planned and checked; no data read yet."""
+
+    metadata: Any  # the Record tree of ``.metadata``
+    storage: dict[Any, Any]  # its storage_data: MetadataIndex record -> _StorageInfo record
+    plans: dict[str, _Item | tuple[torch.dtype, torch.Size, list[_Chunk]]]
+
+
+def _plan_dcp(files: _DataFiles) -> _Planned:
     root, meta_path = files.root, files.meta_path
     member(root, METADATA_FILE, meta_path, what="DCP metadata")  # not a link out of the folder
     with open(meta_path, "rb") as f:
@@ -219,8 +229,13 @@ def _read_dcp(files: _DataFiles) -> dict[str, Any]:
         else:
             raise CorruptCheckpointError(meta_path, f"is described by {describe(entry)}", key=fqn)
     files.check_disjoint()
+    return _Planned(metadata, storage, plans)
+
+
+def _read_dcp(files: _DataFiles) -> dict[str, Any]:
+    planned = _plan_dcp(files)
     flat: dict[str, Any] = {}
-    for fqn, plan in plans.items():
+    for fqn, plan in planned.plans.items():
         if isinstance(plan, _Item):
             flat[fqn] = files.load(plan)
             continue
@@ -233,7 +248,51 @@ def _read_dcp(files: _DataFiles) -> dict[str, Any]:
                                              f"{list(chunk.sizes)}", key=fqn)  # fmt: skip
             tensor[tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes, strict=True))] = piece
         flat[fqn] = tensor
-    return _nest(flat, getattr(metadata, "planner_data", None), meta_path)
+    return _nest(flat, getattr(planned.metadata, "planner_data", None), files.meta_path)
+
+
+def dcp_metadata(directory: str | os.PathLike[str]) -> Any:
+    """A DCP folder's ``.metadata`` as torch's own ``Metadata``, read without running code and checked as
+    :func:`read_dcp` checks it (chunk coverage, byte ranges inside plain files of the folder): what
+    ``torch.distributed.checkpoint.load`` needs, instead of its ``pickle.load`` of the file."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata,
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+
+    try:
+        with _DataFiles(Path(directory)) as files:
+            planned = _plan_dcp(files)
+    except TorchkeepError:
+        raise
+    except PARSE_ERRORS as exc:
+        raise CorruptCheckpointError(directory, f"unreadable DCP checkpoint: {type(exc).__name__}: {exc}") from exc
+    entries: dict[str, Any] = {}
+    storage: dict[Any, Any] = {}
+
+    def place(fqn: str, offsets: tuple[int, ...] | None, item: _Item) -> None:
+        index = MetadataIndex(fqn, torch.Size(offsets) if offsets is not None else None)
+        storage[index] = _StorageInfo(relative_path=item.relative, offset=item.start, length=item.length)
+
+    for fqn, plan in planned.plans.items():
+        if isinstance(plan, _Item):
+            entries[fqn] = BytesStorageMetadata()
+            place(fqn, None, plan)
+            continue
+        dtype, size, chunks = plan
+        entries[fqn] = TensorStorageMetadata(
+            properties=TensorProperties(dtype=dtype),
+            size=size,
+            chunks=[ChunkStorageMetadata(offsets=torch.Size(c.offsets), sizes=torch.Size(c.sizes)) for c in chunks],
+        )
+        for chunk in chunks:
+            place(fqn, chunk.offsets, chunk.item)
+    return Metadata(state_dict_metadata=entries, storage_data=storage)
 
 
 def _plan_tensor(

@@ -1,0 +1,124 @@
+"""What one rank contributes to a distributed checkpoint, planned as data before anything is written.
+
+Three parts, kept apart:
+
+- the **shared** state (replicated on every rank: a DDP model, its optimizer, schedulers, plain values),
+  planned on every rank like a single-process checkpoint and written by rank 0 alone;
+- the **sharded** tensors (DTensors of FSDP2 / tensor-parallel models and their optimizer state), taken
+  through ``torch.distributed.checkpoint.state_dict.get_state_dict`` (fully-qualified names, so any
+  world size can load them) and written by every rank in parallel through DCP; the shared manifest
+  refers to each by a ``{"$dcp": key}`` node;
+- each rank's **own** state (its RNG generators, ``per_rank`` objects and values), written by that rank
+  under a rank-unique name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchkeep.checkpoint.layout import DISTRIBUTED_VERSION, CheckpointPlan, Stateful, object_state, plan_checkpoint
+from torchkeep.state.rng import capture_rng
+from torchkeep.state.tensors import PreparedTensors, prepare
+from torchkeep.state.values import Encoder, Json
+
+RANK_FILE = "rank-{rank:05d}.safetensors"
+
+
+def is_sharded(model: nn.Module | None) -> bool:
+    """True when the model's parameters are DTensors (FSDP2 ``fully_shard``, tensor parallel)."""
+    if model is None:
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+class ShardedEncoder(Encoder):
+    """An encoder that sends DTensors to DCP (by key) and every other tensor to the shared file."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sharded: dict[str, torch.Tensor] = {}
+
+    def _tensor(self, value: torch.Tensor, where: str) -> Json:
+        from torch.distributed.tensor import DTensor
+
+        if not isinstance(value, DTensor):
+            return super()._tensor(value, where)
+        key = where or "value"
+        n = 2
+        while key in self.sharded:
+            key, n = f"{where}#{n}", n + 1
+        self.sharded[key] = value
+        return {"$dcp": key}
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """One rank's own state: a JSON node and the tensors it names."""
+
+    node: dict[str, Json]
+    tensors: PreparedTensors = field(repr=False)
+
+
+@dataclass(frozen=True)
+class DistributedPlan:
+    shared: CheckpointPlan
+    sharded: dict[str, torch.Tensor] = field(repr=False)  # key -> DTensor, written through DCP
+    own: RankPlan
+
+
+def plan_distributed(
+    *,
+    model: nn.Module | None,
+    optimizer: Any,
+    scheduler: Any,
+    scaler: Any,
+    components: Mapping[str, Any] | None,
+    rng: bool,
+    per_rank: Mapping[str, Any] | None,
+    state: Mapping[str, Any],
+    info: Mapping[str, Any] | None = None,
+) -> DistributedPlan:
+    """Gather and encode this rank's part of a distributed checkpoint; nothing is written."""
+    states: dict[str, Any] = {}
+    if model is not None and is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(model, optimizer if optimizer is not None else [])
+        states["model"] = model_state
+        if optimizer is not None:
+            states["optimizer"] = optimizer_state
+    encoder = ShardedEncoder()
+    shared = plan_checkpoint(
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        components=components,
+        rng=False,  # each rank's generators are its own state
+        state=state,
+        info=info,
+        encoder=encoder,
+        states=states,
+    )
+    manifest = dict(shared.manifest, version=DISTRIBUTED_VERSION)
+    return DistributedPlan(CheckpointPlan(manifest, shared.tensors), encoder.sharded, plan_own(rng, per_rank))
+
+
+def plan_own(rng: bool, per_rank: Mapping[str, Any] | None) -> RankPlan:
+    """This rank's generators, ``per_rank`` objects (anything with ``state_dict()``) and plain values."""
+    encoder = Encoder()
+    node: dict[str, Json] = {}
+    if rng:
+        node["rng"] = encoder.encode(capture_rng(), "rng")
+    objects = {name: v for name, v in (per_rank or {}).items() if isinstance(v, (Stateful, nn.Module))}
+    values = {name: v for name, v in (per_rank or {}).items() if name not in objects}
+    node["objects"] = {name: encoder.encode(object_state(obj), f"per_rank.{name}") for name, obj in objects.items()}
+    node["state"] = encoder.encode(values, "per_rank")
+    return RankPlan(node, prepare(encoder.tensors))

@@ -1,0 +1,257 @@
+"""One rank of a distributed test scenario: ``ranks.py SCENARIO RANK WORLD STORE WORKDIR``.
+
+Each scenario runs several checks in one launch (a launch costs seconds) and writes what it saw to
+``report-<scenario>-<rank>.json``; the test asserts on the reports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import torchkeep
+from torchkeep import _config
+
+
+class Counter:
+    """A per-rank object with state_dict()/load_state_dict()."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"n": self.n}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.n = state["n"]
+
+
+class Context:
+    def __init__(self, rank: int, world: int, workdir: Path) -> None:
+        self.rank, self.world, self.workdir = rank, world, workdir
+        self.report: dict[str, Any] = {}
+
+    def fails(self, fn: Callable[[], Any]) -> dict[str, Any]:
+        """Run ``fn``, which must raise; what it raised, for the report."""
+        try:
+            fn()
+        except Exception as exc:
+            return {"type": type(exc).__name__, "message": str(exc), "ranks": list(getattr(exc, "ranks", ()))}
+        return {"type": None}
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+
+
+def train_step(model: nn.Module, opt: Any, sched: Any = None) -> float:
+    x, y = torch.randn(4, 6), torch.randn(4, 1)  # from this rank's generator
+    loss = ((model(x) - y) ** 2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    if sched is not None:
+        sched.step()
+    return float(loss.item())
+
+
+def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, p in model.named_parameters():
+        value = p.full_tensor() if isinstance(p, DTensor) else p
+        out[name.removeprefix("module.")] = value.detach().clone()
+    return out
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def temporaries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name)
+
+
+# -- scenarios ----------------------------------------------------------------------------------
+
+
+def ddp(ctx: Context) -> None:
+    """Replicated model: bit-exact resume with per-rank RNG and state; one failing rank fails all."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    rank = ctx.rank
+    torch.manual_seed(0)
+    model = DistributedDataParallel(mlp())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)
+    torch.manual_seed(100 + rank)  # each rank draws its own batches
+    for _ in range(3):
+        train_step(model, opt, sched)
+    counter = Counter(10 + rank)
+    ckpt = ctx.workdir / "ddp-ckpt"
+    torchkeep.save_checkpoint(
+        ckpt, model=model, optimizer=opt, scheduler=sched, per_rank={"counter": counter, "seen": 7 + rank}, epoch=1
+    )
+    expected = [train_step(model, opt, sched) for _ in range(2)]
+    expected_params = full_params(model)
+    counter.n = -1
+    state = torchkeep.load_checkpoint(ckpt, model=model, optimizer=opt, scheduler=sched, per_rank={"counter": counter})
+    again = [train_step(model, opt, sched) for _ in range(2)]
+    ctx.report.update(
+        resumed_losses_equal=expected == again,
+        resumed_params_equal=same(expected_params, full_params(model)),
+        state={k: v for k, v in state.items()},
+        counter=counter.n,
+        files=sorted(p.name for p in ckpt.iterdir()),
+    )
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    ctx.report["manifest"] = {"version": manifest["version"], "world_size": manifest["distributed"]["world_size"]}
+
+    # One rank's state cannot be stored: every rank fails, naming it; nothing is committed.
+    bad = ctx.workdir / "ddp-bad"
+    ctx.report["bad_value"] = ctx.fails(
+        lambda: torchkeep.save_checkpoint(bad, model=model, per_rank={"x": object()} if rank == 1 else {})
+    )
+    ctx.report["bad_exists"] = bad.exists()
+    # Ranks told different paths.
+    ctx.report["different_paths"] = ctx.fails(
+        lambda: torchkeep.save_checkpoint(ctx.workdir / f"ddp-rank{rank}", model=model)
+    )
+    dist.barrier()
+    ctx.report["temporaries"] = temporaries(ctx.workdir)
+    # A model that does not fit: every rank raises the typed error, and the model is unchanged.
+    before = full_params(model)
+    other = DistributedDataParallel(nn.Sequential(nn.Linear(6, 3)))
+    ctx.report["mismatch"] = ctx.fails(lambda: torchkeep.load_checkpoint(ckpt, model=other))
+    ctx.report["unchanged_after_mismatch"] = same(before, full_params(model))
+
+
+def fsdp(ctx: Context) -> None:
+    """FSDP2: bit-exact resume; the batches and parameters of one more step, for the 2->1 check."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    rank = ctx.rank
+    mesh = init_device_mesh("cpu", (ctx.world,))
+    torch.manual_seed(0)
+    model = mlp()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    torch.manual_seed(100 + rank)
+    for _ in range(3):
+        train_step(model, opt)
+    ckpt = ctx.workdir / "fsdp-ckpt"
+    torchkeep.save_checkpoint(ckpt, model=model, optimizer=opt, per_rank={"seen": 12 + rank}, step=3)
+    # the next step, recorded for a single-process reference: this rank's batch and the parameters after
+    state = torch.get_rng_state()
+    batch = (torch.randn(4, 6), torch.randn(4, 1))
+    torch.set_rng_state(state)
+    expected = [train_step(model, opt)]
+    if rank == 0:
+        torchkeep.save(full_params(model), ctx.workdir / "fsdp-after1.safetensors")
+    else:
+        full_params(model)  # a collective: every rank takes part
+    expected.append(train_step(model, opt))
+    after = full_params(model)
+    torchkeep.save({"x": batch[0], "y": batch[1]}, ctx.workdir / f"fsdp-batch-{rank}.safetensors")
+    returned = torchkeep.load_checkpoint(ckpt, model=model, optimizer=opt)
+    again = [train_step(model, opt) for _ in range(2)]
+    ctx.report.update(
+        resumed_losses_equal=expected == again,
+        resumed_params_equal=same(after, full_params(model)),
+        seen=returned.get("seen"),
+        files=sorted(p.name for p in ckpt.iterdir()),
+    )
+
+
+def fsdp_save4(ctx: Context) -> None:
+    """4 ranks save an FSDP2 checkpoint and the full state it holds, for a 2-rank load."""
+    fsdp_train_and_save(ctx, "fsdp4-ckpt")
+
+
+def fsdp_load2(ctx: Context) -> None:
+    """2 ranks restore what 4 saved: the same full tensors; per-rank state refused; RNG re-derived."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (ctx.world,))
+    torch.manual_seed(1)  # other initial values: the load must replace them all
+    model = mlp()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ckpt = ctx.workdir / "fsdp4-ckpt"
+    ctx.report["per_rank_refused"] = ctx.fails(
+        lambda: torchkeep.load_checkpoint(ckpt, model=model, optimizer=opt, per_rank={"c": Counter(0)})
+    )
+    state = torchkeep.load_checkpoint(ckpt, model=model, optimizer=opt)
+    reference = torchkeep.load(ctx.workdir / "fsdp4-full.safetensors")
+    ctx.report["params_equal"] = same({k: v for k, v in reference.items() if "exp_avg" not in k}, full_params(model))
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    full_opt = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
+    ctx.report["exp_avg_equal"] = all(
+        torch.equal(full_opt["state"][k]["exp_avg"], reference[f"exp_avg.{k}"]) for k in full_params(model)
+    )
+    ctx.report["state_keys"] = sorted(state)
+    ctx.report["draw"] = torch.rand(1).item()
+
+
+def fsdp_train_and_save(ctx: Context, name: str) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (ctx.world,))
+    torch.manual_seed(0)
+    model = mlp()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    torch.manual_seed(100 + ctx.rank)
+    for _ in range(2):
+        train_step(model, opt)
+    torchkeep.save_checkpoint(ctx.workdir / name, model=model, optimizer=opt, per_rank={"seen": ctx.rank}, step=2)
+    params = full_params(model)
+    full_opt = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
+    if ctx.rank == 0:
+        exp_avg = {f"exp_avg.{k}": full_opt["state"][k]["exp_avg"] for k in params}
+        torchkeep.save({**params, **exp_avg}, ctx.workdir / "fsdp4-full.safetensors")
+
+
+SCENARIOS = {f.__name__: f for f in (ddp, fsdp, fsdp_save4, fsdp_load2)}
+
+
+def main() -> None:
+    scenario, rank, world, store, workdir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    _config.COLLECTIVE_TIMEOUT_S = 60.0
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    ctx = Context(rank, world, Path(workdir))
+    try:
+        SCENARIOS[scenario](ctx)
+    finally:
+        report = Path(workdir) / f"report-{scenario}-{rank}.json"
+        report.write_text(json.dumps(ctx.report, default=str))
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)  # skip interpreter teardown of gloo threads
+
+
+if __name__ == "__main__":
+    main()

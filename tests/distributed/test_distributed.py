@@ -1,0 +1,113 @@
+"""Distributed checkpoints on real gloo process groups (CPU): DDP, FSDP2, resharding N->M and to one process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import torchkeep
+from tests.distributed.launch import launch
+from tests.distributed.ranks import mlp
+
+pytestmark = pytest.mark.slow
+
+
+def test_ddp_resumes_bit_exactly_and_fails_together(tmp_path: Path) -> None:
+    reports = launch("ddp", 2, tmp_path)
+    for rank, report in enumerate(reports):
+        assert report["resumed_losses_equal"] and report["resumed_params_equal"], rank
+        assert report["state"] == {"epoch": 1, "seen": 7 + rank}  # shared values, and this rank's own
+        assert report["counter"] == 10 + rank  # a per-rank object restored on its own rank
+        assert report["files"] == ["manifest.json", "rank-00000.safetensors", "rank-00001.safetensors",
+                                   "tensors.safetensors"]  # fmt: skip
+        assert report["manifest"] == {"version": 3, "world_size": 2}
+        # one rank's bad value fails the save on both, naming rank 1; nothing committed, nothing left over
+        bad = report["bad_value"]
+        if rank == 1:  # the failing rank raises its own typed error
+            assert bad["type"] == "UnsupportedValueError" and "per_rank.x" in bad["message"]
+        else:  # the others a DistributedError naming it and why
+            assert bad["type"] == "DistributedError" and bad["ranks"] == [1]
+            assert "rank(s) [1]" in bad["message"] and "per_rank.x" in bad["message"]
+        assert not report["bad_exists"] and report["temporaries"] == []
+        assert report["different_paths"]["type"] == "DistributedError"
+        assert "different paths" in report["different_paths"]["message"]
+        assert report["mismatch"]["type"] == "LoadMismatchError" and report["unchanged_after_mismatch"]
+
+    # The same checkpoint in one process (inference): the shared state, without the ranks' own values.
+    model = mlp()
+    state = torchkeep.load_checkpoint(tmp_path / "ddp-ckpt", model=model, rng=False)
+    assert state == {"epoch": 1}
+    with pytest.raises(torchkeep.DistributedError, match=r"saved by 2 rank.*loaded by 1"):
+        torchkeep.load_checkpoint(tmp_path / "ddp-ckpt", model=mlp(), per_rank={"counter": object()})
+
+
+def test_fsdp2_resumes_bit_exactly_and_reshards_to_one_process(tmp_path: Path) -> None:
+    reports = launch("fsdp", 2, tmp_path)
+    for rank, report in enumerate(reports):
+        assert report["resumed_losses_equal"] and report["resumed_params_equal"], rank
+        assert report["seen"] == 12 + rank
+        assert {".metadata", "manifest.json", "rank-00000.safetensors", "rank-00001.safetensors"} <= set(
+            report["files"]
+        )
+    ckpt = tmp_path / "fsdp-ckpt"
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    listed = manifest["distributed"]["dcp"]["files"]
+    assert set(listed) == {n for n in report["files"] if n.endswith(".distcp") or n == ".metadata"}
+
+    # 2 -> 1: a plain model and optimizer; the next step on both ranks' batches matches the sharded run.
+    model = mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    state = torchkeep.load_checkpoint(ckpt, model=model, optimizer=opt)
+    assert state == {"step": 3}
+    batches = [torchkeep.load(tmp_path / f"fsdp-batch-{rank}.safetensors") for rank in range(2)]
+    losses = [((model(b["x"]) - b["y"]) ** 2).mean() for b in batches]
+    opt.zero_grad()
+    (sum(losses) / 2).backward()  # FSDP averages the ranks' gradients
+    opt.step()
+    reference = torchkeep.load(tmp_path / "fsdp-after1.safetensors")
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.detach(), reference[name], rtol=1e-5, atol=1e-6)
+
+    # Weights alone, consolidated in one process by torchkeep's own DCP reader.
+    weights = torchkeep.load(ckpt)
+    fresh = mlp()
+    torchkeep.load_checkpoint(ckpt, model=fresh, rng=False)
+    assert set(weights) == set(fresh.state_dict())
+    for name, tensor in fresh.state_dict().items():
+        assert torch.equal(weights[name], tensor), name
+
+    # A damaged shard file is found before anything is loaded.
+    shard = ckpt / "__1_0.distcp"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(torchkeep.CorruptCheckpointError, match=r"__1_0\.distcp.*checksum"):
+        torchkeep.load_checkpoint(ckpt, model=fresh, rng=False)
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+
+
+def test_reshard_four_ranks_to_two(tmp_path: Path) -> None:
+    launch("fsdp_save4", 4, tmp_path)
+    reports = launch("fsdp_load2", 2, tmp_path)
+    for report in reports:
+        assert report["params_equal"] and report["exp_avg_equal"]
+        assert report["state_keys"] == ["step"]  # the ranks' own values stay with the 4 ranks that saved them
+        refused = report["per_rank_refused"]
+        assert refused["type"] == "DistributedError" and "saved by 4 rank(s), loaded by 2" in refused["message"]
+    # RNG re-derived: deterministic, and different on each rank
+    assert reports[0]["draw"] != reports[1]["draw"]
+    again = launch("fsdp_load2", 2, tmp_path)
+    assert [r["draw"] for r in again] == [r["draw"] for r in reports]
+
+
+def test_single_process_checkpoints_refuse_per_rank(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="per_rank= is for saves from several ranks"):
+        torchkeep.save_checkpoint(tmp_path / "c", model=nn.Linear(2, 2), per_rank={"n": 1})
+    torchkeep.save_checkpoint(tmp_path / "c", model=nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="saved by one process"):
+        torchkeep.load_checkpoint(tmp_path / "c", model=nn.Linear(2, 2), per_rank={"n": 1})
