@@ -235,12 +235,77 @@ def fsdp_train_and_save(ctx: Context, name: str) -> None:
         torchkeep.save({**params, **exp_avg}, ctx.workdir / "fsdp4-full.safetensors")
 
 
-SCENARIOS = {f.__name__: f for f in (ddp, fsdp, fsdp_save4, fsdp_load2)}
+def manager_kill(ctx: Context) -> None:
+    """A manager on 2 ranks saves steps 1 and 2; rank 1 is killed (SIGKILL) while writing step 3."""
+    import signal
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    import torchkeep.distributed.save as distributed_save
+
+    rank = ctx.rank
+    torch.manual_seed(0)
+    model = DistributedDataParallel(mlp())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    torch.manual_seed(100 + rank)
+    run = ctx.workdir / "run"
+    mgr = torchkeep.CheckpointManager(run, keep_last=2)
+    for step in (1, 2):
+        train_step(model, opt)
+        mgr.save(step, model=model, optimizer=opt, per_rank={"seen": 10 * step + rank}, metrics={"loss": 1.0 / step})
+    if rank == 0:
+        torchkeep.save(full_params(model), ctx.workdir / "run-step2.safetensors")
+    draw = torch.rand(3).tolist()  # this rank's generator just after step 2, kept where a killed rank leaves it
+    (ctx.workdir / f"draw-after-step2-{rank}.json").write_text(json.dumps(draw))
+    train_step(model, opt)
+    if rank == 1:
+        write = distributed_save.write_weights
+
+        def write_then_die(*args: Any, **kwargs: Any) -> int:
+            write(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGKILL)
+            return 0
+
+        distributed_save.write_weights = write_then_die  # type: ignore[assignment]
+    ctx.report["third"] = ctx.fails(lambda: mgr.save(3, model=model, optimizer=opt))
+    ctx.report["latest"] = (run / "latest").read_text().strip()
+    ctx.report["steps"] = sorted(p.name for p in run.iterdir() if p.name.startswith("step-"))
+    ctx.report["temporaries"] = temporaries(run)
+
+
+def manager_resume(ctx: Context) -> None:
+    """After the kill: every rank restores step 2 exactly, then the run goes on and retention retires step 1."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.manual_seed(5)  # other initial values: the restore must replace them
+    model = DistributedDataParallel(mlp())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    run = ctx.workdir / "run"
+    mgr = torchkeep.CheckpointManager(run, keep_last=2)
+    state = mgr.restore(model=model, optimizer=opt)
+    reference = torchkeep.load(ctx.workdir / "run-step2.safetensors")
+    ctx.report.update(
+        step=state["step"],
+        seen=state["seen"],
+        params_equal=same(reference, full_params(model)),
+        draw=torch.rand(3).tolist(),  # this rank's generator, as it was at step 2
+    )
+    train_step(model, opt)
+    info = mgr.save(3, model=model, optimizer=opt)
+    ctx.report["saved"] = {"step": info.step, "latest": info.is_latest}
+    dist.barrier()
+    mgr.wait()
+    ctx.report["steps"] = sorted(p.name for p in run.iterdir() if p.name.startswith("step-"))
+    ctx.report["latest"] = (run / "latest").read_text().strip()
+    mgr.close()
+
+
+SCENARIOS = {f.__name__: f for f in (ddp, fsdp, fsdp_save4, fsdp_load2, manager_kill, manager_resume)}
 
 
 def main() -> None:
     scenario, rank, world, store, workdir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
-    _config.COLLECTIVE_TIMEOUT_S = 60.0
+    _config.COLLECTIVE_TIMEOUT_S = 30.0
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     ctx = Context(rank, world, Path(workdir))
     try:
@@ -248,7 +313,8 @@ def main() -> None:
     finally:
         report = Path(workdir) / f"report-{scenario}-{rank}.json"
         report.write_text(json.dumps(ctx.report, default=str))
-    dist.barrier()
+    if scenario == "manager_kill":
+        os._exit(0)  # the other rank is dead: no barrier to meet it at
     dist.destroy_process_group()
     os._exit(0)  # skip interpreter teardown of gloo threads
 

@@ -111,3 +111,21 @@ def test_single_process_checkpoints_refuse_per_rank(tmp_path: Path) -> None:
     torchkeep.save_checkpoint(tmp_path / "c", model=nn.Linear(2, 2))
     with pytest.raises(ValueError, match="saved by one process"):
         torchkeep.load_checkpoint(tmp_path / "c", model=nn.Linear(2, 2), per_rank={"n": 1})
+
+
+def test_a_rank_killed_mid_save_leaves_the_previous_step_on_every_rank(tmp_path: Path) -> None:
+    killed = launch("manager_kill", 2, tmp_path, expect_killed=(1,))[0]
+    assert killed["third"]["type"] == "DistributedError"  # the surviving rank is told, not left hanging
+    assert killed["latest"] == "step-00000002"
+    assert killed["steps"] == ["step-00000001", "step-00000002"]  # step 3 never became visible
+    assert killed["temporaries"] == []
+
+    reports = launch("manager_resume", 2, tmp_path)
+    for rank, report in enumerate(reports):
+        saved_draw = json.loads((tmp_path / f"draw-after-step2-{rank}.json").read_text())
+        assert report["draw"] == saved_draw  # this rank's own generator, exactly as it was at step 2
+        assert report["step"] == 2 and report["seen"] == 20 + rank and report["params_equal"]
+        assert report["saved"] == {"step": 3, "latest": True}
+        assert report["steps"] == ["step-00000002", "step-00000003"]  # keep_last=2 retired step 1, rank files too
+        assert report["latest"] == "step-00000003"
+    assert reports[0]["draw"] != reports[1]["draw"]

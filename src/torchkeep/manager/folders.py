@@ -15,8 +15,11 @@ from torchkeep.checkpoint.layout import MANIFEST_FILE, TENSORS_FILE, parse_manif
 from torchkeep.errors import CorruptCheckpointError
 from torchkeep.storage.local import TEMP_MARKER
 
-# The only files a manager writes into a checkpoint folder; retention deletes nothing else.
-OWN_FILES = frozenset({MANIFEST_FILE, TENSORS_FILE})
+# The only files a manager writes into a checkpoint folder; retention deletes nothing else. Saves from
+# several ranks add each rank's file and DCP's (its metadata, its per-rank data files).
+OWN_FILES = frozenset({MANIFEST_FILE, TENSORS_FILE, ".metadata"})
+OWN_PATTERN = re.compile(r"^(rank-\d{5}\.safetensors|__\d+_\d+\.distcp)$")
+DCP_TEMPORARY = ".metadata.tmp"  # DCP writes its metadata under this name first
 # What temporary_sibling names: ".<name>.tmp-<12 hex digits>".
 TEMPORARY = re.compile(r"^\.(?P<base>.+)" + re.escape(TEMP_MARKER) + r"[0-9a-f]{12}$")
 
@@ -77,10 +80,12 @@ def remove_own(folder: Path) -> None:
 
 
 def own_name(name: str, *, temporaries: bool) -> bool:
-    if name in OWN_FILES:
+    if name in OWN_FILES or OWN_PATTERN.match(name):
         return True
-    match = TEMPORARY.match(name) if temporaries else None
-    return match is not None and match["base"] in OWN_FILES
+    if not temporaries:
+        return False
+    match = TEMPORARY.match(name)
+    return name == DCP_TEMPORARY or (match is not None and own_name(match["base"], temporaries=False))
 
 
 def foreign_files(folder: Path, *, temporaries: bool) -> list[str]:

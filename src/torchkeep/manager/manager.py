@@ -29,10 +29,12 @@ from torchkeep.checkpoint.layout import (
     parse_manifest,
     plan_checkpoint,
 )
+from torchkeep.distributed.group import Group, active_group
 from torchkeep.errors import (
     CheckpointNotFoundError,
     CheckpointWriteError,
     CorruptCheckpointError,
+    DistributedError,
     TorchkeepError,
     TorchkeepWarning,
 )
@@ -146,7 +148,11 @@ class CheckpointManager:
         read_only: bool = False,
         async_save: bool = False,
         incremental: bool = False,
+        process_group: Any = None,
     ) -> None:
+        self.group = active_group(process_group)
+        if self.group is not None and (async_save or incremental):
+            raise ValueError("a manager shared by several ranks saves blocking and whole: no async_save, incremental")
         self._lease: Lease | None = None
         self._mutex = threading.RLock()
         self._save_order = threading.Lock()  # serialises save() callers, held while waiting for the previous save
@@ -182,11 +188,19 @@ class CheckpointManager:
         else:
             with write_errors(self.directory, "creating the run directory"):
                 self.directory.mkdir(parents=True, exist_ok=True)
-            self._lease = acquire(self.directory)
-            self._clean_temporaries()
+            if self._leads:  # with several ranks, rank 0 holds the lock, moves latest and deletes
+                self._lease = acquire(self.directory)
+                self._clean_temporaries()
         self._checkpoints: dict[int, CheckpointInfo] = self._scan()
-        if not read_only:
+        if not read_only and self._leads:
             self._collect_objects()  # what a killed save or retention left
+        if self.group is not None:
+            self.group.exchange({}, self.directory, "opening the run directory")  # rank 0 has cleaned up
+
+    @property
+    def _leads(self) -> bool:
+        """This process holds the lock and writes latest (the only process, or rank 0 of several)."""
+        return self.group is None or self.group.is_coordinator
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -349,9 +363,14 @@ class CheckpointManager:
         scaler: Any = None,
         components: Mapping[str, Any] | None = None,
         rng: bool = True,
+        per_rank: Mapping[str, Any] | None = None,
         **state: Any,
     ) -> CheckpointInfo | PendingSave[CheckpointInfo]:
         """Write checkpoint ``step`` atomically, read it back, then apply retention.
+
+        With several ranks (a process group), every rank calls ``save`` with the same step: each
+        writes its part (see :func:`torchkeep.save_checkpoint`, ``per_rank`` included), rank 0 commits
+        once all are durable, then moves ``latest`` and applies retention; rank 0's metrics are kept.
 
         With ``async_save=True`` this returns a :class:`PendingSave` as soon as the state is copied;
         its ``wait()`` returns the :class:`CheckpointInfo`. ``latest``, ``best`` and retention move
@@ -369,6 +388,12 @@ class CheckpointManager:
                 new checkpoint did not read back, a folder not written by the manager has the
                 step's name, or another manager took over; earlier checkpoints are intact.
         """
+        if self.group is not None:
+            return self._save_across_ranks(
+                self.group, step, metrics, model, optimizer, scheduler, scaler, components, rng, per_rank, state
+            )
+        if per_rank:
+            raise ValueError("per_rank= is for managers shared by several ranks; no process group is initialised")
         with self._save_order:
             self._saving = True
             try:
@@ -447,21 +472,8 @@ class CheckpointManager:
         state: Mapping[str, Any],
     ) -> tuple[Path, CheckpointPlan, dict[str, Any], float]:
         """Check the step and the directory, plan what to write, and check it fits; nothing is written."""
-        if self._lease is None:
-            raise CheckpointWriteError(self.directory, "this manager is read_only")
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be a non-negative int, got {step!r}")
-        self._lease.check()
-        self._check_step(step)
         plain = plain_metrics(metrics or {})
-        target = self.directory / self.template.format(step=step)
-        if os.path.lexists(target):
-            why = self.damaged.get(target.name, "its manifest is not a manager's for this step")
-            raise CheckpointWriteError(
-                target,
-                f"exists, and is not a checkpoint this manager can vouch for ({why}); nothing was written. "
-                "Move it out of the way, or use another directory or template",
-            )
+        target = self._check_target(step)
         now = time.time()
         plan = plan_checkpoint(
             model=model,
@@ -476,6 +488,76 @@ class CheckpointManager:
         self._check_space(plan, target)
         return target, plan, plain, now
 
+    def _check_target(self, step: int) -> Path:
+        """The folder for ``step``, after checking it may be written; nothing is written."""
+        if self.read_only or (self._leads and self._lease is None):
+            raise CheckpointWriteError(self.directory, "this manager is read_only")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        if self._lease is not None:
+            self._lease.check()
+        self._check_step(step)
+        target = self.directory / self.template.format(step=step)
+        if os.path.lexists(target):
+            why = self.damaged.get(target.name, "its manifest is not a manager's for this step")
+            raise CheckpointWriteError(
+                target,
+                f"exists, and is not a checkpoint this manager can vouch for ({why}); nothing was written. "
+                "Move it out of the way, or use another directory or template",
+            )
+        return target
+
+    def _save_across_ranks(
+        self,
+        group: Group,
+        step: int,
+        metrics: Mapping[str, Any] | None,
+        model: nn.Module | None,
+        optimizer: Any,
+        scheduler: Any,
+        scaler: Any,
+        components: Mapping[str, Any] | None,
+        rng: bool,
+        per_rank: Mapping[str, Any] | None,
+        state: Mapping[str, Any],
+    ) -> CheckpointInfo:
+        """The distributed protocol (torchkeep.distributed.save), then rank 0 moves latest and retires."""
+        from torchkeep.distributed.plan import plan_distributed
+        from torchkeep.distributed.save import save_distributed
+
+        plain = plain_metrics(metrics or {})
+        now = time.time()
+        target = self.directory / self.template.format(step=step)
+
+        def make_plan() -> Any:
+            if group.is_coordinator:
+                self._check_target(step)  # rank 0's view decides; a refusal fails every rank
+            info = {"manager": 1, "step": step, "metrics": plain, "time": now}
+            return plan_distributed(
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                scaler=scaler,
+                components=components,
+                rng=rng,
+                per_rank=per_rank,
+                state=state,
+                info=info,
+            )
+
+        with self._save_order, self._mutex:
+            save_distributed(target, make_plan, group)
+            registered, _ = group.step(
+                target,
+                "moving latest and applying retention",
+                lambda: self._register(step, target, None, plain, now) if group.is_coordinator else None,
+                lambda _: {},
+            )
+            if registered is None:  # another rank: its view follows rank 0's
+                self._checkpoints[step] = CheckpointInfo(step=step, path=target, metrics=plain, time=now)
+                return self._decorated(self._checkpoints[step], self._best_step(), step)
+            return registered
+
     def _commit_save(
         self, step: int, target: Path, plan: CheckpointPlan, plain: dict[str, Any], now: float
     ) -> CheckpointInfo:
@@ -489,12 +571,18 @@ class CheckpointManager:
             raise CheckpointWriteError(
                 exc.path, f"{exc.problem}; earlier checkpoints are intact, nothing was left", cause=exc
             ) from exc
+        return self._register(step, target, plan, plain, now)
+
+    def _register(
+        self, step: int, target: Path, plan: CheckpointPlan | None, plain: dict[str, Any], now: float
+    ) -> CheckpointInfo:
+        """A committed checkpoint read back, then ``latest`` moved to it and retention applied."""
         with self._mutex:
             size = self._read_back(target, step)
             if self._lease is not None:
                 self._lease.check()  # another manager took over while this one was writing
             self._checkpoints[step] = CheckpointInfo(step=step, path=target, metrics=plain, time=now, size=size)
-            self._refs[step] = objects.referenced(plan.manifest)
+            self._refs[step] = objects.referenced(plan.manifest) if plan is not None else set()
             self._write_latest(target, step)
             self._apply_retention(step)
             return self._decorated(self._checkpoints[step], self._best_step(), step)
@@ -650,8 +738,13 @@ class CheckpointManager:
         rng: bool = True,
         map_location: MapLocation = "cpu",
         strict: bool = True,
+        per_rank: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Restore from ``"latest"``, ``"best"`` or a step number; returns the saved plain values.
+
+        With several ranks every rank calls it; rank 0's choice of checkpoint is used by all, and a
+        checkpoint that fails on any rank is skipped by all (see :func:`torchkeep.load_checkpoint`
+        for resharding and ``per_rank``).
 
         Checksums are verified. For "latest" and "best", a checkpoint that is damaged or
         incomplete is skipped, with a warning naming it and why, for the next newest (or next
@@ -679,9 +772,11 @@ class CheckpointManager:
                 match = self._name_pattern.match(name)
                 if step == "latest" and match and int(match.group(1)) > newest:
                     warnings.warn(f"skipped {self.directory / name}: {why}", TorchkeepWarning, stacklevel=2)
+            if self.group is not None:  # every rank restores the checkpoint rank 0 chose
+                order = self.group.exchange({"order": order}, self.directory, "choosing the checkpoint")[0]["order"]
             problems = []
             for candidate in order:
-                path = self._checkpoints[candidate].path
+                path = self.directory / self.template.format(step=candidate)
                 try:
                     state = load_checkpoint(
                         path,
@@ -693,8 +788,10 @@ class CheckpointManager:
                         rng=rng,
                         map_location=map_location,
                         strict=strict,
+                        per_rank=per_rank,
+                        process_group=self.group.process_group if self.group is not None else None,
                     )
-                except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
+                except (CorruptCheckpointError, CheckpointNotFoundError, DistributedError) as exc:
                     if not isinstance(step, str):
                         raise
                     problems.append(f"{path}: {exc}")
