@@ -38,3 +38,32 @@ def test_unshuffled_and_set_epoch() -> None:
 def test_state_for_another_dataset_size_is_refused() -> None:
     with pytest.raises(ValueError, match="12 samples"):
         torchkeep.ResumableSampler(10).load_state_dict({"seed": 0, "epoch": 0, "position": 0, "size": 12})
+
+
+def test_ranks_share_one_global_position_and_resume_with_another_world_size() -> None:
+    two = [torchkeep.ResumableSampler(11, seed=1, num_replicas=2, rank=r) for r in range(2)]
+    its = [iter(s) for s in two]
+    consumed = [i for _ in range(3) for it in its for i in take(it, 1)]  # 3 batches of 1 on each rank
+    states = [s.state_dict() for s in two]
+    assert states[0] == states[1] == {"seed": 1, "epoch": 0, "position": 6, "size": 11}
+
+    three = [torchkeep.ResumableSampler(11, num_replicas=3, rank=r) for r in range(3)]
+    for sampler in three:
+        sampler.load_state_dict(states[0])
+    rest = [list(s) for s in three]
+    assert [len(r) for r in rest] == [2, 2, 2]  # 5 left, and one of padding to keep the ranks in step
+    seen = consumed + [i for r in rest for i in r]
+    assert sorted(set(seen)) == list(range(11))  # none skipped
+    assert len(seen) == 12 and seen[-1] == two[0].order(0)[0]  # only the padding repeats (the epoch's first)
+    assert all(s.state_dict()["epoch"] == 1 for s in three)
+
+
+def test_ranks_pad_or_drop_the_tail_like_distributed_sampler() -> None:
+    padded = [list(torchkeep.ResumableSampler(5, shuffle=False, num_replicas=2, rank=r)) for r in range(2)]
+    assert padded == [[0, 2, 4], [1, 3, 0]]
+    dropped = [
+        list(torchkeep.ResumableSampler(5, shuffle=False, num_replicas=2, rank=r, drop_last=True)) for r in range(2)
+    ]
+    assert dropped == [[0, 2], [1, 3]]
+    with pytest.raises(ValueError, match="rank 2 is not in"):
+        torchkeep.ResumableSampler(5, num_replicas=2, rank=2)

@@ -6,6 +6,7 @@ from collections.abc import Iterator, Sized
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import Sampler
 
 
@@ -21,21 +22,49 @@ class ResumableSampler(Sampler[int]):
     processes prefetch indices ahead of training; then save ``batches_done * batch_size`` as the
     position yourself: ``sampler.load_state_dict({"epoch": e, "position": p, "seed": s})``.
 
+    Across ranks (DDP, FSDP) it replaces ``DistributedSampler``: rank ``r`` of ``R`` takes every
+    ``R``-th index of the epoch's order from ``r`` (the order padded to a multiple of ``R`` by
+    repeating its start, as DistributedSampler does, unless ``drop_last``). The position counts the
+    samples all ranks have consumed together, so every rank's state is the same (save it once, as
+    shared state) and a run resumed with another number of ranks continues from that global
+    position: no sample of the epoch is seen twice or skipped.
+
     Example:
         >>> sampler = ResumableSampler(dataset, seed=0)
         >>> loader = DataLoader(dataset, batch_size=16, sampler=sampler)
         >>> mgr.save(step, model=model, optimizer=opt, components={"sampler": sampler})
     """
 
-    def __init__(self, data_source: Sized | int, *, seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        data_source: Sized | int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        drop_last: bool = False,
+    ) -> None:
         self.size = data_source if isinstance(data_source, int) else len(data_source)
         self.seed = seed
         self.shuffle = shuffle
+        initialised = dist.is_available() and dist.is_initialized()
+        self.num_replicas = num_replicas if num_replicas is not None else dist.get_world_size() if initialised else 1
+        self.rank = rank if rank is not None else dist.get_rank() if initialised else 0
+        if not 0 <= self.rank < self.num_replicas:
+            raise ValueError(f"rank {self.rank} is not in [0, {self.num_replicas})")
+        self.drop_last = drop_last
         self.epoch = 0
-        self.position = 0
+        self.position = 0  # samples of this epoch consumed by all ranks together
+
+    @property
+    def total(self) -> int:
+        """The epoch's length across ranks: the order cut or padded to a multiple of the ranks."""
+        whole, rest = divmod(self.size, self.num_replicas)
+        return (whole + (rest > 0 and not self.drop_last)) * self.num_replicas
 
     def __len__(self) -> int:
-        return self.size - self.position
+        return len(range(self.position + self.rank, self.total, self.num_replicas))
 
     def order(self, epoch: int) -> list[int]:
         if not self.shuffle:
@@ -45,9 +74,9 @@ class ResumableSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         order = self.order(self.epoch)
-        while self.position < self.size:
-            index = order[self.position]
-            self.position += 1
+        while self.position + self.rank < self.total:
+            index = order[(self.position + self.rank) % self.size]  # past the end: the padding
+            self.position += self.num_replicas
             yield index
         self.epoch += 1
         self.position = 0
