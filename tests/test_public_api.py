@@ -8,7 +8,7 @@ EXPECTED = {
     "TorchkeepError", "CheckpointNotFoundError", "CorruptCheckpointError", "DistributedError", "LoadMismatchError",
     "InvalidDeviceError",
     "UnsafeCheckpointError", "UnsupportedTensorError", "UnsupportedValueError", "CheckpointWriteError",
-    "TorchkeepWarning", "__version__", "load_raw", "scan", "ScanReport", "convert", "ConvertReport",
+    "TorchkeepWarning", "__version__", "load_raw", "scan", "ScanReport", "convert", "consolidate", "ConvertReport",
     "save_model", "load_model", "register_model", "export", "ExportReport", "ExportError", "ExportVerificationError",
     "quantize", "PendingSave", "StateMismatchError", "diff", "DiffReport",
 }  # fmt: skip

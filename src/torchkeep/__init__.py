@@ -5,7 +5,7 @@ The public API is what ``__all__`` lists; everything else is private and may cha
 
 from torchkeep.checkpoint.background import PendingSave
 from torchkeep.checkpoint.io import load_checkpoint, save_checkpoint
-from torchkeep.convert import ConvertReport, convert
+from torchkeep.convert import ConvertReport, consolidate, convert
 from torchkeep.data import ResumableSampler
 from torchkeep.errors import (
     CheckpointNotFoundError,
@@ -73,6 +73,7 @@ __all__ = [
     "UnsupportedTensorError",
     "UnsupportedValueError",
     "__version__",
+    "consolidate",
     "convert",
     "diff",
     "export",

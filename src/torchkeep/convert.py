@@ -87,6 +87,8 @@ def convert(
     trusted: bool = False,
     progress: Progress | None = None,
     config: Any = None,
+    max_shard_size: int | str | None = None,
+    sharded: bool = False,
 ) -> ConvertReport:
     """Convert ``src`` (any format torchkeep reads) to safetensors or a torchkeep checkpoint.
 
@@ -97,9 +99,17 @@ def convert(
     plain weights become ``dst/model.safetensors``. Every tensor is read back and compared bit
     for bit with the source.
 
+    A checkpoint saved by several ranks (or any DCP folder) gives its model's weights reassembled:
+    see :func:`consolidate`. ``sharded=True`` goes the other way: ``src``'s weights become a
+    checkpoint folder whose tensors are in torch.distributed.checkpoint files, which any number of
+    ranks loads straight into an FSDP2 / tensor-parallel model (``load_checkpoint(dst, model=...)``,
+    each rank reading only its shards), in one process, without a process group.
+
     Args:
         trusted: allow full unpickling of ``src`` (runs its code): only for files you vouch for.
         progress: called with (bytes checked, total bytes) while verifying.
+        max_shard_size: for weights written to a folder: the Hugging Face sharded layout.
+        sharded: write ``dst`` as a sharded (DCP) checkpoint of ``src``'s weights.
 
     Raises:
         UnsafeCheckpointError: ``src`` needs code to run and ``trusted`` is False.
@@ -108,11 +118,14 @@ def convert(
     source, target = os.fspath(src), Path(dst)
     pickled = Path(source).is_file() and detect_kind(source) in ("torch", "npy", "npz")
     raw = read_raw(source, trusted=trusted) if pickled else None
+    if sharded:
+        weights = extract_state_dict(raw, source) if pickled else load(source)
+        return _write_sharded(weights, source, target, progress)
     if isinstance(raw, nn.Module) and not target.name.endswith(".safetensors"):
         return _convert_whole_model(raw, source, target, config, progress)
-    if target.name.endswith(".safetensors") or not _is_training_checkpoint(raw):
+    if target.name.endswith(".safetensors") or max_shard_size is not None or not _is_training_checkpoint(raw):
         weights = extract_state_dict(raw, source) if pickled else load(source)
-        save(weights, target)
+        save(weights, target, max_shard_size=max_shard_size)
         nbytes = _check(weights, load(target), str(target), progress)
         return ConvertReport(source, str(target), "weights", len(weights), nbytes)
 
@@ -130,6 +143,58 @@ def convert(
     saved = {name: written.decode(written.objects[name]) for name in objects}
     nbytes = _check(_flatten(objects), _flatten(saved), str(target), progress)
     return ConvertReport(source, str(target), "checkpoint", len(written.decoder.tensors), nbytes)
+
+
+def consolidate(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    max_shard_size: int | str | None = None,
+    progress: Progress | None = None,
+) -> ConvertReport:
+    """A distributed checkpoint's model as one ``.safetensors`` file, or a (sharded) Hugging Face folder.
+
+    ``src`` is a checkpoint saved by several ranks (its sharded tensors reassembled from every
+    rank's DCP files), or a plain torch.distributed.checkpoint folder. Runs in one process, without
+    a process group; every file is verified against the manifest's checksums first, DCP's metadata is
+    read without ``pickle``, and the written weights are compared bit for bit with the source.
+
+    Example:
+        >>> torchkeep.consolidate("runs/1/step-00001000", "model.safetensors")
+    """
+    source, target = os.fspath(src), Path(dst)
+    weights = load(source)
+    save(weights, target, max_shard_size=max_shard_size)
+    nbytes = _check(weights, load(target), str(target), progress)
+    return ConvertReport(source, str(target), "weights", len(weights), nbytes)
+
+
+def _write_sharded(
+    weights: Mapping[str, torch.Tensor], source: str, target: Path, progress: Progress | None
+) -> ConvertReport:
+    """Weights -> a checkpoint whose every tensor is in DCP files (world size 1), checked bit for bit."""
+    from torchkeep.distributed.group import SoloGroup
+    from torchkeep.distributed.plan import plan_distributed
+    from torchkeep.distributed.save import save_distributed
+
+    frozen = _Frozen(dict(weights))
+
+    def make_plan() -> Any:
+        return plan_distributed(
+            model=frozen,  # type: ignore[arg-type]
+            optimizer=None,
+            scheduler=None,
+            scaler=None,
+            components=None,
+            rng=False,
+            per_rank=None,
+            state={},
+            shard_everything=True,
+        )
+
+    save_distributed(target, make_plan, SoloGroup())
+    nbytes = _check(weights, load(target), str(target), progress)
+    return ConvertReport(source, str(target), "sharded checkpoint", len(weights), nbytes)
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:

@@ -209,6 +209,9 @@ def fsdp_load2(ctx: Context) -> None:
     )
     ctx.report["state_keys"] = sorted(state)
     ctx.report["draw"] = torch.rand(1).item()
+    # Weights converted offline (convert --sharded, one process) load into the sharded model, each rank its part.
+    torchkeep.load_checkpoint(ctx.workdir / "from-weights", model=model, rng=False)
+    ctx.report["from_weights_equal"] = same(torchkeep.load(ctx.workdir / "weights.safetensors"), full_params(model))
 
 
 def fsdp_train_and_save(ctx: Context, name: str) -> None:

@@ -92,10 +92,13 @@ def test_fsdp2_resumes_bit_exactly_and_reshards_to_one_process(tmp_path: Path) -
 
 
 def test_reshard_four_ranks_to_two(tmp_path: Path) -> None:
+    torch.manual_seed(7)
+    torchkeep.save(mlp(), tmp_path / "weights.safetensors")
+    torchkeep.convert(tmp_path / "weights.safetensors", tmp_path / "from-weights", sharded=True)
     launch("fsdp_save4", 4, tmp_path)
     reports = launch("fsdp_load2", 2, tmp_path)
     for report in reports:
-        assert report["params_equal"] and report["exp_avg_equal"]
+        assert report["params_equal"] and report["exp_avg_equal"] and report["from_weights_equal"]
         assert report["state_keys"] == ["step"]  # the ranks' own values stay with the 4 ranks that saved them
         refused = report["per_rank_refused"]
         assert refused["type"] == "DistributedError" and "saved by 4 rank(s), loaded by 2" in refused["message"]

@@ -201,7 +201,21 @@ def _convert(args: argparse.Namespace) -> int:
             )
 
     config = json.loads(args.config) if args.config else None
-    print(convert(args.src, args.dst, trusted=args.trusted, progress=bar, config=config))
+    if args.command == "consolidate":
+        from torchkeep.convert import consolidate
+
+        print(consolidate(args.src, args.dst, max_shard_size=args.max_shard_size, progress=bar))
+        return 0
+    report = convert(
+        args.src,
+        args.dst,
+        trusted=args.trusted,
+        progress=bar,
+        config=config,
+        max_shard_size=args.max_shard_size,
+        sharded=args.sharded,
+    )
+    print(report)
     return 0
 
 
@@ -258,6 +272,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trusted", action="store_true", help="allow full unpickling of SRC (runs its code)")
     p.add_argument("--progress", action="store_true", help="show a progress bar even for small files")
     p.add_argument("--config", help="JSON config for a pickled whole model whose class has none")
+    p.add_argument("--max-shard-size", help="weights into a folder: Hugging Face shards of this size (e.g. 2GB)")
+    p.add_argument(
+        "--sharded", action="store_true", help="DST: a checkpoint in DCP files that any number of ranks loads sharded"
+    )
+    p.set_defaults(func=_convert)
+    p = sub.add_parser(
+        "consolidate", help="a distributed (DCP) checkpoint's model as one safetensors file or a Hugging Face folder"
+    )
+    p.add_argument("src", help="a checkpoint saved by several ranks, or a torch.distributed.checkpoint folder")
+    p.add_argument("dst", help="a .safetensors file, or a folder")
+    p.add_argument("--max-shard-size", help="a folder of Hugging Face shards of this size (e.g. 2GB)")
+    p.add_argument("--progress", action="store_true", help="show a progress bar even for small files")
+    p.add_argument("--config", help=argparse.SUPPRESS)
     p.set_defaults(func=_convert)
     p = sub.add_parser(
         "export",

@@ -135,3 +135,16 @@ def _control_group(process_group: Any) -> Any:
 def forget_groups() -> None:
     """Drop cached control groups (after ``destroy_process_group``, before a new one is initialised)."""
     _CONTROL.clear()
+
+
+class SoloGroup(Group):
+    """One process and no process group: the same protocol, for writing sharded checkpoints offline."""
+
+    def __init__(self) -> None:
+        self.process_group = None
+        self.rank = 0
+        self.size = 1
+        self.control = None
+
+    def all_gather_bytes(self, data: bytes, path: str | os.PathLike[str], phase: str) -> list[bytes]:
+        return [data]

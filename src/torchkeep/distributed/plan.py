@@ -29,9 +29,9 @@ from torchkeep.state.values import Encoder, Json
 RANK_FILE = "rank-{rank:05d}.safetensors"
 
 
-def is_sharded(model: nn.Module | None) -> bool:
+def is_sharded(model: Any) -> bool:
     """True when the model's parameters are DTensors (FSDP2 ``fully_shard``, tensor parallel)."""
-    if model is None:
+    if not isinstance(model, nn.Module):
         return False
     from torch.distributed.tensor import DTensor
 
@@ -41,14 +41,15 @@ def is_sharded(model: nn.Module | None) -> bool:
 class ShardedEncoder(Encoder):
     """An encoder that sends DTensors to DCP (by key) and every other tensor to the shared file."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, everything: bool = False) -> None:
         super().__init__()
         self.sharded: dict[str, torch.Tensor] = {}
+        self.everything = everything  # plain tensors too (weights converted for sharded loading)
 
     def _tensor(self, value: torch.Tensor, where: str) -> Json:
         from torch.distributed.tensor import DTensor
 
-        if not isinstance(value, DTensor):
+        if not (self.everything or isinstance(value, DTensor)):
             return super()._tensor(value, where)
         key = where or "value"
         n = 2
@@ -84,8 +85,12 @@ def plan_distributed(
     per_rank: Mapping[str, Any] | None,
     state: Mapping[str, Any],
     info: Mapping[str, Any] | None = None,
+    shard_everything: bool = False,
 ) -> DistributedPlan:
-    """Gather and encode this rank's part of a distributed checkpoint; nothing is written."""
+    """Gather and encode this rank's part of a distributed checkpoint; nothing is written.
+
+    ``shard_everything``: every tensor goes to DCP (weights written offline for sharded loading).
+    """
     states: dict[str, Any] = {}
     if model is not None and is_sharded(model):
         from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -94,7 +99,7 @@ def plan_distributed(
         states["model"] = model_state
         if optimizer is not None:
             states["optimizer"] = optimizer_state
-    encoder = ShardedEncoder()
+    encoder = ShardedEncoder(everything=shard_everything)
     shared = plan_checkpoint(
         model=model,
         optimizer=optimizer,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import mmap
 import os
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -146,7 +147,14 @@ def _write_dcp(plan: DistributedPlan, folder: Path, group: Group) -> dict[str, d
     """DCP's collective save of the sharded tensors, then this rank's share of the files hashed."""
     writer = FileSystemWriter(folder, thread_count=_config.IO_THREADS, sync_files=True)
     try:
-        metadata = dcp_save(plan.sharded, storage_writer=writer, process_group=group.process_group)
+        with warnings.catch_warnings():  # without a group torch warns it assumes one process: that is the intent
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            metadata = dcp_save(
+                plan.sharded,
+                storage_writer=writer,
+                process_group=group.process_group,
+                no_dist=group.process_group is None,
+            )
     except CheckpointException as exc:  # a BaseException in torch: turned into an ordinary failure
         failures = getattr(exc, "failures", {}) or {}
         detail = "; ".join(f"rank {r}: {type(e).__name__}: {e}" for r, e in sorted(failures.items()))
