@@ -189,3 +189,22 @@ def test_items_are_read_by_their_byte_range_not_whole_files(tmp_path: Path) -> N
     finally:
         tracemalloc.stop()
     assert state["w"].shape == (4, 3) and peak < 8 << 20, peak
+
+
+@pytest.mark.parametrize(
+    ("size", "boxes", "exact"),
+    [
+        ((8, 4), [((0, 0), (4, 4)), ((4, 0), (4, 4))], True),  # FSDP: rows
+        ((8, 4), [((4, 0), (4, 4)), ((0, 0), (4, 4))], True),  # in any order
+        ((8, 4), [((0, 0), (4, 4)), ((5, 0), (4, 4))], False),  # a gap and a chunk past the end
+        ((8, 4), [((0, 0), (8, 2)), ((0, 2), (8, 2))], True),  # tensor parallel: columns
+        ((4, 4), [((0, 0), (2, 2)), ((0, 2), (2, 2)), ((2, 0), (2, 2)), ((2, 2), (2, 2))], True),  # a 2-D grid
+        ((4, 4), [((0, 0), (2, 2)), ((0, 1), (2, 2)), ((2, 0), (2, 2)), ((2, 2), (2, 2))], False),  # overlap + gap
+        ((6,), [((0,), (2,))] * 3, False),  # the same chunk three times: the volume adds up
+    ],
+)
+def test_chunk_coverage_is_exact(size: tuple[int, ...], boxes: list[Any], exact: bool) -> None:
+    from torchkeep.format.pickle.dcp import _Chunk, _cover_exactly
+
+    chunks = [_Chunk(tuple(offsets), tuple(sizes), None) for offsets, sizes in boxes]  # type: ignore[arg-type]
+    assert _cover_exactly(torch.Size(size), chunks) is exact

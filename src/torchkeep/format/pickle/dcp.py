@@ -334,9 +334,32 @@ def _plan_tensor(
 
 
 def _cover_exactly(size: torch.Size, chunks: list[_Chunk]) -> bool:
-    """With volumes summing to the tensor's, full coverage means no overlap (and the reverse)."""
+    """With volumes summing to the tensor's, full coverage means no two chunks overlap (and the reverse).
+
+    Chunks that all span the tensor but along one dimension (FSDP's dim-0 shards, tensor-parallel
+    rows or columns) are sorted and checked to tile it; other layouts are checked pairwise, or, with
+    very many chunks, on a mask of the tensor.
+    """
     if len(chunks) == 1:
         return chunks[0].sizes == tuple(size)
+    varying = [d for d in range(len(size)) if any(c.offsets[d] != 0 or c.sizes[d] != size[d] for c in chunks)]
+    if len(varying) == 1:
+        d = varying[0]
+        end = 0
+        for chunk in sorted(chunks, key=lambda c: c.offsets[d]):
+            if chunk.offsets[d] != end:
+                return False
+            end += chunk.sizes[d]
+        return end == size[d]
+    if len(chunks) <= 256:
+        boxes = [c for c in chunks if math.prod(c.sizes)]
+        return not any(
+            all(
+                a.offsets[d] < b.offsets[d] + b.sizes[d] and b.offsets[d] < a.offsets[d] + a.sizes[d]
+                for d in range(len(size))
+            )
+            for a, b in itertools.combinations(boxes, 2)
+        )
     covered = torch.zeros(size, dtype=torch.bool)  # a byte per element: chunk data already backs 1+ per element
     for chunk in chunks:
         covered[tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes, strict=True))] = True
