@@ -234,9 +234,13 @@ def _diff(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.distributed:
+        from torchkeep.cli.demo_distributed import run as run_distributed
+
+        return run_distributed(args.dir or "torchkeep-demo-distributed", storage=args.storage)
     from torchkeep.cli.demo import run
 
-    return run(args.dir)
+    return run(args.dir or "torchkeep-demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -332,7 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="min", choices=["min", "max"])
     p.set_defaults(func=_ls)
     p = sub.add_parser("demo", help="train the Iris classifier, save, load and partially load it")
-    p.add_argument("--dir", default="torchkeep-demo", help="folder to write into (default ./torchkeep-demo)")
+    p.add_argument("--dir", default=None, help="folder to write into (default ./torchkeep-demo[-distributed])")
+    p.add_argument(
+        "--distributed", action="store_true", help="2 gloo ranks with FSDP2: kill one, resume, reshard to 1 process"
+    )
+    p.add_argument("--storage", choices=("local", "s3"), default="local", help="with --distributed: s3 also "
+                   "publishes the weights to a local S3 server (needs moto and s3fs)")  # fmt: skip
     p.set_defaults(func=_demo)
     return parser
 
