@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 import torchkeep
+from tests.checkpoint.test_hostile_manifests import rewrite_manifest
 from tests.conftest import assert_same_tensors
 from tests.distributed.ranks import mlp
 from torchkeep.cli.main import main
@@ -64,3 +66,32 @@ def test_cli_consolidate_and_convert_sharded(tmp_path: Path, capsys: pytest.Capt
     assert "bit-identical" in capsys.readouterr().out
     assert (tmp_path / "c" / "model.safetensors.index.json").is_file()
     assert_same_tensors(torchkeep.load(tmp_path / "c"), torchkeep.load(tmp_path / "m.safetensors"))
+
+
+def _first_chunk(body: dict[str, Any]) -> list[Any]:
+    layout = body["distributed"]["dcp"]["layout"]
+    return layout[sorted(layout)[0]]["chunks"][0]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda body: _first_chunk(body).__setitem__(4, 10**12), "does not fit"),  # bytes past the file's end
+        (lambda body: _first_chunk(body).__setitem__(2, "../x.distcp"), "does not fit"),  # out of the folder
+        (lambda body: _first_chunk(body).__setitem__(1, [1, 1]), "tile"),  # a chunk smaller than its tensor
+        (lambda body: _first_chunk(body).__setitem__(0, [0, -1]), "non-negative"),
+        (lambda body: next(iter(body["distributed"]["dcp"]["layout"].values())).update(dtype="F99"), "F99"),
+        (lambda body: body["distributed"].update(ranks=[]), "not one entry for each"),
+        (lambda body: body["distributed"]["dcp"].update(files={}), "lists no files"),
+    ],
+)
+def test_hostile_distributed_manifests_are_refused(tmp_path: Path, change: Any, message: str) -> None:
+    """A re-signed manifest that lies about the sharded layout: a typed error, the model untouched."""
+    torchkeep.save(mlp(), tmp_path / "m.safetensors")
+    torchkeep.convert(tmp_path / "m.safetensors", tmp_path / "s", sharded=True)
+    rewrite_manifest(tmp_path / "s", change)
+    model = mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(torchkeep.CorruptCheckpointError, match=message):
+        torchkeep.load_checkpoint(tmp_path / "s", model=model, rng=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

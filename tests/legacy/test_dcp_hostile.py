@@ -204,7 +204,7 @@ def test_items_are_read_by_their_byte_range_not_whole_files(tmp_path: Path) -> N
     ],
 )
 def test_chunk_coverage_is_exact(size: tuple[int, ...], boxes: list[Any], exact: bool) -> None:
-    from torchkeep.format.pickle.dcp import _Chunk, _cover_exactly
+    from torchkeep.format.pickle.dcp import Chunk, cover_exactly
 
-    chunks = [_Chunk(tuple(offsets), tuple(sizes), None) for offsets, sizes in boxes]  # type: ignore[arg-type]
-    assert _cover_exactly(torch.Size(size), chunks) is exact
+    chunks = [Chunk(tuple(offsets), tuple(sizes), None) for offsets, sizes in boxes]  # type: ignore[arg-type]
+    assert cover_exactly(torch.Size(size), chunks) is exact

@@ -6,15 +6,20 @@ A checkpoint saved by several ranks (format version 3) records, beside the usual
       "world_size": 2,
       "ranks": [{"file": {"name": "rank-00000.safetensors", "size": 1234}, "rng": ..., "objects": {...},
                  "state": ...}, ...],                       # one per rank, in rank order
-      "dcp": {"files": {".metadata": {"size": 901, "xxh3_64": "..."}, "__0_0.distcp": {...}, ...}}
+      "dcp": {"files": {".metadata": {"size": 901, "xxh3_64": "..."}, "__0_0.distcp": {...}, ...},
+            "layout": {"model.0.weight": {"dtype": "F32", "shape": [8, 6],
+                                          "chunks": [[[0, 0], [4, 6], "__0_0.distcp", 0, 1234], ...]}, ...}}
     }
 
 ``dcp`` is there when tensors were saved sharded; the folder is then also a DCP checkpoint, and the
-manifest refers to each such tensor by ``{"$dcp": key}``.
+manifest refers to each such tensor by ``{"$dcp": key}``, and ``layout`` repeats DCP's metadata as JSON
+(each tensor's chunks: offsets, sizes, file, byte offset, byte length), so a sharded load builds DCP's
+``Metadata`` from checked JSON instead of unpickling ``.metadata``.
 """
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 from dataclasses import dataclass, field
@@ -22,13 +27,82 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.metadata import MetadataIndex
 
 from torchkeep.checkpoint.layout import CHECKSUM_KEY
 from torchkeep.errors import CorruptCheckpointError
+from torchkeep.format.dtypes import CODE_TO_DTYPE, DTYPE_TO_CODE
 from torchkeep.format.jsondoc import expect
 from torchkeep.format.layout import digest
 from torchkeep.format.names import is_plain_name, member
-from torchkeep.format.pickle.dcp import read_dcp
+from torchkeep.format.pickle.dcp import Chunk, cover_exactly, read_dcp
+
+
+def layout_of(metadata: Any) -> dict[str, Any]:
+    """DCP's ``Metadata`` of a save (tensors only: torchkeep sends DCP nothing else) as JSON."""
+    layout: dict[str, Any] = {}
+    for key, entry in metadata.state_dict_metadata.items():
+        chunks = []
+        for chunk in entry.chunks:
+            info = metadata.storage_data[MetadataIndex(key, chunk.offsets)]
+            chunks.append([list(chunk.offsets), list(chunk.sizes), info.relative_path, info.offset, info.length])
+        layout[key] = {"dtype": DTYPE_TO_CODE[entry.properties.dtype], "shape": list(entry.size), "chunks": chunks}
+    return layout
+
+
+def layout_metadata(layout: Any, files: dict[str, dict[str, Any]], path: str) -> Any:
+    """DCP's ``Metadata`` rebuilt from a manifest's ``layout``, checked as the ``.metadata`` reader checks:
+    known dtypes, chunks inside their tensor that tile it exactly once, byte ranges inside listed files."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        ChunkStorageMetadata,
+        Metadata,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+
+    expect(isinstance(layout, dict), path, "manifest field 'distributed.dcp.layout' is not an object")
+    entries: dict[str, Any] = {}
+    storage: dict[Any, Any] = {}
+    for key, entry in layout.items():
+        try:
+            dtype = CODE_TO_DTYPE[entry["dtype"]]
+            shape = torch.Size(_ints(entry["shape"]))
+            chunks = []
+            for offsets, sizes, file, start, length in entry["chunks"]:
+                offsets, sizes = _ints(offsets), _ints(sizes)
+                info = files[file] if is_plain_name(file) else None
+                ok = (
+                    info is not None
+                    and len(offsets) == len(sizes) == len(shape)
+                    and all(o + n <= d for o, n, d in zip(offsets, sizes, shape, strict=True))
+                    and type(start) is int
+                    and type(length) is int
+                    and start >= 0
+                    and start + length <= info["size"]
+                    and math.prod(sizes) * dtype.itemsize <= length
+                )
+                if not ok:
+                    raise ValueError(f"chunk at {offsets} of {sizes} in {file!r:.80} does not fit")
+                chunks.append(Chunk(tuple(offsets), tuple(sizes), None))  # type: ignore[arg-type]
+                index = MetadataIndex(key, torch.Size(offsets))
+                storage[index] = _StorageInfo(relative_path=file, offset=start, length=length)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptCheckpointError(path, f"layout of the sharded tensor is malformed: {exc}", key=key) from exc
+        if sum(math.prod(c.sizes) for c in chunks) != math.prod(shape) or not cover_exactly(shape, chunks):
+            raise CorruptCheckpointError(path, "its chunks do not tile its shape exactly once", key=key)
+        entries[key] = TensorStorageMetadata(
+            properties=TensorProperties(dtype=dtype),
+            size=shape,
+            chunks=[ChunkStorageMetadata(torch.Size(c.offsets), torch.Size(c.sizes)) for c in chunks],
+        )
+    return Metadata(state_dict_metadata=entries, storage_data=storage)
+
+
+def _ints(value: Any) -> list[int]:
+    if not isinstance(value, list) or not all(type(v) is int and v >= 0 for v in value):
+        raise ValueError(f"{value!r:.80} is not a list of non-negative ints")
+    return value
 
 
 @dataclass(frozen=True)
@@ -38,6 +112,7 @@ class Section:
     world_size: int
     ranks: list[dict[str, Any]]
     dcp_files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    dcp_layout: Any = None  # the JSON layout of the sharded tensors (None: read .metadata)
 
     @property
     def sharded(self) -> bool:
@@ -81,6 +156,7 @@ def parse_section(manifest: dict[str, Any], path: str) -> Section | None:
                 f"manifest lists DCP file {name!r:.80} without a plain name, a size and a checksum",
             )
         files = listed
+        return Section(size, ranks, files, dcp.get("layout"))
     return Section(size, ranks, files)
 
 

@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
 from torchkeep.checkpoint.io import LoadedCheckpoint, Restore, SavedState, prepare_restore
 from torchkeep.checkpoint.layout import MANIFEST_FILE
-from torchkeep.checkpoint.sharded import Section, parse_section, verify_file
+from torchkeep.checkpoint.sharded import Section, layout_metadata, parse_section, verify_file
 from torchkeep.distributed.group import Group, active_group
 from torchkeep.errors import CorruptCheckpointError, DistributedError, LoadMismatchError, StateMismatchError
 from torchkeep.format.layout import digest
@@ -166,7 +166,11 @@ def _match_sharded(
     source = str(root)
     base = loaded.decoder
     refs = Decoder(base.tensors, base.source, base.place, sharded=_Ref)
-    plan.metadata = dcp_metadata(root)
+    section = parse_section(loaded.manifest, str(root / MANIFEST_FILE))
+    if section is not None and section.dcp_layout is not None:  # checked JSON: no unpickling at all
+        plan.metadata = layout_metadata(section.dcp_layout, section.dcp_files, str(root / MANIFEST_FILE))
+    else:
+        plan.metadata = dcp_metadata(root)
     shapes = {
         key: tuple(entry.size) for key, entry in plan.metadata.state_dict_metadata.items() if hasattr(entry, "size")
     }

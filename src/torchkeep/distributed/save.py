@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from torchkeep import _config
 from torchkeep.checkpoint.layout import CHECKSUM_KEY, MANIFEST_FILE, TENSORS_FILE, manifest_bytes
+from torchkeep.checkpoint.sharded import layout_of
 from torchkeep.distributed.group import Group
 from torchkeep.distributed.plan import RANK_FILE, DistributedPlan
 from torchkeep.errors import CheckpointWriteError
@@ -91,8 +92,9 @@ def save_distributed(target: Path, make_plan: Callable[[], DistributedPlan], gro
             },
         )
         dcp_files: dict[str, Any] = {}
+        layout: dict[str, Any] = {}
         if plan.sharded:
-            _, digests = group.step(
+            (_, layout), digests = group.step(
                 target, "writing the sharded tensors (DCP)", lambda: _write_dcp(plan, folder, group), _files_message
             )
             for answer in digests:
@@ -105,7 +107,7 @@ def save_distributed(target: Path, make_plan: Callable[[], DistributedPlan], gro
             manifest["distributed"] = {
                 "world_size": group.size,
                 "ranks": [answer["own"] for answer in fragments],
-                **({"dcp": {"files": dcp_files}} if plan.sharded else {}),
+                **({"dcp": {"files": dcp_files, "layout": layout}} if plan.sharded else {}),
             }
             tensors = {"name": TENSORS_FILE, "size": storage.size(TENSORS_FILE)}
             with storage.open_write(MANIFEST_FILE) as sink:
@@ -139,11 +141,11 @@ def _check_same(group: Group, target: Path, answers: list[dict[str, Any]]) -> No
         )
 
 
-def _files_message(files: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    return {"files": files}
+def _files_message(result: tuple[dict[str, Any], dict[str, Any]]) -> dict[str, Any]:
+    return {"files": result[0]}
 
 
-def _write_dcp(plan: DistributedPlan, folder: Path, group: Group) -> dict[str, dict[str, Any]]:
+def _write_dcp(plan: DistributedPlan, folder: Path, group: Group) -> tuple[dict[str, Any], dict[str, Any]]:
     """DCP's collective save of the sharded tensors, then this rank's share of the files hashed."""
     writer = FileSystemWriter(folder, thread_count=_config.IO_THREADS, sync_files=True)
     try:
@@ -160,7 +162,8 @@ def _write_dcp(plan: DistributedPlan, folder: Path, group: Group) -> dict[str, d
         detail = "; ".join(f"rank {r}: {type(e).__name__}: {e}" for r, e in sorted(failures.items()))
         raise CheckpointWriteError(folder, f"torch.distributed.checkpoint.save failed: {detail or exc}") from None
     names = sorted({info.relative_path for info in (metadata.storage_data or {}).values()} | {DCP_METADATA})
-    return {name: _describe(folder / name) for name in names[group.rank :: group.size]}
+    files = {name: _describe(folder / name) for name in names[group.rank :: group.size]}
+    return files, layout_of(metadata) if group.is_coordinator else {}
 
 
 def _describe(path: Path) -> dict[str, Any]:

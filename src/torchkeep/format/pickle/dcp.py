@@ -173,7 +173,7 @@ class _DataFiles(contextlib.ExitStack):
 
 
 @dataclass(frozen=True)
-class _Chunk:
+class Chunk:
     offsets: tuple[int, ...]
     sizes: tuple[int, ...]
     item: _Item
@@ -185,7 +185,7 @@ class _Planned:
 
     metadata: Any  # the Record tree of ``.metadata``
     storage: dict[Any, Any]  # its storage_data: MetadataIndex record -> _StorageInfo record
-    plans: dict[str, _Item | tuple[torch.dtype, torch.Size, list[_Chunk]]]
+    plans: dict[str, _Item | tuple[torch.dtype, torch.Size, list[Chunk]]]
 
 
 def _plan_dcp(files: _DataFiles) -> _Planned:
@@ -218,7 +218,7 @@ def _plan_dcp(files: _DataFiles) -> _Planned:
         return files.locate(found, fqn)
 
     # Plan every read first: sizes, coverage and byte ranges are checked before anything is allocated.
-    plans: dict[str, _Item | tuple[torch.dtype, torch.Size, list[_Chunk]]] = {}
+    plans: dict[str, _Item | tuple[torch.dtype, torch.Size, list[Chunk]]] = {}
     for fqn, entry in entries.items():
         if not isinstance(fqn, str):
             raise CorruptCheckpointError(meta_path, f"state key {describe(fqn)} is not a string")
@@ -297,7 +297,7 @@ def dcp_metadata(directory: str | os.PathLike[str]) -> Any:
 
 def _plan_tensor(
     meta_path: str, fqn: str, entry: Any, locate: Callable[[str, tuple[int, ...]], _Item]
-) -> tuple[torch.dtype, torch.Size, list[_Chunk]]:
+) -> tuple[torch.dtype, torch.Size, list[Chunk]]:
     """One tensor's chunks, which must cover it exactly once (no gaps, no overlaps)."""
     properties = getattr(entry, "properties", None)
     dtype, size = getattr(properties, "dtype", None), getattr(entry, "size", None)
@@ -309,7 +309,7 @@ def _plan_tensor(
     raw_chunks = getattr(entry, "chunks", None)
     if not isinstance(raw_chunks, list):
         raise CorruptCheckpointError(meta_path, "has no list of chunks", key=fqn)
-    chunks: list[_Chunk] = []
+    chunks: list[Chunk] = []
     for chunk in raw_chunks:
         offsets, sizes = getattr(chunk, "offsets", None), getattr(chunk, "sizes", None)
         if not isinstance(offsets, torch.Size) or not isinstance(sizes, torch.Size):
@@ -324,8 +324,8 @@ def _plan_tensor(
         item = locate(fqn, tuple(offsets))
         if math.prod(sizes) * itemsize(dtype) > item.length:
             raise CorruptCheckpointError(meta_path, f"has a chunk of {list(sizes)} whose data is too short", key=fqn)
-        chunks.append(_Chunk(tuple(offsets), tuple(sizes), item))
-    if sum(math.prod(c.sizes) for c in chunks) != numel or not _cover_exactly(size, chunks):
+        chunks.append(Chunk(tuple(offsets), tuple(sizes), item))
+    if sum(math.prod(c.sizes) for c in chunks) != numel or not cover_exactly(size, chunks):
         raise CorruptCheckpointError(
             meta_path, f"its chunks do not cover its shape {list(size)} exactly once (a missing or overlapping "
             "chunk): the checkpoint is incomplete", key=fqn,
@@ -333,7 +333,7 @@ def _plan_tensor(
     return dtype, size, chunks
 
 
-def _cover_exactly(size: torch.Size, chunks: list[_Chunk]) -> bool:
+def cover_exactly(size: torch.Size, chunks: list[Chunk]) -> bool:
     """With volumes summing to the tensor's, full coverage means no two chunks overlap (and the reverse).
 
     Chunks that all span the tensor but along one dimension (FSDP's dim-0 shards, tensor-parallel
