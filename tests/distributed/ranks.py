@@ -116,6 +116,13 @@ def ddp(ctx: Context) -> None:
     manifest = json.loads((ckpt / "manifest.json").read_text())
     ctx.report["manifest"] = {"version": manifest["version"], "world_size": manifest["distributed"]["world_size"]}
 
+    # save_checkpoint(blocking=False): copied now, written in the background.
+    at_save = full_params(model)
+    pending = torchkeep.save_checkpoint(ctx.workdir / "ddp-async", model=model, optimizer=opt, blocking=False)
+    train_step(model, opt, sched)
+    pending.wait()
+    torchkeep.load_checkpoint(ctx.workdir / "ddp-async", model=model, optimizer=opt)
+    ctx.report["async_restored"] = same(at_save, full_params(model))
     # One rank's state cannot be stored: every rank fails, naming it; nothing is committed.
     bad = ctx.workdir / "ddp-bad"
     ctx.report["bad_value"] = ctx.fails(
@@ -174,6 +181,20 @@ def fsdp(ctx: Context) -> None:
         seen=returned.get("seen"),
         files=sorted(p.name for p in ckpt.iterdir()),
     )
+    # Async: save() returns once the shards are copied; training goes on while the ranks write on
+    # their background group; the checkpoint holds the state at save time.
+    mgr = torchkeep.CheckpointManager(ctx.workdir / "fsdp-async", async_save=True)
+    at_save = full_params(model)
+    pending = mgr.save(1, model=model, optimizer=opt)
+    ctx.report["async_handle"] = type(pending).__name__
+    train_step(model, opt)  # changes the live shards while the save may be in flight
+    info = pending.wait()
+    changed = not same(at_save, full_params(model))
+    mgr.restore(model=model, optimizer=opt)
+    ctx.report.update(
+        async_latest=info.is_latest, async_changed=changed, async_restored=same(at_save, full_params(model))
+    )
+    mgr.close()
 
 
 def fsdp_save4(ctx: Context) -> None:

@@ -36,6 +36,7 @@ def test_ddp_resumes_bit_exactly_and_fails_together(tmp_path: Path) -> None:
         assert report["different_paths"]["type"] == "DistributedError"
         assert "different paths" in report["different_paths"]["message"]
         assert report["mismatch"]["type"] == "LoadMismatchError" and report["unchanged_after_mismatch"]
+        assert report["async_restored"]
 
     # The same checkpoint in one process (inference): the shared state, without the ranks' own values.
     model = mlp()
@@ -50,6 +51,8 @@ def test_fsdp2_resumes_bit_exactly_and_reshards_to_one_process(tmp_path: Path) -
     for rank, report in enumerate(reports):
         assert report["resumed_losses_equal"] and report["resumed_params_equal"], rank
         assert report["seen"] == 12 + rank
+        assert report["async_handle"] == "PendingSave" and report["async_latest"]
+        assert report["async_changed"] and report["async_restored"]  # the snapshot, not the state after it
         assert {".metadata", "manifest.json", "rank-00000.safetensors", "rank-00001.safetensors"} <= set(
             report["files"]
         )

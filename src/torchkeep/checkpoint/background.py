@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -35,9 +35,15 @@ class StagingBuffers:
 
     def snapshot(self, plan: CheckpointPlan) -> CheckpointPlan:
         """A plan that no longer shares memory with the live state (the copy the caller waits for)."""
+        kept = self.stage(plan.tensors.tensors)
+        return CheckpointPlan(copy.deepcopy(plan.manifest), PreparedTensors(kept, dict(plan.tensors.aliases)))
+
+    def stage(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Copies of ``tensors`` in this object's buffers (made or reused by name and shape); buffers of
+        names not given are released."""
         kept: dict[str, torch.Tensor] = {}
         on_gpu = False
-        for name, tensor in plan.tensors.tensors.items():
+        for name, tensor in tensors.items():
             buffer = self._buffers.get(name)
             if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
                 pin = tensor.is_cuda and torch.cuda.is_available()
@@ -47,8 +53,8 @@ class StagingBuffers:
             kept[name] = buffer
         if on_gpu:
             torch.cuda.synchronize()
-        self._buffers = kept  # buffers of tensors this plan no longer has are released
-        return CheckpointPlan(copy.deepcopy(plan.manifest), PreparedTensors(dict(kept), dict(plan.tensors.aliases)))
+        self._buffers = kept
+        return dict(kept)
 
 
 class PendingSave(Generic[T]):
@@ -74,6 +80,10 @@ class PendingSave(Generic[T]):
         except BaseException:
             self._reported = True
             raise
+
+    def join(self) -> None:
+        """Wait until done, without raising or reporting its error."""
+        self._future.exception()
 
     def unreported_error(self) -> BaseException | None:
         """Wait, then the error nobody has seen yet (the next save, ``wait()`` or ``close()`` raises it)."""

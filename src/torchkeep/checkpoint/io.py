@@ -154,11 +154,8 @@ def save_checkpoint(
         from torchkeep.distributed.plan import plan_distributed
         from torchkeep.distributed.save import save_distributed
 
-        if is_url(path) or not blocking:
-            raise ValueError(
-                "saving from several ranks is to a local (or mounted shared) folder, blocking; "
-                "use CheckpointManager(async_save=True) for background saves"
-            )
+        if is_url(path):
+            raise ValueError("saving from several ranks is to a folder every rank sees (local or mounted), not a URL")
 
         def make_plan() -> Any:
             return plan_distributed(
@@ -172,8 +169,18 @@ def save_checkpoint(
                 state=state,
             )
 
-        save_distributed(Path(path), make_plan, group)
-        return None
+        if blocking:
+            save_distributed(Path(path), make_plan, group)
+            return None
+        from torchkeep.distributed.plan import snapshot as snapshot_distributed
+
+        background = group.background()
+        # Planned and copied while the caller waits, and agreed on at once: a rank that cannot plan fails
+        # every rank now, instead of leaving the others waiting in the background.
+        staged, _ = group.step(
+            path, "planning the checkpoint", lambda: snapshot_distributed(StagingBuffers(), make_plan()), lambda _: {}
+        )
+        return submit(None, Path(path), lambda: save_distributed(Path(path), lambda: staged, background))
     if per_rank:
         raise ValueError("per_rank= is for saves from several ranks; no process group is initialised")
     plan = plan_checkpoint(

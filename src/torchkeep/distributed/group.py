@@ -23,6 +23,7 @@ from torchkeep import _config
 from torchkeep.errors import DistributedError, TorchkeepError
 
 T = TypeVar("T")
+_BACKGROUND: dict[int, tuple[Any, Any]] = {}  # id of a process group -> (that group, its background gloo group)
 _CONTROL: dict[int, tuple[Any, Any]] = {}  # id of a process group -> (that group, its gloo control group)
 
 
@@ -39,15 +40,28 @@ def active_group(process_group: Any = None) -> Group | None:
 class Group:
     """A process group seen by one rank, with byte-level collectives on a gloo control group."""
 
-    def __init__(self, process_group: Any) -> None:
+    def __init__(self, process_group: Any, control: Any = None) -> None:
         self.process_group = process_group
         self.rank = dist.get_rank(process_group)
         self.size = dist.get_world_size(process_group)
-        self.control = _control_group(process_group)
+        self.control = control if control is not None else _control_group(process_group)
 
     @property
     def is_coordinator(self) -> bool:
         return self.rank == 0
+
+    def background(self) -> Group:
+        """The same ranks on a gloo group of their own (made on first use: a collective call), for saves
+        written on a background thread: their DCP collectives and torchkeep's exchanges then never
+        interleave with the training's collectives, or with those of a load, on the foreground."""
+        entry = _BACKGROUND.get(id(self.process_group))
+        if entry is None or entry[0] is not self.process_group:
+            if self.process_group is not dist.group.WORLD:
+                raise ValueError("background saves across ranks need the default process group (process_group=None)")
+            timeout = datetime.timedelta(seconds=_config.COLLECTIVE_TIMEOUT_S)
+            entry = (self.process_group, dist.new_group(backend="gloo", timeout=timeout))
+            _BACKGROUND[id(self.process_group)] = entry
+        return Group(entry[1], control=entry[1])
 
     @contextmanager
     def collective(self, path: str | os.PathLike[str], phase: str) -> Iterator[None]:

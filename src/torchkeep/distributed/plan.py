@@ -14,6 +14,7 @@ Three parts, kept apart:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchkeep.checkpoint.background import StagingBuffers
 from torchkeep.checkpoint.layout import DISTRIBUTED_VERSION, CheckpointPlan, Stateful, object_state, plan_checkpoint
 from torchkeep.state.rng import capture_rng
 from torchkeep.state.tensors import PreparedTensors, prepare
@@ -127,3 +129,39 @@ def plan_own(rng: bool, per_rank: Mapping[str, Any] | None) -> RankPlan:
     node["objects"] = {name: encoder.encode(object_state(obj), f"per_rank.{name}") for name, obj in objects.items()}
     node["state"] = encoder.encode(values, "per_rank")
     return RankPlan(node, prepare(encoder.tensors))
+
+
+def snapshot(buffers: StagingBuffers, plan: DistributedPlan) -> DistributedPlan:
+    """A plan that no longer shares memory with the live state: every tensor of every part (each DTensor's
+    local shard) copied into reused staging buffers, the manifests deep-copied."""
+    from torch.distributed.tensor import DTensor
+
+    shared, own = plan.shared.tensors, plan.own.tensors
+    local = {key: t.to_local() if isinstance(t, DTensor) else t for key, t in plan.sharded.items()}
+    staged = buffers.stage(
+        {
+            **{f"shared/{k}": v for k, v in shared.tensors.items()},
+            **{f"own/{k}": v for k, v in own.tensors.items()},
+            **{f"sharded/{k}": v for k, v in local.items()},
+        }
+    )
+    sharded: dict[str, torch.Tensor] = {}
+    for key, tensor in plan.sharded.items():
+        copy_ = staged[f"sharded/{key}"]
+        if isinstance(tensor, DTensor):
+            copy_ = DTensor.from_local(
+                copy_, tensor.device_mesh, tensor.placements, run_check=False, shape=tensor.shape,
+                stride=tensor.stride(),
+            )  # fmt: skip
+        sharded[key] = copy_
+    return DistributedPlan(
+        CheckpointPlan(
+            copy.deepcopy(plan.shared.manifest),
+            PreparedTensors({k: staged[f"shared/{k}"] for k in shared.tensors}, dict(shared.aliases)),
+        ),
+        sharded,
+        RankPlan(
+            copy.deepcopy(plan.own.node),
+            PreparedTensors({k: staged[f"own/{k}"] for k in own.tensors}, dict(own.aliases)),
+        ),
+    )

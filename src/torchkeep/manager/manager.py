@@ -151,8 +151,8 @@ class CheckpointManager:
         process_group: Any = None,
     ) -> None:
         self.group = active_group(process_group)
-        if self.group is not None and (async_save or incremental):
-            raise ValueError("a manager shared by several ranks saves blocking and whole: no async_save, incremental")
+        if self.group is not None and incremental:
+            raise ValueError("a manager shared by several ranks saves whole checkpoints: incremental=False")
         self._lease: Lease | None = None
         self._mutex = threading.RLock()
         self._save_order = threading.Lock()  # serialises save() callers, held while waiting for the previous save
@@ -520,9 +520,9 @@ class CheckpointManager:
         rng: bool,
         per_rank: Mapping[str, Any] | None,
         state: Mapping[str, Any],
-    ) -> CheckpointInfo:
+    ) -> CheckpointInfo | PendingSave[CheckpointInfo]:
         """The distributed protocol (torchkeep.distributed.save), then rank 0 moves latest and retires."""
-        from torchkeep.distributed.plan import plan_distributed
+        from torchkeep.distributed.plan import plan_distributed, snapshot
         from torchkeep.distributed.save import save_distributed
 
         plain = plain_metrics(metrics or {})
@@ -545,15 +545,39 @@ class CheckpointManager:
                 info=info,
             )
 
-        with self._save_order, self._mutex:
-            save_distributed(target, make_plan, group)
-            registered, _ = group.step(
-                target,
-                "moving latest and applying retention",
-                lambda: self._register(step, target, None, plain, now) if group.is_coordinator else None,
-                lambda _: {},
-            )
-            if registered is None:  # another rank: its view follows rank 0's
+        with self._save_order:
+            self._finish_pending()  # at most one save in flight; its error, if any, is raised here
+            with self._mutex:
+                if not self.async_save:
+                    save_distributed(target, make_plan, group)
+                    return self._register_across_ranks(group, step, target, plain, now)
+                # Planned and copied while the caller waits, agreed on at once; written on the ranks'
+                # background group, so its collectives never meet the training's.
+                staged, _ = group.step(
+                    target, "planning the checkpoint", lambda: snapshot(self._staging, make_plan()), lambda _: {}
+                )
+                background = group.background()
+
+                def write() -> CheckpointInfo:
+                    save_distributed(target, lambda: staged, background)
+                    return self._register_across_ranks(background, step, target, plain, now)
+
+                pending = self._writer.submit(step, target, write)
+                self._pending = pending
+                return pending
+
+    def _register_across_ranks(
+        self, group: Group, step: int, target: Path, plain: dict[str, Any], now: float
+    ) -> CheckpointInfo:
+        """Rank 0 reads the committed checkpoint back, moves latest and retires; the others follow its view."""
+        registered, _ = group.step(
+            target,
+            "moving latest and applying retention",
+            lambda: self._register(step, target, None, plain, now) if group.is_coordinator else None,
+            lambda _: {},
+        )
+        with self._mutex:
+            if registered is None:
                 self._checkpoints[step] = CheckpointInfo(step=step, path=target, metrics=plain, time=now)
                 return self._decorated(self._checkpoints[step], self._best_step(), step)
             return registered
@@ -753,6 +777,9 @@ class CheckpointManager:
         Raises:
             CheckpointNotFoundError: no checkpoint (that verifies) exists.
         """
+        pending = self._pending
+        if pending is not None:
+            pending.join()  # a save in flight first (its error stays for the next save or wait() to raise)
         with self._mutex:
             self.refresh()
             if step == "latest":
