@@ -38,6 +38,7 @@ from torchkeep.errors import (
 from torchkeep.format.names import member
 from torchkeep.format.pickle.dcp import is_dcp_dir, read_dcp
 from torchkeep.state.devices import MapLocation, parse_device, placer
+from torchkeep.state.keys import WRAPPER_PREFIX, drop_compile_segments, unwrap_model
 from torchkeep.state.rng import check_rng, restore_rng
 from torchkeep.state.tensors import PreparedTensors
 from torchkeep.state.values import Decoder
@@ -377,6 +378,46 @@ def _int_state_keys(saved: Any) -> Any:
     return {**saved, "state": {int(k): v for k, v in state.items()}}
 
 
+def _fqn_state_keys(saved: Any, model: Any, optimizer: Any, source: str) -> Any:
+    """An optimizer state keyed by parameter names (torch.distributed.checkpoint's ``get_state_dict``,
+    FSDP's optimizer state dicts: ``{"state": {"fc.weight": ...}, "param_groups": [{"params": ["fc.weight"]}]}``)
+    back to the position numbers ``optimizer.load_state_dict`` expects, through the model's names of the
+    optimizer's own parameters. Anything else is returned unchanged (and checked as it is)."""
+    if not isinstance(saved, dict) or not isinstance(model, nn.Module) or not hasattr(optimizer, "param_groups"):
+        return saved
+    groups = saved.get("param_groups")
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        return saved
+    names = [p for g in groups for p in g.get("params", [])]
+    if not names or not all(isinstance(n, str) and not n.isdigit() for n in names):
+        return saved
+    live = unwrap_model(model)
+    by_param = {id(p): drop_compile_segments(name) for name, p in live.named_parameters(remove_duplicate=False)}
+    positions: dict[str, int] = {}
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            positions.setdefault(by_param.get(id(param), f"<unnamed {len(positions)}>"), len(positions))
+
+    def position(name: str) -> int | None:
+        name = drop_compile_segments(name)
+        while name not in positions and name.startswith(WRAPPER_PREFIX):  # saved from a DDP-wrapped model
+            name = name[len(WRAPPER_PREFIX) :]
+        return positions.get(name)
+
+    state = saved.get("state", {})
+    unknown = [n for n in [*names, *(state if isinstance(state, dict) else ())] if position(n) is None]
+    if unknown:  # torch would pair them with the optimizer's parameters by position, silently
+        raise StateMismatchError(
+            source,
+            f"the saved optimizer state names parameters this optimizer does not hold: {unknown[:5]}; nothing changed",
+        )
+    return {
+        **saved,
+        "state": {position(k): v for k, v in state.items()} if isinstance(state, dict) else state,
+        "param_groups": [{**g, "params": [position(n) for n in g.get("params", [])]} for g in groups],
+    }
+
+
 def _check_optimizer(optimizer: Any, saved: Any, path: str) -> None:
     """The checks torch's load_state_dict makes, before anything is modified."""
     groups = getattr(optimizer, "param_groups", None)
@@ -566,7 +607,7 @@ def prepare_restore(source: str, saved: Mapping[str, Any], wanted: Mapping[str, 
             restore.models.append(pending)
         else:
             if key == "optimizer" or hasattr(obj, "param_groups"):
-                state = _int_state_keys(state)
+                state = _fqn_state_keys(_int_state_keys(state), wanted.get("model"), obj, f"{source} [{key}]")
                 _check_optimizer(obj, state, f"{source} [{key}]")
             restore.states.append((key, obj, state))
     return restore
