@@ -144,12 +144,15 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="tk-dist-bench-"))
     store = str(workdir / "store")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = [sys.executable, __file__, "--mib", str(args.mib), "--repeat", str(args.repeat)]
+    common += ["--ranks", str(args.ranks)]
     procs = [
         subprocess.Popen(
-            [sys.executable, __file__, "--mib", str(args.mib), "--repeat", str(args.repeat), "--ranks", str(args.ranks),
-             "--rank", str(rank), "--store", store, "--workdir", str(workdir)],
-            env=env, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            [*common, "--rank", str(rank), "--store", store, "--workdir", str(workdir)],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         for rank in range(args.ranks)
     ]
     outputs = [p.communicate()[0] for p in procs]

@@ -1,4 +1,5 @@
-"""Weights to and from a local S3 server (moto's, on loopback): torchkeep against fsspec + torch.save/torch.load.
+"""Weights and training checkpoints to and from a local S3 server (moto's, on loopback): torchkeep against
+fsspec + torch.save/torch.load.
 
     .venv/bin/python bench/bench_remote.py [--mib 256] [--repeat 5]
 
@@ -81,8 +82,36 @@ def main() -> None:
         with fs.open("s3://bench/torch/model.pt", "rb") as f:
             torch.load(io.BytesIO(f.read()), weights_only=True)
 
+    # A training checkpoint: the model, AdamW's state (3x the weights in all) and plain values.
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, width)).sum().backward()
+    opt.step()
+
+    def tk_ckpt_save() -> None:
+        torchkeep.save_checkpoint("s3://bench/tk/ckpt", model=model, optimizer=opt, epoch=3, storage_options=options)
+
+    def torch_ckpt_save() -> None:
+        with fs.open("s3://bench/torch/ckpt.pt", "wb") as f:
+            state = {"model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict(), "epoch": 3}
+            torch.save(state, f)
+
+    def tk_ckpt_load() -> None:
+        torchkeep.load_checkpoint("s3://bench/tk/ckpt", model=model, optimizer=opt, storage_options=options)
+
+    def torch_ckpt_load() -> None:
+        with fs.open("s3://bench/torch/ckpt.pt", "rb") as f:
+            saved = torch.load(io.BytesIO(f.read()), weights_only=True)
+        model.load_state_dict(saved["model_state_dict"])
+        opt.load_state_dict(saved["optimizer_state_dict"])
+
     rows = []
-    for label, ours, theirs in (("save", tk_save, torch_save), ("load", tk_load, torch_load)):
+    cases = (
+        ("weights save", tk_save, torch_save),
+        ("weights load", tk_load, torch_load),
+        ("checkpoint save", tk_ckpt_save, torch_ckpt_save),
+        ("checkpoint load", tk_ckpt_load, torch_ckpt_load),
+    )
+    for label, ours, theirs in cases:
         a, b = timed(ours, args.repeat), timed(theirs, args.repeat)
         rows.append((label, mm(a), mm(b), min(a) / min(b)))
     server.stop()
