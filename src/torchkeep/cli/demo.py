@@ -140,7 +140,7 @@ def train_with_checkpoints(directory: Path, stop_after: int | None = None) -> di
     if manager.latest() is not None:
         state = manager.restore(**objects)
         step, losses = state["step"], state["losses"]
-        print(f"   resumed from step {step} ({manager.latest().path.name})")  # type: ignore[union-attr]
+        print(f"   resumed from step {step} ({Path(manager.latest().path).name})")  # type: ignore[union-attr]
     loss_fn = nn.CrossEntropyLoss()
     while step < TOTAL_STEPS:
         for x, y in loader:
@@ -198,7 +198,7 @@ def _ls_lines(directory: Path) -> list[str]:
     lines = []
     for info in manager.list():
         marks = " ".join(m for m, on in (("latest", info.is_latest), ("best", info.is_best)) if on)
-        lines.append(f"{info.path.name}  val_acc={info.metrics['val_acc']:.3f}  {marks}".rstrip())
+        lines.append(f"{Path(info.path).name}  val_acc={info.metrics['val_acc']:.3f}  {marks}".rstrip())
     return lines
 
 

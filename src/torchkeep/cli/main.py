@@ -124,7 +124,8 @@ def _short(value: Any) -> str:
 
 
 def _ls(args: argparse.Namespace) -> int:
-    manager = CheckpointManager(args.directory, read_only=True, monitor=args.monitor, mode=args.mode)
+    remote = {"storage_options": args.storage_options} if is_url(args.directory) else {}
+    manager = CheckpointManager(args.directory, read_only=True, monitor=args.monitor, mode=args.mode, **remote)
     rows = [("step", "time", "size", "metrics", "")]
     for info in manager.list():
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.time))
@@ -330,10 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--trusted", action="store_true", help="allow full unpickling of pickle-based files (runs their code)"
     )
     p.set_defaults(func=_diff)
-    p = sub.add_parser("ls", help="list a CheckpointManager directory: steps, times, sizes, metrics")
+    p = sub.add_parser("ls", help="list a CheckpointManager directory or URL: steps, times, sizes, metrics")
     p.add_argument("directory")
     p.add_argument("--monitor", help="metric that marks the best checkpoint")
     p.add_argument("--mode", default="min", choices=["min", "max"])
+    p.add_argument("--storage-options", type=json.loads, default=None, help=storage_help)
     p.set_defaults(func=_ls)
     p = sub.add_parser("demo", help="train the Iris classifier, save, load and partially load it")
     p.add_argument("--dir", default=None, help="folder to write into (default ./torchkeep-demo[-distributed])")

@@ -5,14 +5,12 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import re
 import shutil
 import signal
 import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,21 +40,17 @@ from torchkeep.manager import preemption
 from torchkeep.manager.folders import TEMPORARY, Deleter, foreign_files, manager_info, not_ours, remove_own
 from torchkeep.manager.lock import LOCK_FILE, Lease, acquire, release
 from torchkeep.manager.policies import (
-    Candidate,
-    KeepBest,
-    KeepEvery,
-    KeepLast,
     RetentionPolicy,
-    SaveEvery,
-    parse_mode,
     plain_metric,
     plain_metrics,
     to_delete,
 )
+from torchkeep.manager.view import CheckpointInfo, RunView
 from torchkeep.state.devices import MapLocation
 from torchkeep.state.tensors import PreparedTensors
 from torchkeep.state.values import Decoder
 from torchkeep.storage.local import atomic_write, fsync_dir, reason, temporary_sibling, write_errors
+from torchkeep.storage.remote import is_url
 
 __all__ = ["LOCK_FILE", "CheckpointInfo", "CheckpointManager"]
 
@@ -65,20 +59,7 @@ LATEST_FILE = "latest"
 SPACE_MARGIN_BYTES = 16 * 1024 * 1024
 
 
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """One checkpoint of a manager; ``metrics`` hold plain Python ints and floats."""
-
-    step: int
-    path: Path
-    metrics: dict[str, Any] = field(default_factory=dict)
-    time: float = 0.0
-    size: int = 0
-    is_best: bool = False
-    is_latest: bool = False
-
-
-class CheckpointManager:
+class CheckpointManager(RunView):
     """Numbered training checkpoints in one directory, with retention and crash safety.
 
     Each save writes ``directory/step-00000100/`` (``template``) under a temporary name, fsyncs
@@ -133,6 +114,13 @@ class CheckpointManager:
         >>> state = mgr.restore(model=model, optimizer=opt)
     """
 
+    def __new__(cls, directory: str | os.PathLike[str], **kwargs: Any) -> Any:
+        if is_url(directory):  # a run on object storage: the same API, committed by manifests
+            from torchkeep.manager.remote import RemoteCheckpointManager
+
+            return RemoteCheckpointManager(str(directory), **kwargs)
+        return super().__new__(cls)
+
     def __init__(
         self,
         directory: str | os.PathLike[str],
@@ -149,7 +137,10 @@ class CheckpointManager:
         async_save: bool = False,
         incremental: bool = False,
         process_group: Any = None,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
+        if storage_options:
+            raise ValueError(f"{directory}: storage_options are for runs at a URL (s3://...), not a local folder")
         self.group = active_group(process_group)
         if self.group is not None and incremental:
             raise ValueError("a manager shared by several ranks saves whole checkpoints: incremental=False")
@@ -165,21 +156,8 @@ class CheckpointManager:
         self._refs: dict[int, set[str]] = {}  # the objects each checkpoint uses
         self._deleter = Deleter()
         self._warned: set[str] = set()
-        self.directory = Path(directory)
-        self.mode = parse_mode(mode)
-        self.monitor = monitor
-        if keep_best is not None and monitor is None:
-            raise ValueError("keep_best needs monitor=, the metric to rank checkpoints by")
-        self.policies: list[RetentionPolicy] = list(policies)
-        if keep_last is not None:
-            self.policies.append(KeepLast(keep_last))
-        if keep_best is not None and monitor is not None:
-            self.policies.append(KeepBest(keep_best, monitor, self.mode))
-        if keep_every is not None:
-            self.policies.append(KeepEvery(keep_every))
-        self.save_policy = SaveEvery(save_every) if save_every is not None else None
-        self.template = template
-        self._name_pattern = _template_pattern(template)
+        self.directory: Path = Path(directory)
+        self._set_policies(keep_last, keep_best, monitor, mode, keep_every, save_every, policies, template)
         self.read_only = read_only
         self.damaged: dict[str, str] = {}
         if read_only:
@@ -300,55 +278,6 @@ class CheckpointManager:
         """Rebuild the view from the directory (another process may have written)."""
         with self._mutex:
             self._checkpoints = self._scan()
-
-    # -- queries -----------------------------------------------------------------------------
-
-    def _candidates(self) -> list[Candidate]:
-        return [Candidate(i.step, i.metrics) for i in self._checkpoints.values()]
-
-    def _best_step(self) -> int | None:
-        if self.monitor is None:
-            return None
-        return KeepBest(1, self.monitor, self.mode).best(self._candidates())
-
-    def _decorated(self, info: CheckpointInfo, best: int | None, latest: int | None) -> CheckpointInfo:
-        return CheckpointInfo(
-            step=info.step,
-            path=info.path,
-            metrics=info.metrics,
-            time=info.time,
-            size=info.size,
-            is_best=info.step == best,
-            is_latest=info.step == latest,
-        )
-
-    def list(self) -> list[CheckpointInfo]:
-        """Every checkpoint, oldest first (linear in their number: best and latest are found once)."""
-        with self._mutex:
-            best, latest = self._best_step(), max(self._checkpoints, default=None)
-            return [self._decorated(self._checkpoints[s], best, latest) for s in sorted(self._checkpoints)]
-
-    def latest(self) -> CheckpointInfo | None:
-        with self._mutex:
-            if not self._checkpoints:
-                return None
-            latest = max(self._checkpoints)
-            return self._decorated(self._checkpoints[latest], self._best_step(), latest)
-
-    def best(self) -> CheckpointInfo | None:
-        """The checkpoint with the best ``monitor`` value (ties: the earlier step); NaN is never best."""
-        with self._mutex:
-            best = self._best_step()
-            if best is None:
-                return None
-            return self._decorated(self._checkpoints[best], best, max(self._checkpoints))
-
-    def should_save(self, step: int) -> bool:
-        """True at multiples of ``save_every`` (always, without it), if ``step`` is after the newest saved."""
-        with self._mutex:
-            if self._checkpoints and step <= max(self._checkpoints):
-                return False  # save() would refuse it
-            return self.save_policy.should_save(step) if self.save_policy else True
 
     # -- save --------------------------------------------------------------------------------
 
@@ -619,16 +548,6 @@ class CheckpointManager:
             if error is not None:
                 raise error
 
-    def _check_step(self, step: int) -> None:
-        newest = max(self._checkpoints, default=None)
-        if step in self._checkpoints:
-            raise ValueError(f"step {step} is already saved at {self._checkpoints[step].path}")
-        if newest is not None and step < newest:
-            raise ValueError(
-                f"step {step} is not after the newest saved step {newest} in {self.directory}; pass a larger "
-                f"step, or move the checkpoints after {step} out of the directory and call refresh()"
-            )
-
     def _check_space(self, plan: CheckpointPlan, target: Path) -> None:
         """Refuse up front when the tensors, the manifest and ``latest`` would not fit with the margin."""
         tensors = _tensor_file_size(plan.tensors)
@@ -693,7 +612,7 @@ class CheckpointManager:
         retired = False
         try:
             for step in sorted(to_delete(self._candidates(), self.policies, protected=protected)):
-                path = self._checkpoints[step].path
+                path = Path(self._checkpoints[step].path)
                 if not os.path.lexists(path):
                     del self._checkpoints[step]  # deleted by hand meanwhile
                     continue
@@ -782,18 +701,7 @@ class CheckpointManager:
             pending.join()  # a save in flight first (its error stays for the next save or wait() to raise)
         with self._mutex:
             self.refresh()
-            if step == "latest":
-                order = sorted(self._checkpoints, reverse=True)
-            elif step == "best":
-                if self.monitor is None:
-                    raise ValueError("restore('best') needs a manager created with monitor=")
-                order = KeepBest(len(self._checkpoints) or 1, self.monitor, self.mode).ranked(self._candidates())
-            elif isinstance(step, int) and not isinstance(step, bool):
-                if step not in self._checkpoints:
-                    raise CheckpointNotFoundError(self.directory / self.template.format(step=step), "no such step")
-                order = [step]
-            else:
-                raise ValueError(f"step must be 'latest', 'best' or an int, got {step!r}")
+            order = self._restore_order(step)
             newest = max(self._checkpoints, default=-1)
             for name, why in self.damaged.items():
                 match = self._name_pattern.match(name)
@@ -854,15 +762,3 @@ def _tensor_file_size(prepared: PreparedTensors) -> int:
 
 def _number(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else 0.0
-
-
-def _template_pattern(template: str) -> re.Pattern[str]:
-    if template.count("{step") != 1:
-        raise ValueError(f"template must contain {{step}} exactly once, got {template!r}")
-    prefix, rest = template.split("{step", 1)
-    if "}" not in rest:
-        raise ValueError(f"template {template!r} has an unclosed {{step")
-    suffix = rest.split("}", 1)[1]
-    if "{" in prefix + suffix or "/" in template:
-        raise ValueError(f"template {template!r}: only {{step}} may be formatted, and no '/'")
-    return re.compile("^" + re.escape(prefix) + r"(\d+)" + re.escape(suffix) + "$")

@@ -146,6 +146,29 @@ class RemoteStorage:
         names = (p[len(strip) :] if p.startswith(strip) else p for p in found)
         return sorted(n for n in names if not is_temporary(n))
 
+    def create_new(self, name: str, data: bytes) -> bool:
+        """Write ``name`` only if it does not exist; False if it does. Atomic where the store has
+        conditional writes (S3's ``If-None-Match``, fsspec's ``"xb"`` mode); elsewhere a check, then a
+        write: best-effort, two writers at the same instant may both succeed."""
+        path = self.key_path(name)
+        try:
+            with self.fs.open(path, "xb") as f:
+                f.write(data)
+            return True
+        except FileExistsError:
+            return False
+        except (NotImplementedError, ValueError, TypeError):
+            pass  # no exclusive mode on this filesystem
+        except Exception as exc:
+            if "precondition" in str(exc).lower():
+                return False
+            raise CheckpointWriteError(self._where(name), f"cannot be written: {type(exc).__name__}: {exc}") from exc
+        if self.exists(name):
+            return False
+        with self.open_write(name) as sink:
+            sink.write(data)
+        return True
+
     def delete(self, name: str) -> None:
         try:
             self.fs.rm(self.key_path(name))

@@ -1,0 +1,309 @@
+"""A manager whose run lives at an fsspec URL (``s3://``, ``gs://``, ``az://``, ``memory://``...).
+
+Object stores rename nothing atomically, so a step is committed by its manifest: each save writes
+``<step>/tensors-<id>.safetensors`` first, then ``<step>/manifest.json`` (which names it) in one write.
+A step without a manifest is uncommitted: listings and restores ignore it, and the next manager to
+take the lock deletes its tensor objects. ``latest`` is an object written after the checkpoint reads
+back; retention deletes a step's manifest first (uncommitting it), then its tensor objects.
+
+The lock is ``.torchkeep.lock``, created only if absent: a conditional write where the store has
+one (S3 ``If-None-Match``), a check then a write elsewhere (best-effort). It names its holder; a
+manager that died leaves it behind, and the message says to delete it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from torchkeep import _config
+from torchkeep.checkpoint.io import load_checkpoint
+from torchkeep.checkpoint.layout import MANIFEST_FILE, parse_manifest, plan_checkpoint
+from torchkeep.checkpoint.remote import write_remote_checkpoint
+from torchkeep.errors import CheckpointNotFoundError, CheckpointWriteError, CorruptCheckpointError, TorchkeepWarning
+from torchkeep.manager.folders import manager_info
+from torchkeep.manager.policies import RetentionPolicy, plain_metrics, to_delete
+from torchkeep.manager.view import CheckpointInfo, RunView
+from torchkeep.state.devices import MapLocation
+from torchkeep.storage.remote import RemoteStorage
+
+LOCK_OBJECT = ".torchkeep.lock"
+LATEST_OBJECT = "latest"
+TENSOR_OBJECT = re.compile(r"^tensors-[0-9a-f]{12}\.safetensors$")
+
+
+class RemoteCheckpointManager(RunView):
+    """:class:`~torchkeep.CheckpointManager` for a run at a URL (made by ``CheckpointManager(url, ...)``)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        keep_last: int | None = None,
+        keep_best: int | None = None,
+        monitor: str | None = None,
+        mode: str = "min",
+        keep_every: int | None = None,
+        save_every: int | None = None,
+        policies: Sequence[RetentionPolicy] = (),
+        template: str = "step-{step:08d}",
+        read_only: bool = False,
+        storage_options: Mapping[str, Any] | None = None,
+        async_save: bool = False,
+        incremental: bool = False,
+        process_group: Any = None,
+    ) -> None:
+        if async_save or incremental or process_group is not None:
+            raise ValueError(
+                f"{url}: a run at a URL saves blocking, whole checkpoints, from one process "
+                "(async_save, incremental and process_group need a folder)"
+            )
+        self._token: str | None = None
+        self._mutex = threading.RLock()
+        self.directory = url.rstrip("/")
+        self.storage_options = dict(storage_options or {})
+        self.run = RemoteStorage(self.directory, self.storage_options)
+        self._set_policies(keep_last, keep_best, monitor, mode, keep_every, save_every, policies, template)
+        self.read_only = read_only
+        self.damaged: dict[str, str] = {}
+        if not read_only:
+            self._take_lock()
+        self._checkpoints: dict[int, CheckpointInfo] = self._scan()
+        if not read_only:
+            self._delete_uncommitted()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def _take_lock(self) -> None:
+        token = uuid.uuid4().hex
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "token": token}
+        if not self.run.create_new(LOCK_OBJECT, json.dumps(holder).encode()):
+            try:
+                with self.run.open_read(LOCK_OBJECT) as f:
+                    who = json.loads(f.read(4096))
+                named = f"pid {who.get('pid')} on {who.get('host')}, since {time.ctime(who.get('started', 0))}"
+            except Exception:  # the note only names the holder: best-effort
+                named = "another manager"
+            raise CheckpointWriteError(
+                f"{self.directory}/{LOCK_OBJECT}",
+                f"{named} writes this run. If it is gone, delete this object; or pass read_only=True to list "
+                "and restore",
+            )
+        self._token = token
+
+    def close(self) -> None:
+        """Release the lock object (if it is still this manager's)."""
+        with self._mutex:
+            token, self._token = self._token, None
+        if token is None:
+            return
+        with contextlib.suppress(Exception), self.run.open_read(LOCK_OBJECT) as f:
+            if json.loads(f.read(4096)).get("token") == token:
+                self.run.delete(LOCK_OBJECT)
+
+    def __enter__(self) -> RemoteCheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def wait(self) -> None:
+        """Saves at a URL are blocking: nothing to wait for."""
+
+    def _steps(self) -> dict[str, list[str]]:
+        """Each step-named prefix and the objects under it (relative names)."""
+        found: dict[str, list[str]] = {}
+        for name in self.run.list():
+            head, _, rest = name.partition("/")
+            if rest and self._name_pattern.match(head):
+                found.setdefault(head, []).append(rest)
+        return found
+
+    def _scan(self) -> dict[int, CheckpointInfo]:
+        found: dict[int, CheckpointInfo] = {}
+        self.damaged = {}
+        for name, members in self._steps().items():
+            if MANIFEST_FILE not in members:
+                continue  # uncommitted
+            where = f"{self.directory}/{name}/{MANIFEST_FILE}"
+            try:
+                if self.run.size(f"{name}/{MANIFEST_FILE}") > _config.MAX_JSON_BYTES:
+                    raise CorruptCheckpointError(where, f"is over the limit of {_config.MAX_JSON_BYTES} bytes")
+                with self.run.open_read(f"{name}/{MANIFEST_FILE}") as f:
+                    raw = f.read()
+                manifest = parse_manifest(raw, where)
+            except (OSError, CorruptCheckpointError, CheckpointNotFoundError) as exc:
+                self.damaged[name] = str(exc)
+                continue
+            info = manager_info(manifest, Path(name), self.template)
+            if info is None:
+                continue
+            record = manifest.get("tensors_file", {})
+            metrics = info.get("metrics")
+            found[info["step"]] = CheckpointInfo(
+                step=info["step"],
+                path=f"{self.directory}/{name}",
+                metrics=dict(metrics) if isinstance(metrics, dict) else {},
+                time=float(info.get("time", 0.0)) if isinstance(info.get("time"), (int, float)) else 0.0,
+                size=len(raw) + (record.get("size", 0) if isinstance(record.get("size"), int) else 0),
+            )
+        return found
+
+    def _delete_uncommitted(self) -> None:
+        """Tensor objects of steps that never got a manifest (a save cut short), while holding the lock."""
+        for name, members in self._steps().items():
+            if MANIFEST_FILE in members:
+                continue
+            for member in members:
+                if TENSOR_OBJECT.match(member):
+                    with contextlib.suppress(CheckpointWriteError):
+                        self.run.delete(f"{name}/{member}")
+
+    def refresh(self) -> None:
+        with self._mutex:
+            self._checkpoints = self._scan()
+
+    # -- save --------------------------------------------------------------------------------
+
+    def save(
+        self,
+        step: int,
+        *,
+        metrics: Mapping[str, Any] | None = None,
+        model: nn.Module | None = None,
+        optimizer: Any = None,
+        scheduler: Any = None,
+        scaler: Any = None,
+        components: Mapping[str, Any] | None = None,
+        rng: bool = True,
+        **state: Any,
+    ) -> CheckpointInfo:
+        """As :meth:`torchkeep.CheckpointManager.save`: write, read back, move ``latest``, retire."""
+        with self._mutex:
+            if self._token is None:
+                raise CheckpointWriteError(self.directory, "this manager is read_only (or closed)")
+            if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+                raise ValueError(f"step must be a non-negative int, got {step!r}")
+            self._check_step(step)
+            name = self.template.format(step=step)
+            if self.run.exists(f"{name}/{MANIFEST_FILE}"):
+                raise CheckpointWriteError(
+                    f"{self.directory}/{name}", "exists, and is not a checkpoint this manager can vouch for"
+                )
+            plain = plain_metrics(metrics or {})
+            now = time.time()
+            plan = plan_checkpoint(
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                scaler=scaler,
+                components=components,
+                rng=rng,
+                state=state,
+                info={"manager": 1, "step": step, "metrics": plain, "time": now},
+            )
+            url = f"{self.directory}/{name}"
+            size = write_remote_checkpoint(url, plan, self.storage_options)
+            self._read_back(name, step)
+            self._checkpoints[step] = CheckpointInfo(step=step, path=url, metrics=plain, time=now, size=size)
+            with self.run.open_write(LATEST_OBJECT) as sink:
+                sink.write(name.encode() + b"\n")
+            self._apply_retention(step)
+            return self._decorated(self._checkpoints[step], self._best_step(), step)
+
+    def _read_back(self, name: str, step: int) -> None:
+        where = f"{self.directory}/{name}"
+        try:
+            with self.run.open_read(f"{name}/{MANIFEST_FILE}") as f:
+                manifest = parse_manifest(f.read(), f"{where}/{MANIFEST_FILE}")
+            info = manager_info(manifest, Path(name), self.template)
+            record = manifest["tensors_file"]
+            if info is None or info["step"] != step or self.run.size(f"{name}/{record['name']}") != record["size"]:
+                raise CorruptCheckpointError(where, f"does not read back as step {step}")
+        except (OSError, CorruptCheckpointError, CheckpointNotFoundError) as exc:
+            raise CheckpointWriteError(
+                where, f"the new checkpoint does not read back ({exc}); nothing older was deleted"
+            ) from exc
+
+    def _apply_retention(self, newest: int) -> None:
+        protected = {newest}
+        best = self._best_step()
+        if best is not None:
+            protected.add(best)
+        for step in sorted(to_delete(self._candidates(), self.policies, protected=protected)):
+            name = self.template.format(step=step)
+            members = self._steps().get(name, [])
+            foreign = [m for m in members if m != MANIFEST_FILE and not TENSOR_OBJECT.match(m)]
+            if foreign:
+                warnings.warn(
+                    f"kept {self.directory}/{name}: it holds objects the manager did not write ({foreign[:3]})",
+                    TorchkeepWarning,
+                    stacklevel=4,
+                )
+                continue
+            self.run.delete(f"{name}/{MANIFEST_FILE}")  # uncommitted first: no reader takes it from here on
+            del self._checkpoints[step]
+            for member in members:
+                if member != MANIFEST_FILE:
+                    with contextlib.suppress(CheckpointWriteError):
+                        self.run.delete(f"{name}/{member}")
+
+    # -- restore -----------------------------------------------------------------------------
+
+    def restore(
+        self,
+        step: int | str = "latest",
+        *,
+        model: nn.Module | None = None,
+        optimizer: Any = None,
+        scheduler: Any = None,
+        scaler: Any = None,
+        components: Mapping[str, Any] | None = None,
+        rng: bool = True,
+        map_location: MapLocation = "cpu",
+        strict: bool = True,
+    ) -> dict[str, Any]:
+        """As :meth:`torchkeep.CheckpointManager.restore`, falling back past damaged checkpoints."""
+        with self._mutex:
+            self.refresh()
+            order = self._restore_order(step)
+            problems = []
+            for candidate in order:
+                url = f"{self.directory}/{self.template.format(step=candidate)}"
+                try:
+                    state = load_checkpoint(
+                        url,
+                        model=model,
+                        optimizer=optimizer,
+                        scheduler=scheduler,
+                        scaler=scaler,
+                        components=components,
+                        rng=rng,
+                        map_location=map_location,
+                        strict=strict,
+                        storage_options=self.storage_options,
+                    )
+                except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
+                    if not isinstance(step, str):
+                        raise
+                    problems.append(f"{url}: {exc}")
+                    warnings.warn(f"skipped {url}: {exc}", TorchkeepWarning, stacklevel=2)
+                    continue
+                state.setdefault("step", candidate)
+                return state
+            raise CheckpointNotFoundError(
+                self.directory,
+                "no checkpoint to restore" + (": none verifies\n" + "\n".join(problems) if problems else ""),
+            )
