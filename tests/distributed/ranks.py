@@ -230,6 +230,18 @@ def fsdp_load2(ctx: Context) -> None:
     )
     ctx.report["state_keys"] = sorted(state)
     ctx.report["draw"] = torch.rand(1).item()
+    # A shard file gone: found by the rank that checks it, an error on both ranks, before anything loads.
+    if ctx.rank == 0:
+        import shutil
+
+        shutil.copytree(ckpt, ctx.workdir / "fsdp4-missing", dirs_exist_ok=True)
+        (ctx.workdir / "fsdp4-missing" / "__3_0.distcp").unlink()
+    dist.barrier()
+    before = full_params(model)
+    ctx.report["missing_shard"] = ctx.fails(
+        lambda: torchkeep.load_checkpoint(ctx.workdir / "fsdp4-missing", model=model, optimizer=opt)
+    )
+    ctx.report["unchanged_after_missing"] = same(before, full_params(model))
     # Weights converted offline (convert --sharded, one process) load into the sharded model, each rank its part.
     torchkeep.load_checkpoint(ctx.workdir / "from-weights", model=model, rng=False)
     ctx.report["from_weights_equal"] = same(torchkeep.load(ctx.workdir / "weights.safetensors"), full_params(model))

@@ -103,6 +103,10 @@ def test_reshard_four_ranks_to_two(tmp_path: Path) -> None:
     for report in reports:
         assert report["params_equal"] and report["exp_avg_equal"] and report["from_weights_equal"]
         assert report["state_keys"] == ["step"]  # the ranks' own values stay with the 4 ranks that saved them
+        missing = report["missing_shard"]
+        assert missing["type"] in ("CorruptCheckpointError", "DistributedError"), missing
+        assert "__3_0.distcp" in missing["message"] and "missing" in missing["message"]
+        assert report["unchanged_after_missing"]
         refused = report["per_rank_refused"]
         assert refused["type"] == "DistributedError" and "saved by 4 rank(s), loaded by 2" in refused["message"]
     # RNG re-derived: deterministic, and different on each rank
