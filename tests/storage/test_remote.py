@@ -144,3 +144,27 @@ def test_checkpoints_at_a_url_resume_and_commit_by_their_manifest(s3: dict[str, 
         )
     with pytest.raises(torchkeep.CheckpointNotFoundError, match="never committed"):
         torchkeep.load_checkpoint("s3://torchkeep-bucket/no-ckpt", model=model, storage_options=s3)
+
+
+def test_large_objects_are_read_by_ranged_spans(memory_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchkeep.weights.remote as remote
+
+    monkeypatch.setattr(remote, "WHOLE_OBJECT_BYTES", 0)  # every object counts as large here
+    monkeypatch.setattr(remote, "FETCH_SPAN_BYTES", 3000)  # spans of a few tensors
+    monkeypatch.setattr(remote, "FETCH_CONCURRENT", 2)
+    torch.manual_seed(0)
+    tensors = {f"t{i}": torch.randn(i * 37 + 1) for i in range(20)} | {
+        "big": torch.randn(5000),
+        "empty": torch.empty(0),
+    }
+    torchkeep.save(tensors, f"{memory_url}/w.safetensors")
+    assert_same_tensors(tensors, torchkeep.load(f"{memory_url}/w.safetensors"))
+
+    storage = RemoteStorage(memory_url)
+    with storage.open_read("w.safetensors") as f:
+        data = bytearray(f.read())
+    data[-100] ^= 0x01  # inside the last tensor
+    with storage.open_write("w.safetensors") as sink:
+        sink.write(bytes(data))
+    with pytest.raises(torchkeep.CorruptCheckpointError, match="checksum mismatch"):
+        torchkeep.load(f"{memory_url}/w.safetensors")

@@ -19,9 +19,10 @@ from torchkeep.weights.files import INDEX_SUFFIX, SAFETENSORS_SUFFIX
 from torchkeep.weights.load import add_file
 
 # Objects up to this size are fetched with one GET (held twice in memory while parsed, as torch.load of
-# a downloaded file is); larger ones by concurrent ranged GETs of about FETCH_BATCH_BYTES at a time.
+# a downloaded file is); larger ones by ranged GETs of spans of neighbouring tensors, a few at once.
 WHOLE_OBJECT_BYTES = 512 * 1024 * 1024
-FETCH_BATCH_BYTES = 256 * 1024 * 1024
+FETCH_SPAN_BYTES = 64 * 1024 * 1024
+FETCH_CONCURRENT = 4
 
 
 def _get(storage: RemoteStorage, name: str, where: str) -> bytes:
@@ -87,31 +88,36 @@ def load_url(url: str, *, storage_options: Mapping[str, Any] | None, verify: boo
 
 
 def _fetch(storage: RemoteStorage, name: str, header: Header, where: str, *, verify: bool) -> dict[str, torch.Tensor]:
-    """Every tensor's bytes by concurrent ranged GETs (batches of about FETCH_BATCH_BYTES), checked, copied in."""
+    """Every tensor's bytes by ranged GETs of whole spans of neighbouring tensors (each up to FETCH_SPAN_BYTES,
+    FETCH_CONCURRENT of them at once): a few large requests, not one per tensor. Checked, copied in."""
     path = storage.key_path(name)
+    spans: list[list[TensorEntry]] = []
+    for entry in header.by_offset():
+        if spans and entry.end - spans[-1][0].start <= FETCH_SPAN_BYTES:
+            spans[-1].append(entry)
+        else:
+            spans.append([entry])
     out: dict[str, torch.Tensor] = {}
-    entries = header.by_offset()
-    i = 0
-    while i < len(entries):
-        batch: list[TensorEntry] = []
-        total = 0
-        while i < len(entries) and (not batch or total + entries[i].nbytes <= FETCH_BATCH_BYTES):
-            batch.append(entries[i])
-            total += entries[i].nbytes
-            i += 1
-        starts = [header.data_start + e.start for e in batch]
-        ends = [header.data_start + e.end for e in batch]
+    for first in range(0, len(spans), FETCH_CONCURRENT):
+        group = spans[first : first + FETCH_CONCURRENT]
+        starts = [header.data_start + span[0].start for span in group]
+        ends = [header.data_start + span[-1].end for span in group]
         try:
-            blobs = storage.fs.cat_ranges([path] * len(batch), starts, ends)
+            blobs = storage.fs.cat_ranges([path] * len(group), starts, ends)
         except Exception as exc:
             raise CorruptCheckpointError(where, f"reading tensor data failed: {type(exc).__name__}: {exc}") from exc
-        for entry, blob in zip(batch, blobs, strict=True):
-            if isinstance(blob, Exception) or len(blob) != entry.nbytes:
-                raise CorruptCheckpointError(where, "the object ended before the tensor's data", key=entry.name)
-            if verify and header.checksums is not None and digest(blob) != header.checksums[entry.name]:
-                raise CorruptCheckpointError(where, "checksum mismatch: the tensor's bytes are damaged", key=entry.name)
-            tensor = torch.empty(entry.shape, dtype=CODE_TO_DTYPE[entry.code])
-            if entry.nbytes:
-                byte_view(tensor)[:] = blob
-            out[entry.name] = tensor
+        for span, blob in zip(group, blobs, strict=True):
+            if isinstance(blob, Exception) or len(blob) != span[-1].end - span[0].start:
+                raise CorruptCheckpointError(where, "the object ended before the tensor's data", key=span[-1].name)
+            data = memoryview(blob)
+            for entry in span:
+                piece = data[entry.start - span[0].start : entry.end - span[0].start]
+                if verify and header.checksums is not None and digest(piece) != header.checksums[entry.name]:
+                    raise CorruptCheckpointError(
+                        where, "checksum mismatch: the tensor's bytes are damaged", key=entry.name
+                    )
+                tensor = torch.empty(entry.shape, dtype=CODE_TO_DTYPE[entry.code])
+                if entry.nbytes:
+                    byte_view(tensor)[:] = piece
+                out[entry.name] = tensor
     return {e.name: out[e.name] for e in header.entries}
