@@ -63,6 +63,21 @@ def train_step(model: nn.Module, opt: Any, sched: Any = None) -> float:
     return float(loss.item())
 
 
+def sharded_mlp(world: int, *, seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The MLP with every Linear and the whole model under FSDP2 (``fully_shard``) on a CPU mesh, and AdamW."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(seed)
+    model = mlp()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
 def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.tensor import DTensor
 
@@ -144,18 +159,9 @@ def ddp(ctx: Context) -> None:
 
 def fsdp(ctx: Context) -> None:
     """FSDP2: bit-exact resume; the batches and parameters of one more step, for the 2->1 check."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     rank = ctx.rank
-    mesh = init_device_mesh("cpu", (ctx.world,))
-    torch.manual_seed(0)
-    model = mlp()
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model, opt = sharded_mlp(ctx.world, seed=0)
     torch.manual_seed(100 + rank)
     for _ in range(3):
         train_step(model, opt)
@@ -204,17 +210,8 @@ def fsdp_save4(ctx: Context) -> None:
 
 def fsdp_load2(ctx: Context) -> None:
     """2 ranks restore what 4 saved: the same full tensors; per-rank state refused; RNG re-derived."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", (ctx.world,))
-    torch.manual_seed(1)  # other initial values: the load must replace them all
-    model = mlp()
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model, opt = sharded_mlp(ctx.world, seed=1)  # other initial values: the load must replace them all
     ckpt = ctx.workdir / "fsdp4-ckpt"
     ctx.report["per_rank_refused"] = ctx.fails(
         lambda: torchkeep.load_checkpoint(ckpt, model=model, optimizer=opt, per_rank={"c": Counter(0)})
@@ -249,17 +246,8 @@ def fsdp_load2(ctx: Context) -> None:
 
 def fsdp_train_and_save(ctx: Context, name: str) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", (ctx.world,))
-    torch.manual_seed(0)
-    model = mlp()
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model, opt = sharded_mlp(ctx.world, seed=0)
     torch.manual_seed(100 + ctx.rank)
     for _ in range(2):
         train_step(model, opt)
