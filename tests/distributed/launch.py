@@ -14,7 +14,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def launch(
-    scenario: str, world_size: int, workdir: Path, *, timeout: float = 240, expect_killed: tuple[int, ...] = ()
+    scenario: str,
+    world_size: int,
+    workdir: Path,
+    *,
+    timeout: float = 240,
+    expect_killed: tuple[int, ...] = (),
+    env: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Run ``scenario`` on ``world_size`` ranks; every rank must exit 0 (except ``expect_killed``).
 
@@ -22,7 +28,7 @@ def launch(
     """
     workdir.mkdir(parents=True, exist_ok=True)
     store = workdir / f"store-{scenario}-{os.getpid()}-{len(list(workdir.iterdir()))}"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
     procs = [
         subprocess.Popen(
             [sys.executable, str(WORKER), scenario, str(rank), str(world_size), str(store), str(workdir)],

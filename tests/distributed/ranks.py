@@ -324,7 +324,30 @@ def manager_resume(ctx: Context) -> None:
     mgr.close()
 
 
-SCENARIOS = {f.__name__: f for f in (ddp, fsdp, fsdp_save4, fsdp_load2, manager_kill, manager_resume)}
+def s3_fsdp(ctx: Context) -> None:
+    """FSDP2 on 2 ranks saving to and loading from S3 (a server the test started): every rank writes its own
+    objects, rank 0 the manifest last; a second save to the same URL replaces the first whole."""
+    options = json.loads(os.environ["TORCHKEEP_TEST_S3"])
+    url = "s3://torchkeep-bucket/dist/ckpt"
+    model, opt = sharded_mlp(ctx.world, seed=0)
+    torch.manual_seed(100 + ctx.rank)
+    train_step(model, opt)
+    torchkeep.save_checkpoint(url, model=model, optimizer=opt, per_rank={"seen": ctx.rank}, storage_options=options)
+    expected = [train_step(model, opt) for _ in range(2)]
+    after = full_params(model)
+    state = torchkeep.load_checkpoint(url, model=model, optimizer=opt, storage_options=options)
+    again = [train_step(model, opt) for _ in range(2)]
+    ctx.report.update(resumed=expected == again and same(after, full_params(model)), seen=state.get("seen"))
+    from torchkeep.storage.remote import RemoteStorage
+
+    dist.barrier()
+    first = RemoteStorage(url, options).list()
+    torchkeep.save_checkpoint(url, model=model, optimizer=opt, storage_options=options)
+    dist.barrier()
+    ctx.report.update(first=first, second=RemoteStorage(url, options).list())
+
+
+SCENARIOS = {f.__name__: f for f in (s3_fsdp, ddp, fsdp, fsdp_save4, fsdp_load2, manager_kill, manager_resume)}
 
 
 def main() -> None:

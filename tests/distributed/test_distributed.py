@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -139,3 +140,20 @@ def test_a_rank_killed_mid_save_leaves_the_previous_step_on_every_rank(tmp_path:
         assert report["steps"] == ["step-00000002", "step-00000003"]  # keep_last=2 retired step 1, rank files too
         assert report["latest"] == "step-00000003"
     assert reports[0]["draw"] != reports[1]["draw"]
+
+
+def test_fsdp2_checkpoints_on_s3(tmp_path: Path, s3: dict[str, Any]) -> None:
+    reports = launch("s3_fsdp", 2, tmp_path, env={"TORCHKEEP_TEST_S3": json.dumps(s3)})
+    for rank, report in enumerate(reports):
+        assert report["resumed"] and report["seen"] == rank
+    first, second = reports[0]["first"], reports[0]["second"]
+    assert "manifest.json" in first and "manifest.json" in second
+    assert sum(n.startswith("rank-") for n in first) == 2 and any(n.startswith("dcp-") for n in first)
+    assert not (set(first) - {"manifest.json"}) & set(second)  # the first save's objects are all gone
+    assert len(first) == len(second)
+
+    # one process, no group: the sharded state loads into a plain model (2 -> 1), read from S3
+    model = mlp()
+    torchkeep.load_checkpoint("s3://torchkeep-bucket/dist/ckpt", model=model, rng=False, storage_options=s3)
+    with pytest.raises(torchkeep.CorruptCheckpointError, match="read sharded"):
+        torchkeep.load("s3://torchkeep-bucket/dist/ckpt", storage_options=s3)

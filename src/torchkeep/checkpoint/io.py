@@ -155,8 +155,7 @@ def save_checkpoint(
         from torchkeep.distributed.plan import plan_distributed
         from torchkeep.distributed.save import save_distributed
 
-        if is_url(path):
-            raise ValueError("saving from several ranks is to a folder every rank sees (local or mounted), not a URL")
+        where: str | Path = str(path) if is_url(path) else Path(path)
 
         def make_plan() -> Any:
             return plan_distributed(
@@ -171,7 +170,7 @@ def save_checkpoint(
             )
 
         if blocking:
-            save_distributed(Path(path), make_plan, group)
+            save_distributed(where, make_plan, group, storage_options)
             return None
         from torchkeep.distributed.plan import snapshot as snapshot_distributed
 
@@ -181,7 +180,7 @@ def save_checkpoint(
         staged, _ = group.step(
             path, "planning the checkpoint", lambda: snapshot_distributed(StagingBuffers(), make_plan()), lambda _: {}
         )
-        return submit(None, Path(path), lambda: save_distributed(Path(path), lambda: staged, background))
+        return submit(None, Path(path), lambda: save_distributed(where, lambda: staged, background, storage_options))
     if per_rank:
         raise ValueError("per_rank= is for saves from several ranks; no process group is initialised")
     plan = plan_checkpoint(
@@ -242,13 +241,15 @@ class LoadedCheckpoint:
         return value
 
 
-def checkpoint_weights(path: str | os.PathLike[str], *, verify: bool = True) -> dict[str, torch.Tensor]:
+def checkpoint_weights(
+    path: str | os.PathLike[str], *, verify: bool = True, storage_options: Mapping[str, Any] | None = None
+) -> dict[str, torch.Tensor]:
     """The model state dict a training checkpoint holds (sharded tensors reassembled), verified.
 
     Raises:
         CheckpointNotFoundError: the checkpoint holds no model.
     """
-    loaded = read_checkpoint(path, verify=verify)
+    loaded = read_checkpoint(path, verify=verify, storage_options=storage_options)
     node = loaded.objects.get("model")
     if node is None:
         raise CheckpointNotFoundError(
@@ -330,11 +331,14 @@ def loaded_checkpoint(
     sharded = None
     section = parse_section(manifest, manifest_path)
     if section is not None and section.sharded:
-        if is_url(where):
-            raise CorruptCheckpointError(where, "sharded (DCP) checkpoints are read from a local folder only")
-        full = FullTensors(Path(where), section, manifest_path)
+        full = FullTensors(Path(where), section, manifest_path) if not is_url(where) else None
 
         def sharded(key: str) -> Any:
+            if full is None:  # whole tensors from shards at a URL: not read in one process (yet)
+                raise CorruptCheckpointError(
+                    where, "a sharded checkpoint at a URL is read sharded (load_checkpoint with model=); "
+                    "to consolidate it, copy it to a folder first",
+                )  # fmt: skip
             return place_tensor(full(key), "cpu")
 
     return LoadedCheckpoint(
@@ -535,6 +539,7 @@ def load_checkpoint(
             rng=rng,
             strict=strict,
             process_group=process_group,
+            storage_options=storage_options,
         )
     if per_rank:
         raise ValueError(f"{source} was saved by one process: it holds no per_rank state; pass per_rank=None")

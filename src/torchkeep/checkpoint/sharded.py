@@ -113,6 +113,7 @@ class Section:
     ranks: list[dict[str, Any]]
     dcp_files: dict[str, dict[str, Any]] = field(default_factory=dict)
     dcp_layout: Any = None  # the JSON layout of the sharded tensors (None: read .metadata)
+    dcp_folder: str = ""  # where the DCP files are, inside the checkpoint ("": beside the manifest)
 
     @property
     def sharded(self) -> bool:
@@ -155,8 +156,11 @@ def parse_section(manifest: dict[str, Any], path: str) -> Section | None:
                 path,
                 f"manifest lists DCP file {name!r:.80} without a plain name, a size and a checksum",
             )
-        files = listed
-        return Section(size, ranks, files, dcp.get("layout"))
+        folder = dcp.get("folder", "")
+        expect(
+            folder == "" or is_plain_name(folder), path, f"manifest names DCP folder {folder!r:.80}, not a plain name"
+        )
+        return Section(size, ranks, listed, dcp.get("layout"), folder)
     return Section(size, ranks, files)
 
 
@@ -187,7 +191,7 @@ class FullTensors:
     consolidation. Every DCP file is verified first; the data is read by torchkeep's own reader."""
 
     def __init__(self, root: Path, section: Section, manifest_path: str) -> None:
-        self.root = root
+        self.root = root / section.dcp_folder if section.dcp_folder else root
         self.section = section
         self.manifest_path = manifest_path
         self._tensors: dict[str, Any] | None = None

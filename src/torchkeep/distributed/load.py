@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 import torch
+import xxhash
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.metadata import StorageMeta
@@ -39,7 +41,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
 from torchkeep.checkpoint.io import LoadedCheckpoint, Restore, SavedState, prepare_restore
-from torchkeep.checkpoint.layout import MANIFEST_FILE
+from torchkeep.checkpoint.layout import CHECKSUM_KEY, MANIFEST_FILE
 from torchkeep.checkpoint.sharded import Section, layout_metadata, parse_section, verify_file
 from torchkeep.distributed.group import Group, active_group
 from torchkeep.errors import CorruptCheckpointError, DistributedError, LoadMismatchError, StateMismatchError
@@ -47,7 +49,9 @@ from torchkeep.format.layout import digest
 from torchkeep.format.pickle.dcp import dcp_metadata
 from torchkeep.state.rng import check_rng, restore_rng
 from torchkeep.state.values import Decoder
+from torchkeep.storage.remote import RemoteStorage, is_url
 from torchkeep.weights.load import read_file
+from torchkeep.weights.remote import load_url
 from torchkeep.weights.report import LoadReport, Mismatch
 
 SHARDED_KEYS = ("model", "optimizer")
@@ -74,6 +78,55 @@ class _Plan:
     metadata: Any = None  # DCP metadata, read safely
 
 
+@dataclass(frozen=True)
+class Where:
+    """A checkpoint's location, a folder or a URL, and how its files are reached there."""
+
+    base: str
+    storage_options: Mapping[str, Any] | None = None
+
+    @property
+    def remote(self) -> bool:
+        return is_url(self.base)
+
+    def join(self, *names: str) -> str:
+        return "/".join([self.base.rstrip("/"), *(n for n in names if n)])
+
+    def verify(self, name: str, info: dict[str, Any], manifest_path: str) -> None:
+        """A file's size and checksum against the manifest's record (streamed from a store)."""
+        if not self.remote:
+            verify_file(Path(self.base), name, info, manifest_path)
+            return
+        storage = RemoteStorage(self.base, self.storage_options)
+        hasher, size = xxhash.xxh3_64(), 0
+        if not storage.exists(name):
+            raise CorruptCheckpointError(self.join(name), "is missing: the checkpoint is incomplete")
+        with storage.open_read(name) as f:
+            while chunk := f.read(8 << 20):
+                hasher.update(chunk)
+                size += len(chunk)
+        if size != info["size"] or hasher.hexdigest() != info[CHECKSUM_KEY]:
+            raise CorruptCheckpointError(self.join(name), "size or checksum differs from the manifest's record")
+
+    def read_tensors(self, name: str, size: int) -> dict[str, torch.Tensor]:
+        """A safetensors file of the checkpoint, every checksum verified."""
+        path = self.join(name)
+        if self.remote:
+            if RemoteStorage(self.base, self.storage_options).size(name) != size:
+                raise CorruptCheckpointError(path, "size differs from the one recorded in the manifest")
+            return load_url(path, storage_options=self.storage_options, verify=True)
+        if not Path(path).is_file():
+            raise CorruptCheckpointError(path, "is missing: the checkpoint is incomplete")
+        if Path(path).stat().st_size != size:
+            raise CorruptCheckpointError(path, "size differs from the one recorded in the manifest")
+        return read_file(path, mmap=False, verify=True)[1]
+
+    def dcp_reader(self, folder: str, metadata: Any) -> Any:
+        if self.remote:
+            return CheckedFsspecReader(self.join(folder), metadata, **dict(self.storage_options or {}))
+        return CheckedReader(Path(self.join(folder)), metadata)
+
+
 def load_distributed(
     loaded: LoadedCheckpoint,
     wanted: dict[str, Any],
@@ -82,10 +135,12 @@ def load_distributed(
     rng: bool,
     strict: bool,
     process_group: Any,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Restore ``wanted`` objects (by checkpoint key) and this rank's own state; returns the plain values."""
-    root = Path(loaded.path)
-    manifest_path = str(root / MANIFEST_FILE)
+    where = Where(loaded.path, storage_options)
+    root = loaded.path
+    manifest_path = where.join(MANIFEST_FILE)
     section = parse_section(loaded.manifest, manifest_path)
     if section is None:
         raise CorruptCheckpointError(manifest_path, "is not a distributed checkpoint")
@@ -93,10 +148,11 @@ def load_distributed(
     rank, size = (group.rank, group.size) if group is not None else (0, 1)
 
     def prepare() -> _Plan:
-        plan = _prepare(loaded, section, wanted, per_rank or {}, rng=rng, strict=strict, rank=rank, size=size)
+        plan = _prepare(loaded, where, section, wanted, per_rank or {}, rng=rng, strict=strict, rank=rank, size=size)
         names = sorted(section.dcp_files)
+        dcp_where = Where(where.join(section.dcp_folder), storage_options)
         for name in names[rank::size]:  # the ranks verify the shared files in parallel, a share each
-            verify_file(root, name, section.dcp_files[name], manifest_path)
+            dcp_where.verify(name, section.dcp_files[name], manifest_path)
         return plan
 
     if group is None:
@@ -104,7 +160,7 @@ def load_distributed(
     else:
         plan, _ = group.step(root, "reading and checking the checkpoint", prepare, lambda _: {})
     if plan.targets:
-        _read_sharded(root, plan, group)
+        _read_sharded(root, where.dcp_reader(section.dcp_folder, plan.metadata), plan, group)
     plan.restore.apply()
     model, optimizer = wanted.get("model"), wanted.get("optimizer")
     if plan.sharded_model is not None and model is not None:
@@ -124,6 +180,7 @@ def load_distributed(
 
 def _prepare(
     loaded: LoadedCheckpoint,
+    where: Where,
     section: Section,
     wanted: dict[str, Any],
     per_rank: Mapping[str, Any],
@@ -133,8 +190,7 @@ def _prepare(
     rank: int,
     size: int,
 ) -> _Plan:
-    root = Path(loaded.path)
-    source = str(root)
+    source = loaded.path
     objects = loaded.objects
     saved: dict[str, Any] = {k: SavedState(v, loaded) for k, v in objects.items() if k not in ("components", "rng")}
     saved.update({f"components.{k}": SavedState(v, loaded) for k, v in objects.get("components", {}).items()})
@@ -144,7 +200,7 @@ def _prepare(
     restore = prepare_restore(source, saved, {k: v for k, v in wanted.items() if k not in sharded_keys}, strict)
     plan = _Plan(restore)
     if sharded_keys:
-        _match_sharded(loaded, plan, wanted, sharded_keys, strict)
+        _match_sharded(loaded, where, section, plan, wanted, sharded_keys, strict)
     same_world = section.world_size == size
     if per_rank and not same_world:
         raise DistributedError(
@@ -154,23 +210,29 @@ def _prepare(
             "torchkeep.ResumableSampler, whose position is global), or pass per_rank=None to start it afresh",
         )
     if same_world and (rng or per_rank):
-        _read_own(root, section, rank, plan, per_rank, rng=rng)
+        _read_own(where, section, rank, plan, per_rank, rng=rng)
     return plan
 
 
 def _match_sharded(
-    loaded: LoadedCheckpoint, plan: _Plan, wanted: dict[str, Any], keys: list[str], strict: bool
+    loaded: LoadedCheckpoint,
+    where: Where,
+    section: Section,
+    plan: _Plan,
+    wanted: dict[str, Any],
+    keys: list[str],
+    strict: bool,
 ) -> None:
     """Pair each sharded tensor of the saved model / optimizer with the live tensor it is read into."""
-    root = Path(loaded.path)
-    source = str(root)
+    source = loaded.path
     base = loaded.decoder
     refs = Decoder(base.tensors, base.source, base.place, sharded=_Ref)
-    section = parse_section(loaded.manifest, str(root / MANIFEST_FILE))
-    if section is not None and section.dcp_layout is not None:  # checked JSON: no unpickling at all
-        plan.metadata = layout_metadata(section.dcp_layout, section.dcp_files, str(root / MANIFEST_FILE))
+    if section.dcp_layout is not None:  # checked JSON: no unpickling at all
+        plan.metadata = layout_metadata(section.dcp_layout, section.dcp_files, where.join(MANIFEST_FILE))
+    elif where.remote:
+        raise CorruptCheckpointError(source, "a sharded checkpoint at a URL without a layout in its manifest")
     else:
-        plan.metadata = dcp_metadata(root)
+        plan.metadata = dcp_metadata(where.join(section.dcp_folder))
     shapes = {
         key: tuple(entry.size) for key, entry in plan.metadata.state_dict_metadata.items() if hasattr(entry, "size")
     }
@@ -245,16 +307,14 @@ def _resolve(node: Any, targets: dict[str, torch.Tensor]) -> Any:
     return node
 
 
-def _read_own(root: Path, section: Section, rank: int, plan: _Plan, per_rank: Mapping[str, Any], *, rng: bool) -> None:
+def _read_own(
+    where: Where, section: Section, rank: int, plan: _Plan, per_rank: Mapping[str, Any], *, rng: bool
+) -> None:
     """This rank's file, verified; its generators checked and its per-rank state matched."""
     entry = section.ranks[rank]
-    manifest_path = str(root / MANIFEST_FILE)
-    path = root / entry["file"]["name"]
-    if not path.is_file():
-        raise CorruptCheckpointError(path, f"the file of rank {rank} is missing: the checkpoint is incomplete")
-    if path.stat().st_size != entry["file"]["size"]:
-        raise CorruptCheckpointError(path, "size differs from the one recorded in the manifest")
-    _, tensors = read_file(str(path), mmap=False, verify=True)
+    manifest_path = where.join(MANIFEST_FILE)
+    path = where.join(entry["file"]["name"])
+    tensors = where.read_tensors(entry["file"]["name"], entry["file"]["size"])
     decoder = Decoder(tensors, manifest_path, lambda tensor, _device: tensor)
     if rng and entry.get("rng") is not None:
         state = decoder.decode(entry["rng"])
@@ -273,9 +333,8 @@ def _read_own(root: Path, section: Section, rank: int, plan: _Plan, per_rank: Ma
         plan.own_values = values
 
 
-def _read_sharded(root: Path, plan: _Plan, group: Group | None) -> None:
+def _read_sharded(root: str, reader: Any, plan: _Plan, group: Group | None) -> None:
     """DCP's collective load of every sharded tensor into the live tensors it was paired with."""
-    reader = CheckedReader(root, plan.metadata)
     try:
         if group is None:
             with warnings.catch_warnings():  # torch warns that it assumes one process: that is the intent
@@ -296,6 +355,18 @@ class CheckedReader(FileSystemReader):
 
     def __init__(self, path: Path, metadata: Any) -> None:
         super().__init__(path)
+        self._checked = metadata
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        self._checked.storage_meta = StorageMeta(load_id=self.load_id)
+        return self._checked
+
+
+class CheckedFsspecReader(FsspecReader):
+    """DCP's fsspec reader (object stores), given the checked metadata instead of its ``pickle.load``."""
+
+    def __init__(self, path: str, metadata: Any, **storage_options: Any) -> None:
+        super().__init__(path, **storage_options)
         self._checked = metadata
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Any:

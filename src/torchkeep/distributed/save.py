@@ -15,14 +15,17 @@ every rank says how its part went, so that one failing rank fails the save on al
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import shutil
+import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import xxhash
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
@@ -35,67 +38,196 @@ from torchkeep.distributed.plan import RANK_FILE, DistributedPlan
 from torchkeep.errors import CheckpointWriteError
 from torchkeep.format.layout import digest
 from torchkeep.storage.local import LocalStorage, commit_dir, fsync_dir, temporary_sibling, write_errors
+from torchkeep.storage.remote import RemoteStorage, is_url
 from torchkeep.weights.save import write_weights
 
 DCP_METADATA = ".metadata"
 
 
-def save_distributed(target: Path, make_plan: Callable[[], DistributedPlan], group: Group) -> int:
+class LocalPlace:
+    """A folder every rank sees: written as a temporary sibling, committed by renaming it into place."""
+
+    def __init__(self, target: Path, temp_name: str | None) -> None:
+        self.target = target
+        self.temp = target.parent / temp_name if temp_name else temporary_sibling(target)
+        self.storage = LocalStorage(self.temp)
+        self.made = False
+        self.dcp_folder = ""  # the DCP files sit beside the manifest (the folder is also a DCP checkpoint)
+
+    def key(self) -> str:
+        return self.temp.name
+
+    def rank_file(self, rank: int) -> str:
+        return RANK_FILE.format(rank=rank)
+
+    def tensors_file(self) -> str:
+        return TENSORS_FILE
+
+    def create(self) -> None:
+        with write_errors(self.target, "creating the checkpoint folder"):
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            self.temp.mkdir()
+            self.made = True
+
+    def dcp_writer(self) -> Any:
+        return FileSystemWriter(self.temp, thread_count=_config.IO_THREADS, sync_files=True)
+
+    def describe(self, name: str) -> dict[str, Any]:
+        """A file's size and checksum, hashed from the page cache through a read-only mapping."""
+        path = self.temp / name
+        with write_errors(path, "hashing the written file"), open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                return {"size": 0, CHECKSUM_KEY: digest(b"")}
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                return {"size": size, CHECKSUM_KEY: digest(mapped)}
+
+    def commit(self, manifest: bytes) -> None:
+        with self.storage.open_write(MANIFEST_FILE) as sink:
+            sink.write(manifest)
+        with write_errors(self.target, "syncing the checkpoint folder"):
+            fsync_dir(self.temp)
+        commit_dir(self.temp, self.target)
+        self.made = False
+
+    def abandon(self) -> None:
+        if self.made:
+            shutil.rmtree(self.temp, ignore_errors=True)
+
+
+class RemotePlace:
+    """A URL (object storage): every object written under a name of this save, the manifest last (the commit);
+    the previous checkpoint's objects deleted after."""
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None, save_id: str | None) -> None:
+        self.url = url.rstrip("/")
+        self.options = dict(storage_options or {})
+        self.storage = RemoteStorage(self.url, self.options)
+        self.save_id = save_id or uuid.uuid4().hex[:12]
+        self.dcp_folder = f"dcp-{self.save_id}"
+        self.made = False
+
+    def key(self) -> str:
+        return self.save_id
+
+    def rank_file(self, rank: int) -> str:
+        return f"rank-{rank:05d}-{self.save_id}.safetensors"
+
+    def tensors_file(self) -> str:
+        return f"tensors-{self.save_id}.safetensors"
+
+    def create(self) -> None:
+        self.made = True  # objects appear as they are written; nothing to make first
+
+    def dcp_writer(self) -> Any:
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+        return FsspecWriter(f"{self.url}/{self.dcp_folder}", thread_count=_config.IO_THREADS, **self.options)
+
+    def describe(self, name: str) -> dict[str, Any]:
+        """An object's size and checksum, read back (streamed) from the store."""
+        hasher = xxhash.xxh3_64()
+        size = 0
+        try:
+            with self.storage.open_read(f"{self.dcp_folder}/{name}") as f:
+                while chunk := f.read(_config.SMALL_BATCH_BYTES):
+                    hasher.update(chunk)
+                    size += len(chunk)
+        except Exception as exc:
+            raise CheckpointWriteError(f"{self.url}/{self.dcp_folder}/{name}", f"reading back failed: {exc}") from exc
+        return {"size": size, CHECKSUM_KEY: hasher.hexdigest()}
+
+    def commit(self, manifest: bytes) -> None:
+        previous = _previous_objects(self.storage)
+        with self.storage.open_write(MANIFEST_FILE) as sink:
+            sink.write(manifest)
+        self.made = False
+        for name in previous:  # the replaced checkpoint's objects (their names carry its own save id)
+            with contextlib.suppress(Exception):
+                self.storage.delete(name)
+
+    def abandon(self) -> None:
+        if self.made:
+            for name in self.storage.list():
+                if self.save_id in name:
+                    with contextlib.suppress(Exception):
+                        self.storage.delete(name)
+
+
+def _previous_objects(storage: RemoteStorage) -> set[str]:
+    """The objects the committed manifest at ``storage`` names (before it is replaced)."""
+    from torchkeep.checkpoint.layout import parse_manifest
+    from torchkeep.checkpoint.sharded import parse_section
+
+    try:
+        with storage.open_read(MANIFEST_FILE) as f:
+            manifest = parse_manifest(f.read(_config.MAX_JSON_BYTES + 1), f"{storage.url}/{MANIFEST_FILE}")
+        section = parse_section(manifest, f"{storage.url}/{MANIFEST_FILE}")
+    except Exception:  # nothing committed there, or unreadable: nothing to clean
+        return set()
+    names = {manifest["tensors_file"]["name"]}
+    if section is not None:
+        names |= {entry["file"]["name"] for entry in section.ranks}
+        names |= {f"{section.dcp_folder}/{n}" if section.dcp_folder else n for n in section.dcp_files}
+    return names
+
+
+Place = LocalPlace | RemotePlace
+
+
+def save_distributed(
+    target: str | Path,
+    make_plan: Callable[[], DistributedPlan],
+    group: Group,
+    storage_options: Mapping[str, Any] | None = None,
+) -> int:
     """Run the save protocol on this rank; returns the bytes this rank wrote.
 
     Raises:
         DistributedError: on every rank, when any rank failed (naming it and why) or stopped answering.
     """
-    temp = temporary_sibling(target)  # rank 0's name is the one used
-    made = False
+    remote = is_url(target)
+    place: Place = RemotePlace(str(target), storage_options, None) if remote else LocalPlace(Path(target), None)
 
     def prepare() -> DistributedPlan:
-        nonlocal made
         plan = make_plan()
         if group.is_coordinator:
-            with write_errors(target, "creating the checkpoint folder"):
-                target.parent.mkdir(parents=True, exist_ok=True)
-                temp.mkdir()
-                made = True
+            place.create()
         return plan
 
+    where = str(target).rstrip("/") if remote else os.path.abspath(target)
     try:
         plan, answers = group.step(
             target,
             "planning the checkpoint",
             prepare,
-            lambda plan: {"target": os.path.abspath(target), "temp": temp.name, "sharded": sorted(plan.sharded)},
+            lambda plan: {"target": where, "key": place.key(), "sharded": sorted(plan.sharded)},
         )
         _check_same(group, target, answers)
-        folder = target.parent / answers[0]["temp"]
-        storage = LocalStorage(folder)
+        if not group.is_coordinator:  # rank 0's names are the ones used
+            place = RemotePlace(where, storage_options, answers[0]["key"]) if remote else LocalPlace(
+                Path(target), answers[0]["key"]
+            )  # fmt: skip
+        storage = place.storage
+        own_name = place.rank_file(group.rank)
 
         def write_own() -> int:
-            written = write_weights(storage, RANK_FILE.format(rank=group.rank), plan.own.tensors, {})
+            written = write_weights(storage, own_name, plan.own.tensors, {})
             if group.is_coordinator:
-                written += write_weights(storage, TENSORS_FILE, plan.shared.tensors, {})
+                written += write_weights(storage, place.tensors_file(), plan.shared.tensors, {})
             return written
 
         written, fragments = group.step(
             target,
             "writing each rank's files",
             write_own,
-            lambda size: {
-                "own": {
-                    "file": {
-                        "name": RANK_FILE.format(rank=group.rank),
-                        "size": storage.size(RANK_FILE.format(rank=group.rank)),
-                    },
-                    **plan.own.node,
-                },
-                "shared_size": size,
-            },
+            lambda size: {"own": {"file": {"name": own_name, "size": storage.size(own_name)}, **plan.own.node}},
         )
         dcp_files: dict[str, Any] = {}
         layout: dict[str, Any] = {}
         if plan.sharded:
             (_, layout), digests = group.step(
-                target, "writing the sharded tensors (DCP)", lambda: _write_dcp(plan, folder, group), _files_message
+                target, "writing the sharded tensors (DCP)", lambda: _write_dcp(plan, place, group), _files_message
             )
             for answer in digests:
                 dcp_files.update(answer["files"])
@@ -104,27 +236,23 @@ def save_distributed(target: Path, make_plan: Callable[[], DistributedPlan], gro
             if not group.is_coordinator:
                 return
             manifest = dict(plan.shared.manifest)
+            dcp = {"files": dcp_files, "layout": layout, **({"folder": place.dcp_folder} if place.dcp_folder else {})}
             manifest["distributed"] = {
                 "world_size": group.size,
                 "ranks": [answer["own"] for answer in fragments],
-                **({"dcp": {"files": dcp_files, "layout": layout}} if plan.sharded else {}),
+                **({"dcp": dcp} if plan.sharded else {}),
             }
-            tensors = {"name": TENSORS_FILE, "size": storage.size(TENSORS_FILE)}
-            with storage.open_write(MANIFEST_FILE) as sink:
-                sink.write(manifest_bytes(manifest, tensors))
-            with write_errors(target, "syncing the checkpoint folder"):
-                fsync_dir(folder)
-            commit_dir(folder, target)
+            tensors = {"name": place.tensors_file(), "size": storage.size(place.tensors_file())}
+            place.commit(manifest_bytes(manifest, tensors))
 
         group.step(target, "committing the checkpoint", commit, lambda _: {})
-        made = False
         return written
     finally:
-        if made:
-            shutil.rmtree(temp, ignore_errors=True)
+        if group.is_coordinator:
+            place.abandon()
 
 
-def _check_same(group: Group, target: Path, answers: list[dict[str, Any]]) -> None:
+def _check_same(group: Group, target: str | Path, answers: list[dict[str, Any]]) -> None:
     from torchkeep.errors import DistributedError
 
     targets = {a["target"] for a in answers}
@@ -145,9 +273,9 @@ def _files_message(result: tuple[dict[str, Any], dict[str, Any]]) -> dict[str, A
     return {"files": result[0]}
 
 
-def _write_dcp(plan: DistributedPlan, folder: Path, group: Group) -> tuple[dict[str, Any], dict[str, Any]]:
+def _write_dcp(plan: DistributedPlan, place: Place, group: Group) -> tuple[dict[str, Any], dict[str, Any]]:
     """DCP's collective save of the sharded tensors, then this rank's share of the files hashed."""
-    writer = FileSystemWriter(folder, thread_count=_config.IO_THREADS, sync_files=True)
+    writer = place.dcp_writer()
     try:
         with warnings.catch_warnings():  # without a group torch warns it assumes one process: that is the intent
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -160,17 +288,10 @@ def _write_dcp(plan: DistributedPlan, folder: Path, group: Group) -> tuple[dict[
     except CheckpointException as exc:  # a BaseException in torch: turned into an ordinary failure
         failures = getattr(exc, "failures", {}) or {}
         detail = "; ".join(f"rank {r}: {type(e).__name__}: {e}" for r, e in sorted(failures.items()))
-        raise CheckpointWriteError(folder, f"torch.distributed.checkpoint.save failed: {detail or exc}") from None
+        raise CheckpointWriteError(
+            str(place.storage.url if isinstance(place, RemotePlace) else place.temp),
+            f"torch.distributed.checkpoint.save failed: {detail or exc}",
+        ) from None
     names = sorted({info.relative_path for info in (metadata.storage_data or {}).values()} | {DCP_METADATA})
-    files = {name: _describe(folder / name) for name in names[group.rank :: group.size]}
+    files = {name: place.describe(name) for name in names[group.rank :: group.size]}
     return files, layout_of(metadata) if group.is_coordinator else {}
-
-
-def _describe(path: Path) -> dict[str, Any]:
-    """A file's size and checksum, hashed from the page cache through a read-only mapping."""
-    with write_errors(path, "hashing the written file"), open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            return {"size": 0, CHECKSUM_KEY: digest(b"")}
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            return {"size": size, CHECKSUM_KEY: digest(mapped)}

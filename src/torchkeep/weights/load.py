@@ -177,14 +177,14 @@ def load(
     """
     if dtype is not None and not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
-    if is_url(path):
+    if _is_training_checkpoint(path, storage_options):  # its model's weights
+        from torchkeep.checkpoint.io import checkpoint_weights
+
+        tensors = checkpoint_weights(path, verify=verify, storage_options=storage_options)
+    elif is_url(path):
         from torchkeep.weights.remote import load_url
 
         tensors = load_url(str(path), storage_options=storage_options, verify=verify)
-    elif (Path(path) / CHECKPOINT_MANIFEST).is_file():  # a training checkpoint: its model's weights
-        from torchkeep.checkpoint.io import checkpoint_weights
-
-        tensors = checkpoint_weights(path, verify=verify)
     elif is_dcp_dir(path):
         tensors = extract_state_dict(read_dcp(path), os.fspath(path))
     else:
@@ -201,6 +201,16 @@ def load(
             converted[id(tensor)] = place(moved)
         out[key] = converted[id(tensor)]
     return out
+
+
+def _is_training_checkpoint(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None) -> bool:
+    if not is_url(path):
+        return (Path(path) / CHECKPOINT_MANIFEST).is_file()
+    if str(path).endswith((".safetensors", ".json")):
+        return False
+    from torchkeep.storage.remote import RemoteStorage
+
+    return RemoteStorage(str(path), storage_options).exists(CHECKPOINT_MANIFEST)
 
 
 def _on_cpu(map_location: MapLocation) -> bool:
