@@ -347,7 +347,37 @@ def s3_fsdp(ctx: Context) -> None:
     ctx.report.update(first=first, second=RemoteStorage(url, options).list())
 
 
-SCENARIOS = {f.__name__: f for f in (s3_fsdp, ddp, fsdp, fsdp_save4, fsdp_load2, manager_kill, manager_resume)}
+def s3_manager(ctx: Context) -> None:
+    """A manager shared by 2 ranks on S3: rank 0 holds the lock object, commits, moves latest, retires."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    options = json.loads(os.environ["TORCHKEEP_TEST_S3"])
+    url = "s3://torchkeep-bucket/dist/run"
+    torch.manual_seed(0)
+    model = DistributedDataParallel(mlp())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    torch.manual_seed(100 + ctx.rank)
+    mgr = torchkeep.CheckpointManager(url, keep_last=2, storage_options=options)
+    for step in (1, 2, 3):
+        train_step(model, opt)
+        info = mgr.save(step, model=model, optimizer=opt, per_rank={"seen": 10 * step + ctx.rank})
+    at_3 = full_params(model)
+    draw = torch.rand(2).tolist()
+    train_step(model, opt)
+    state = mgr.restore(model=model, optimizer=opt)
+    ctx.report.update(
+        latest=info.is_latest,
+        steps=[i.step for i in mgr.list()],
+        state=state,
+        restored=same(at_3, full_params(model)),
+        draw_again=torch.rand(2).tolist() == draw,
+    )
+    mgr.close()
+
+
+SCENARIOS = {
+    f.__name__: f for f in (s3_manager, s3_fsdp, ddp, fsdp, fsdp_save4, fsdp_load2, manager_kill, manager_resume)
+}
 
 
 def main() -> None:

@@ -157,3 +157,16 @@ def test_fsdp2_checkpoints_on_s3(tmp_path: Path, s3: dict[str, Any]) -> None:
     torchkeep.load_checkpoint("s3://torchkeep-bucket/dist/ckpt", model=model, rng=False, storage_options=s3)
     with pytest.raises(torchkeep.CorruptCheckpointError, match="read sharded"):
         torchkeep.load("s3://torchkeep-bucket/dist/ckpt", storage_options=s3)
+
+
+def test_a_manager_shared_by_two_ranks_on_s3(tmp_path: Path, s3: dict[str, Any]) -> None:
+    reports = launch("s3_manager", 2, tmp_path, env={"TORCHKEEP_TEST_S3": json.dumps(s3)})
+    for rank, report in enumerate(reports):
+        assert report["latest"] and report["steps"] == [2, 3]  # keep_last=2 retired step 1 (every rank's objects)
+        assert report["state"] == {"seen": 30 + rank, "step": 3}
+        assert report["restored"] and report["draw_again"]  # bit-exact, each rank's own generator
+    from torchkeep.storage.remote import RemoteStorage
+
+    names = RemoteStorage("s3://torchkeep-bucket/dist/run", s3).list()
+    assert not any(n.startswith("step-00000001/") for n in names)
+    assert ".torchkeep.lock" not in names and "latest" in names

@@ -97,7 +97,7 @@ def test_uncommitted_and_damaged_steps_are_skipped(tmp_path: Path) -> None:
         assert mgr.restore(model=fresh)["step"] == 1
     assert all(torch.equal(expected[k], v) for k, v in fresh.state_dict().items())
     mgr.close()
-    with pytest.raises(ValueError, match="need a folder"):
+    with pytest.raises(ValueError, match="a folder"):
         torchkeep.CheckpointManager(url, async_save=True)
     with pytest.raises(ValueError, match="storage_options are for runs at a URL"):
         torchkeep.CheckpointManager(tmp_path / "local", storage_options={"key": "x"})

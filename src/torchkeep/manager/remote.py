@@ -32,7 +32,16 @@ from torchkeep import _config
 from torchkeep.checkpoint.io import load_checkpoint
 from torchkeep.checkpoint.layout import MANIFEST_FILE, parse_manifest, plan_checkpoint
 from torchkeep.checkpoint.remote import write_remote_checkpoint
-from torchkeep.errors import CheckpointNotFoundError, CheckpointWriteError, CorruptCheckpointError, TorchkeepWarning
+from torchkeep.distributed.group import active_group
+from torchkeep.distributed.plan import plan_distributed
+from torchkeep.distributed.save import save_distributed
+from torchkeep.errors import (
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    CorruptCheckpointError,
+    DistributedError,
+    TorchkeepWarning,
+)
 from torchkeep.manager.folders import manager_info
 from torchkeep.manager.policies import RetentionPolicy, plain_metrics, to_delete
 from torchkeep.manager.view import CheckpointInfo, RunView
@@ -41,7 +50,11 @@ from torchkeep.storage.remote import RemoteStorage
 
 LOCK_OBJECT = ".torchkeep.lock"
 LATEST_OBJECT = "latest"
-TENSOR_OBJECT = re.compile(r"^tensors-[0-9a-f]{12}\.safetensors$")
+# What a save writes under a step: its tensors, and (saved by several ranks) each rank's file and DCP's files.
+OWN_OBJECT = re.compile(
+    r"^(tensors-[0-9a-f]{12}\.safetensors|rank-\d{5}-[0-9a-f]{12}\.safetensors"
+    r"|dcp-[0-9a-f]{12}/(\.metadata|__\d+_\d+\.distcp))$"
+)
 
 
 class RemoteCheckpointManager(RunView):
@@ -65,11 +78,11 @@ class RemoteCheckpointManager(RunView):
         incremental: bool = False,
         process_group: Any = None,
     ) -> None:
-        if async_save or incremental or process_group is not None:
+        if async_save or incremental:
             raise ValueError(
-                f"{url}: a run at a URL saves blocking, whole checkpoints, from one process "
-                "(async_save, incremental and process_group need a folder)"
+                f"{url}: a run at a URL saves blocking, whole checkpoints (async_save, incremental need a folder)"
             )
+        self.group = active_group(process_group)
         self._token: str | None = None
         self._mutex = threading.RLock()
         self.directory = url.rstrip("/")
@@ -78,11 +91,14 @@ class RemoteCheckpointManager(RunView):
         self._set_policies(keep_last, keep_best, monitor, mode, keep_every, save_every, policies, template)
         self.read_only = read_only
         self.damaged: dict[str, str] = {}
-        if not read_only:
+        leads = self.group is None or self.group.is_coordinator  # with several ranks, rank 0 holds the lock
+        if not read_only and leads:
             self._take_lock()
         self._checkpoints: dict[int, CheckpointInfo] = self._scan()
-        if not read_only:
+        if not read_only and leads:
             self._delete_uncommitted()
+        if self.group is not None:
+            self.group.exchange({}, self.directory, "opening the run")  # rank 0 has taken the lock and cleaned up
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -167,7 +183,7 @@ class RemoteCheckpointManager(RunView):
             if MANIFEST_FILE in members:
                 continue
             for member in members:
-                if TENSOR_OBJECT.match(member):
+                if OWN_OBJECT.match(member):
                     with contextlib.suppress(CheckpointWriteError):
                         self.run.delete(f"{name}/{member}")
 
@@ -188,22 +204,47 @@ class RemoteCheckpointManager(RunView):
         scaler: Any = None,
         components: Mapping[str, Any] | None = None,
         rng: bool = True,
+        per_rank: Mapping[str, Any] | None = None,
         **state: Any,
     ) -> CheckpointInfo:
         """As :meth:`torchkeep.CheckpointManager.save`: write, read back, move ``latest``, retire."""
         with self._mutex:
-            if self._token is None:
-                raise CheckpointWriteError(self.directory, "this manager is read_only (or closed)")
-            if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-                raise ValueError(f"step must be a non-negative int, got {step!r}")
-            self._check_step(step)
-            name = self.template.format(step=step)
-            if self.run.exists(f"{name}/{MANIFEST_FILE}"):
-                raise CheckpointWriteError(
-                    f"{self.directory}/{name}", "exists, and is not a checkpoint this manager can vouch for"
-                )
             plain = plain_metrics(metrics or {})
             now = time.time()
+            info = {"manager": 1, "step": step, "metrics": plain, "time": now}
+            if self.group is not None:
+                group = self.group
+
+                def make_plan() -> Any:
+                    if group.is_coordinator:
+                        self._check_target(step)  # rank 0's view decides; a refusal fails every rank
+                    return plan_distributed(
+                        model=model,
+                        optimizer=optimizer,
+                        scheduler=scheduler,
+                        scaler=scaler,
+                        components=components,
+                        rng=rng,
+                        per_rank=per_rank,
+                        state=state,
+                        info=info,
+                    )
+
+                url = f"{self.directory}/{self.template.format(step=step)}"
+                save_distributed(url, make_plan, group, self.storage_options)
+                registered, _ = group.step(
+                    url,
+                    "moving latest and applying retention",
+                    lambda: self._register(step, 0, plain, now) if group.is_coordinator else None,
+                    lambda _: {},
+                )
+                if registered is None:  # another rank: its view follows rank 0's
+                    self._checkpoints[step] = CheckpointInfo(step=step, path=url, metrics=plain, time=now)
+                    return self._decorated(self._checkpoints[step], self._best_step(), step)
+                return registered
+            if per_rank:
+                raise ValueError("per_rank= is for managers shared by several ranks; no process group is initialised")
+            name = self._check_target(step)
             plan = plan_checkpoint(
                 model=model,
                 optimizer=optimizer,
@@ -212,11 +253,31 @@ class RemoteCheckpointManager(RunView):
                 components=components,
                 rng=rng,
                 state=state,
-                info={"manager": 1, "step": step, "metrics": plain, "time": now},
+                info=info,
             )
-            url = f"{self.directory}/{name}"
-            size = write_remote_checkpoint(url, plan, self.storage_options)
+            size = write_remote_checkpoint(f"{self.directory}/{name}", plan, self.storage_options)
+            return self._register(step, size, plain, now)
+
+    def _check_target(self, step: int) -> str:
+        """The step's name, after checking it may be written; nothing is written."""
+        if self._token is None:
+            raise CheckpointWriteError(self.directory, "this manager is read_only (or closed)")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        self._check_step(step)
+        name = self.template.format(step=step)
+        if self.run.exists(f"{name}/{MANIFEST_FILE}"):
+            raise CheckpointWriteError(
+                f"{self.directory}/{name}", "exists, and is not a checkpoint this manager can vouch for"
+            )
+        return name
+
+    def _register(self, step: int, size: int, plain: dict[str, Any], now: float) -> CheckpointInfo:
+        """A committed step read back, then ``latest`` moved to it and retention applied."""
+        with self._mutex:
+            name = self.template.format(step=step)
             self._read_back(name, step)
+            url = f"{self.directory}/{name}"
             self._checkpoints[step] = CheckpointInfo(step=step, path=url, metrics=plain, time=now, size=size)
             with self.run.open_write(LATEST_OBJECT) as sink:
                 sink.write(name.encode() + b"\n")
@@ -245,7 +306,7 @@ class RemoteCheckpointManager(RunView):
         for step in sorted(to_delete(self._candidates(), self.policies, protected=protected)):
             name = self.template.format(step=step)
             members = self._steps().get(name, [])
-            foreign = [m for m in members if m != MANIFEST_FILE and not TENSOR_OBJECT.match(m)]
+            foreign = [m for m in members if m != MANIFEST_FILE and not OWN_OBJECT.match(m)]
             if foreign:
                 warnings.warn(
                     f"kept {self.directory}/{name}: it holds objects the manager did not write ({foreign[:3]})",
@@ -274,11 +335,14 @@ class RemoteCheckpointManager(RunView):
         rng: bool = True,
         map_location: MapLocation = "cpu",
         strict: bool = True,
+        per_rank: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """As :meth:`torchkeep.CheckpointManager.restore`, falling back past damaged checkpoints."""
         with self._mutex:
             self.refresh()
             order = self._restore_order(step)
+            if self.group is not None:  # every rank restores the checkpoint rank 0 chose
+                order = self.group.exchange({"order": order}, self.directory, "choosing the checkpoint")[0]["order"]
             problems = []
             for candidate in order:
                 url = f"{self.directory}/{self.template.format(step=candidate)}"
@@ -294,8 +358,10 @@ class RemoteCheckpointManager(RunView):
                         map_location=map_location,
                         strict=strict,
                         storage_options=self.storage_options,
+                        per_rank=per_rank,
+                        process_group=self.group.process_group if self.group is not None else None,
                     )
-                except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
+                except (CorruptCheckpointError, CheckpointNotFoundError, DistributedError) as exc:
                     if not isinstance(step, str):
                         raise
                     problems.append(f"{url}: {exc}")
