@@ -95,3 +95,20 @@ def test_hostile_distributed_manifests_are_refused(tmp_path: Path, change: Any, 
     with pytest.raises(torchkeep.CorruptCheckpointError, match=message):
         torchkeep.load_checkpoint(tmp_path / "s", model=model, rng=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_cli_verify_and_inspect_check_every_file_of_a_sharded_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    torchkeep.save(mlp(), tmp_path / "m.safetensors")
+    torchkeep.convert(tmp_path / "m.safetensors", tmp_path / "s", sharded=True)
+    assert main(["inspect", str(tmp_path / "s")]) == 0
+    assert "saved by 1 rank(s): 6 sharded tensors" in capsys.readouterr().out
+    assert main(["verify", str(tmp_path / "s")]) == 0
+    assert "and 4 rank and DCP files" in capsys.readouterr().out  # the rank file, .metadata, 2 data files (2 threads)
+    data = next((tmp_path / "s").glob("*.distcp"))
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    data.write_bytes(bytes(raw))
+    assert main(["verify", str(tmp_path / "s")]) == 1
+    assert "checksum mismatch" in capsys.readouterr().err

@@ -56,6 +56,13 @@ def test_a_run_on_s3_saves_retires_and_resumes_bit_exactly(
     assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
     assert reader.restore("best", model=fresh)["step"] == 1
 
+    # torchkeep verify / inspect on a step at the URL
+    options = json.dumps(s3)
+    assert main(["verify", f"{url}/step-00000004", "--storage-options", options]) == 0
+    assert "OK, checkpoint with" in capsys.readouterr().out
+    assert main(["inspect", f"{url}/step-00000004", "--storage-options", options]) == 0
+    assert "objects: model, optimizer, rng" in capsys.readouterr().out
+
     # torchkeep ls on the URL
     assert main(["ls", url, "--monitor", "loss", "--storage-options", json.dumps(s3)]) == 0
     listing = capsys.readouterr().out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 import traceback
@@ -11,19 +12,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from torchkeep.checkpoint.io import is_checkpoint_dir, read_checkpoint
-from torchkeep.checkpoint.layout import TENSORS_FILE
+from torchkeep.checkpoint.io import read_checkpoint
+from torchkeep.checkpoint.layout import MANIFEST_FILE
+from torchkeep.checkpoint.sharded import parse_section
 from torchkeep.errors import TorchkeepError
+from torchkeep.format.dtypes import ITEMSIZE
 from torchkeep.format.pickle.scan import scan
 from torchkeep.manager.manager import CheckpointManager
 from torchkeep.model.io import is_model_dir, read_config, read_model_manifest
 from torchkeep.storage.remote import is_url
 from torchkeep.weights.inspect import inspect
+from torchkeep.weights.load import is_training_checkpoint
 from torchkeep.weights.verify import verify
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    if not is_url(args.path) and is_checkpoint_dir(args.path):
+    if is_training_checkpoint(args.path, args.storage_options):
         return _inspect_checkpoint(args)
     if is_model_dir(args.path):
         return _inspect_model(args)
@@ -75,9 +79,10 @@ def _spec_summary(spec: dict[str, Any]) -> str:
 
 
 def _inspect_checkpoint(args: argparse.Namespace) -> int:
-    loaded = read_checkpoint(args.path)
-    tensors = inspect(Path(args.path) / TENSORS_FILE)
+    loaded = read_checkpoint(args.path, storage_options=args.storage_options)
     manifest = loaded.manifest
+    tensors = inspect(f"{loaded.path}/{manifest['tensors_file']['name']}", storage_options=args.storage_options)
+    section = parse_section(manifest, f"{loaded.path}/{MANIFEST_FILE}")
     summary = {
         "path": str(args.path),
         "format": f"{manifest['format']} v{manifest['version']}",
@@ -90,6 +95,16 @@ def _inspect_checkpoint(args: argparse.Namespace) -> int:
         "tensors": tensors.to_dict()["tensors"],
         "total_bytes": tensors.total_bytes,
     }
+    if section is not None:
+        layout = section.dcp_layout or {}
+        summary["distributed"] = {
+            "world_size": section.world_size,
+            "sharded_tensors": len(layout),
+            "sharded_bytes": sum(
+                math.prod(e["shape"]) * ITEMSIZE.get(e["dtype"], 0) for e in layout.values() if isinstance(e, dict)
+            ),
+            "dcp_files": len(section.dcp_files),
+        }
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
         return 0
@@ -97,6 +112,12 @@ def _inspect_checkpoint(args: argparse.Namespace) -> int:
     print(f"objects: {', '.join(summary['objects']) or '-'}")
     if summary["info"]:
         print(f"info: {summary['info']}")
+    if "distributed" in summary:
+        d = summary["distributed"]
+        print(
+            f"saved by {d['world_size']} rank(s): {d['sharded_tensors']} sharded tensors "
+            f"({d['sharded_bytes'] / 1e6:.1f} MB) in {d['dcp_files']} DCP files; shared tensors below"
+        )
     print("state: " + (", ".join(f"{k}={v}" for k, v in summary["state"].items()) or "-"))
     print(tensors.tree() if args.tree else tensors.table())
     return 0
@@ -141,9 +162,14 @@ def _ls(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    if not is_url(args.path) and is_checkpoint_dir(args.path):
-        loaded = read_checkpoint(args.path)  # verifies manifest and every tensor
-        print(f"{args.path}: OK, checkpoint with {len(loaded.decoder.tensors)} tensors verified")
+    if is_training_checkpoint(args.path, args.storage_options):
+        loaded = read_checkpoint(args.path, storage_options=args.storage_options)  # manifest, shared tensors
+        parts = ""
+        if "distributed" in loaded.manifest:
+            from torchkeep.distributed.load import verify_parts
+
+            parts = f", and {verify_parts(loaded, args.storage_options)} rank and DCP files"
+        print(f"{args.path}: OK, checkpoint with {len(loaded.decoder.tensors)} tensors verified{parts}")
         return 0
     checked = verify(args.path, storage_options=args.storage_options)
     if checked is None:

@@ -127,6 +127,26 @@ class Where:
         return CheckedReader(Path(self.join(folder)), metadata)
 
 
+def verify_parts(loaded: LoadedCheckpoint, storage_options: Mapping[str, Any] | None = None) -> int:
+    """Every rank's file and every DCP file of a checkpoint saved by several ranks, checked against the
+    manifest (sizes and checksums); returns how many files. ``read_checkpoint`` checks the shared file.
+
+    Raises:
+        CorruptCheckpointError: a missing, truncated or changed file, naming it.
+    """
+    where = Where(loaded.path, storage_options)
+    manifest_path = where.join(MANIFEST_FILE)
+    section = parse_section(loaded.manifest, manifest_path)
+    if section is None:
+        return 0
+    for entry in section.ranks:
+        where.read_tensors(entry["file"]["name"], entry["file"]["size"])
+    dcp_where = Where(where.join(section.dcp_folder), storage_options)
+    for name, info in section.dcp_files.items():
+        dcp_where.verify(name, info, manifest_path)
+    return len(section.ranks) + len(section.dcp_files)
+
+
 def load_distributed(
     loaded: LoadedCheckpoint,
     wanted: dict[str, Any],

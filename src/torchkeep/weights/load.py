@@ -177,7 +177,7 @@ def load(
     """
     if dtype is not None and not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
-    if _is_training_checkpoint(path, storage_options):  # its model's weights
+    if is_training_checkpoint(path, storage_options):  # its model's weights
         from torchkeep.checkpoint.io import checkpoint_weights
 
         tensors = checkpoint_weights(path, verify=verify, storage_options=storage_options)
@@ -203,7 +203,8 @@ def load(
     return out
 
 
-def _is_training_checkpoint(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None) -> bool:
+def is_training_checkpoint(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> bool:
+    """A torchkeep training checkpoint: a folder (or a URL) holding ``manifest.json``."""
     if not is_url(path):
         return (Path(path) / CHECKPOINT_MANIFEST).is_file()
     if str(path).endswith((".safetensors", ".json")):
