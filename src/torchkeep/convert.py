@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from torchkeep.checkpoint.io import LEGACY_KEYS, read_checkpoint, save_checkpoint, split_legacy
+from torchkeep.checkpoint.layout import SaveRequest
 from torchkeep.errors import CorruptCheckpointError
 from torchkeep.weights.legacy import detect_kind, extract_state_dict, read_raw
 from torchkeep.weights.load import load
@@ -180,17 +181,7 @@ def _write_sharded(
     frozen = _Frozen(dict(weights))
 
     def make_plan() -> Any:
-        return plan_distributed(
-            model=frozen,  # type: ignore[arg-type]
-            optimizer=None,
-            scheduler=None,
-            scaler=None,
-            components=None,
-            rng=False,
-            per_rank=None,
-            state={},
-            shard_everything=True,
-        )
+        return plan_distributed(SaveRequest(model=frozen, rng=False), shard_everything=True)  # type: ignore[arg-type]
 
     save_distributed(target, make_plan, SoloGroup())
     nbytes = _check(weights, load(target), str(target), progress)

@@ -14,7 +14,7 @@ import torch
 import torchkeep
 from torchkeep import CheckpointManager
 from torchkeep.checkpoint.io import write_checkpoint_dir
-from torchkeep.checkpoint.layout import plan_checkpoint
+from torchkeep.checkpoint.layout import SaveRequest, plan_checkpoint
 from torchkeep.cli.main import main
 
 
@@ -54,7 +54,7 @@ def test_a_folder_with_a_damaged_manifest_is_never_deleted(tmp_path: Path) -> No
 def test_checkpoints_not_written_by_a_manager_are_never_deleted(tmp_path: Path) -> None:
     # Written by torchkeep, but not by a manager: save_checkpoint, and a manifest without "manager": 1.
     torchkeep.save_checkpoint(tmp_path / "step-00000001", rng=False, epoch=1)
-    write_checkpoint_dir(tmp_path / "step-00000002", plan_checkpoint(rng=False, info={"step": 2}))
+    write_checkpoint_dir(tmp_path / "step-00000002", plan_checkpoint(SaveRequest(rng=False), info={"step": 2}))
     with CheckpointManager(tmp_path) as mgr:
         mgr.save(5, rng=False)
     # A copy under another step's name: its manifest says step 5.

@@ -87,8 +87,11 @@ def test_the_preflight_counts_the_manifest_too(tmp_path: Path, monkeypatch: pyte
     manifest_size = len(json.dumps(history))
     with CheckpointManager(tmp_path) as mgr:
         mgr.save(1, rng=False, w=torch.ones(4))
-        # Leave the tensors and the margin room, but not the manifest.
+        # Leave the tensors and the margin room, but not the manifest. The free space is pinned: other
+        # processes writing to the same disk meanwhile must not decide the outcome.
         free = shutil.disk_usage(tmp_path).free
+        usage = shutil.disk_usage(tmp_path)._replace(free=free)
+        monkeypatch.setattr(manager_module.shutil, "disk_usage", lambda _path: usage)
         monkeypatch.setattr(manager_module, "SPACE_MARGIN_BYTES", free - manifest_size // 2)
         with pytest.raises(torchkeep.CheckpointWriteError, match="free; nothing was written"):
             mgr.save(2, rng=False, w=torch.ones(4), history=history)

@@ -23,6 +23,7 @@ from torchkeep.checkpoint.layout import (
     SHARED_VERSION,
     TENSORS_FILE,
     CheckpointPlan,
+    SaveRequest,
     manifest_bytes,
     parse_manifest,
     plan_checkpoint,
@@ -150,6 +151,7 @@ def save_checkpoint(
     """
     from torchkeep.distributed.group import active_group
 
+    request = SaveRequest(model, optimizer, scheduler, scaler, components, rng, state, per_rank)
     group = active_group(process_group)
     if group is not None:
         from torchkeep.distributed.plan import plan_distributed
@@ -158,16 +160,7 @@ def save_checkpoint(
         where: str | Path = str(path) if is_url(path) else Path(path)
 
         def make_plan() -> Any:
-            return plan_distributed(
-                model=model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                scaler=scaler,
-                components=components,
-                rng=rng,
-                per_rank=per_rank,
-                state=state,
-            )
+            return plan_distributed(request)
 
         if blocking:
             save_distributed(where, make_plan, group, storage_options)
@@ -183,15 +176,7 @@ def save_checkpoint(
         return submit(None, Path(path), lambda: save_distributed(where, lambda: staged, background, storage_options))
     if per_rank:
         raise ValueError("per_rank= is for saves from several ranks; no process group is initialised")
-    plan = plan_checkpoint(
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        scaler=scaler,
-        components=components,
-        rng=rng,
-        state=state,
-    )
+    plan = plan_checkpoint(request)
     if is_url(path):
         from torchkeep.checkpoint.remote import write_remote_checkpoint
 

@@ -51,6 +51,26 @@ class CheckpointPlan:
         return self.tensors.nbytes
 
 
+@dataclass(frozen=True)
+class SaveRequest:
+    """What a save was asked to keep: the objects with state dicts, the RNG flag, plain values, and (with
+    several ranks) each rank's own state. Planned by :func:`plan_checkpoint` or ``plan_distributed``."""
+
+    model: nn.Module | None = None
+    optimizer: Any = None
+    scheduler: Any = None
+    scaler: Any = None
+    components: Mapping[str, Any] | None = None
+    rng: bool = True
+    state: Mapping[str, Any] = field(default_factory=dict)
+    per_rank: Mapping[str, Any] | None = None
+
+    def objects(self) -> list[tuple[str, Any]]:
+        """The four named objects that were given, by their key in the manifest."""
+        named = (("model", self.model), ("optimizer", self.optimizer), ("scheduler", self.scheduler))
+        return [(name, obj) for name, obj in (*named, ("scaler", self.scaler)) if obj is not None]
+
+
 def object_state(obj: Any) -> dict[str, Any]:
     """A module's unwrapped state dict, or any Stateful's ``state_dict()``."""
     if isinstance(obj, nn.Module):
@@ -61,38 +81,33 @@ def object_state(obj: Any) -> dict[str, Any]:
 
 
 def plan_checkpoint(
+    request: SaveRequest,
     *,
-    model: nn.Module | None = None,
-    optimizer: Any = None,
-    scheduler: Any = None,
-    scaler: Any = None,
-    components: Mapping[str, Any] | None = None,
-    rng: bool = True,
-    state: Mapping[str, Any] | None = None,
     info: Mapping[str, Any] | None = None,
     encoder: Encoder | None = None,
     states: Mapping[str, Any] | None = None,
+    rng: bool | None = None,
 ) -> CheckpointPlan:
-    """Gather and encode the state of every given object; nothing is written.
+    """Gather and encode the state of every object of ``request``; nothing is written.
 
     ``encoder`` may route some tensors elsewhere (sharded ones, to DCP); ``states`` holds state dicts
-    already taken (by name: "model", "optimizer"), used instead of calling ``state_dict()``.
+    already taken (by name: "model", "optimizer"), used instead of calling ``state_dict()``; ``rng``
+    overrides the request's (a distributed save keeps each rank's generators apart).
     """
     from torchkeep import __version__
 
     encoder = encoder or Encoder()
     taken = states or {}
     objects: dict[str, Any] = {}
-    for name, obj in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
-        if obj is not None:
-            objects[name] = encoder.encode(taken[name] if name in taken else object_state(obj), name)
-    if components:
+    for name, obj in request.objects():
+        objects[name] = encoder.encode(taken[name] if name in taken else object_state(obj), name)
+    if request.components:
         objects["components"] = {
-            name: encoder.encode(object_state(obj), f"components.{name}") for name, obj in components.items()
+            name: encoder.encode(object_state(obj), f"components.{name}") for name, obj in request.components.items()
         }
-    if rng:
+    if request.rng if rng is None else rng:
         objects["rng"] = encoder.encode(capture_rng(), "rng")
-    user_state = encoder.encode(dict(state or {}), "")
+    user_state = encoder.encode(dict(request.state), "")
     manifest = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,

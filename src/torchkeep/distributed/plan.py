@@ -23,7 +23,14 @@ import torch
 from torch import nn
 
 from torchkeep.checkpoint.background import StagingBuffers
-from torchkeep.checkpoint.layout import DISTRIBUTED_VERSION, CheckpointPlan, Stateful, object_state, plan_checkpoint
+from torchkeep.checkpoint.layout import (
+    DISTRIBUTED_VERSION,
+    CheckpointPlan,
+    SaveRequest,
+    Stateful,
+    object_state,
+    plan_checkpoint,
+)
 from torchkeep.state.rng import capture_rng
 from torchkeep.state.tensors import PreparedTensors, prepare
 from torchkeep.state.values import Encoder, Json
@@ -77,23 +84,14 @@ class DistributedPlan:
 
 
 def plan_distributed(
-    *,
-    model: nn.Module | None,
-    optimizer: Any,
-    scheduler: Any,
-    scaler: Any,
-    components: Mapping[str, Any] | None,
-    rng: bool,
-    per_rank: Mapping[str, Any] | None,
-    state: Mapping[str, Any],
-    info: Mapping[str, Any] | None = None,
-    shard_everything: bool = False,
+    request: SaveRequest, *, info: Mapping[str, Any] | None = None, shard_everything: bool = False
 ) -> DistributedPlan:
     """Gather and encode this rank's part of a distributed checkpoint; nothing is written.
 
     ``shard_everything``: every tensor goes to DCP (weights written offline for sharded loading).
     """
     states: dict[str, Any] = {}
+    model, optimizer = request.model, request.optimizer
     if model is not None and is_sharded(model):
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -102,20 +100,11 @@ def plan_distributed(
         if optimizer is not None:
             states["optimizer"] = optimizer_state
     encoder = ShardedEncoder(everything=shard_everything)
-    shared = plan_checkpoint(
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        scaler=scaler,
-        components=components,
-        rng=False,  # each rank's generators are its own state
-        state=state,
-        info=info,
-        encoder=encoder,
-        states=states,
-    )
+    # each rank's generators are its own state, kept apart from the shared manifest
+    shared = plan_checkpoint(request, info=info, encoder=encoder, states=states, rng=False)
     manifest = dict(shared.manifest, version=DISTRIBUTED_VERSION)
-    return DistributedPlan(CheckpointPlan(manifest, shared.tensors), encoder.sharded, plan_own(rng, per_rank))
+    own = plan_own(request.rng, request.per_rank)
+    return DistributedPlan(CheckpointPlan(manifest, shared.tensors), encoder.sharded, own)
 
 
 def plan_own(rng: bool, per_rank: Mapping[str, Any] | None) -> RankPlan:

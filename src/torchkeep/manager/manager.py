@@ -23,6 +23,7 @@ from torchkeep.checkpoint.layout import (
     MANIFEST_FILE,
     TENSORS_FILE,
     CheckpointPlan,
+    SaveRequest,
     manifest_bytes,
     parse_manifest,
     plan_checkpoint,
@@ -317,10 +318,9 @@ class CheckpointManager(RunView):
                 new checkpoint did not read back, a folder not written by the manager has the
                 step's name, or another manager took over; earlier checkpoints are intact.
         """
+        request = SaveRequest(model, optimizer, scheduler, scaler, components, rng, state, per_rank)
         if self.group is not None:
-            return self._save_across_ranks(
-                self.group, step, metrics, model, optimizer, scheduler, scaler, components, rng, per_rank, state
-            )
+            return self._save_across_ranks(self.group, step, metrics, request)
         if per_rank:
             raise ValueError("per_rank= is for managers shared by several ranks; no process group is initialised")
         with self._save_order:
@@ -328,9 +328,7 @@ class CheckpointManager(RunView):
             try:
                 self._finish_pending()  # at most one save in flight; its error, if any, is raised here
                 with self._mutex:
-                    target, plan, plain, now = self._plan_save(
-                        step, metrics, model, optimizer, scheduler, scaler, components, rng, state
-                    )
+                    target, plan, plain, now = self._plan_save(step, metrics, request)
                     if not self.async_save:
                         return self._commit_save(step, target, plan, plain, now)
                     snapshot = self._staging.snapshot(plan)
@@ -389,31 +387,13 @@ class CheckpointManager(RunView):
         return True
 
     def _plan_save(
-        self,
-        step: int,
-        metrics: Mapping[str, Any] | None,
-        model: nn.Module | None,
-        optimizer: Any,
-        scheduler: Any,
-        scaler: Any,
-        components: Mapping[str, Any] | None,
-        rng: bool,
-        state: Mapping[str, Any],
+        self, step: int, metrics: Mapping[str, Any] | None, request: SaveRequest
     ) -> tuple[Path, CheckpointPlan, dict[str, Any], float]:
         """Check the step and the directory, plan what to write, and check it fits; nothing is written."""
         plain = plain_metrics(metrics or {})
         target = self._check_target(step)
         now = time.time()
-        plan = plan_checkpoint(
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            scaler=scaler,
-            components=components,
-            rng=rng,
-            state=state,
-            info={"manager": 1, "step": step, "metrics": plain, "time": now},
-        )
+        plan = plan_checkpoint(request, info={"manager": 1, "step": step, "metrics": plain, "time": now})
         self._check_space(plan, target)
         return target, plan, plain, now
 
@@ -437,18 +417,7 @@ class CheckpointManager(RunView):
         return target
 
     def _save_across_ranks(
-        self,
-        group: Group,
-        step: int,
-        metrics: Mapping[str, Any] | None,
-        model: nn.Module | None,
-        optimizer: Any,
-        scheduler: Any,
-        scaler: Any,
-        components: Mapping[str, Any] | None,
-        rng: bool,
-        per_rank: Mapping[str, Any] | None,
-        state: Mapping[str, Any],
+        self, group: Group, step: int, metrics: Mapping[str, Any] | None, request: SaveRequest
     ) -> CheckpointInfo | PendingSave[CheckpointInfo]:
         """The distributed protocol (torchkeep.distributed.save), then rank 0 moves latest and retires."""
         from torchkeep.distributed.plan import plan_distributed, snapshot
@@ -461,18 +430,7 @@ class CheckpointManager(RunView):
         def make_plan() -> Any:
             if group.is_coordinator:
                 self._check_target(step)  # rank 0's view decides; a refusal fails every rank
-            info = {"manager": 1, "step": step, "metrics": plain, "time": now}
-            return plan_distributed(
-                model=model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                scaler=scaler,
-                components=components,
-                rng=rng,
-                per_rank=per_rank,
-                state=state,
-                info=info,
-            )
+            return plan_distributed(request, info={"manager": 1, "step": step, "metrics": plain, "time": now})
 
         with self._save_order:
             self._finish_pending()  # at most one save in flight; its error, if any, is raised here

@@ -30,7 +30,7 @@ from torch import nn
 
 from torchkeep import _config
 from torchkeep.checkpoint.io import load_checkpoint
-from torchkeep.checkpoint.layout import MANIFEST_FILE, parse_manifest, plan_checkpoint
+from torchkeep.checkpoint.layout import MANIFEST_FILE, SaveRequest, parse_manifest, plan_checkpoint
 from torchkeep.checkpoint.remote import write_remote_checkpoint
 from torchkeep.distributed.group import active_group
 from torchkeep.distributed.plan import plan_distributed
@@ -212,23 +212,14 @@ class RemoteCheckpointManager(RunView):
             plain = plain_metrics(metrics or {})
             now = time.time()
             info = {"manager": 1, "step": step, "metrics": plain, "time": now}
+            request = SaveRequest(model, optimizer, scheduler, scaler, components, rng, state, per_rank)
             if self.group is not None:
                 group = self.group
 
                 def make_plan() -> Any:
                     if group.is_coordinator:
                         self._check_target(step)  # rank 0's view decides; a refusal fails every rank
-                    return plan_distributed(
-                        model=model,
-                        optimizer=optimizer,
-                        scheduler=scheduler,
-                        scaler=scaler,
-                        components=components,
-                        rng=rng,
-                        per_rank=per_rank,
-                        state=state,
-                        info=info,
-                    )
+                    return plan_distributed(request, info=info)
 
                 url = f"{self.directory}/{self.template.format(step=step)}"
                 save_distributed(url, make_plan, group, self.storage_options)
@@ -245,16 +236,7 @@ class RemoteCheckpointManager(RunView):
             if per_rank:
                 raise ValueError("per_rank= is for managers shared by several ranks; no process group is initialised")
             name = self._check_target(step)
-            plan = plan_checkpoint(
-                model=model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                scaler=scaler,
-                components=components,
-                rng=rng,
-                state=state,
-                info=info,
-            )
+            plan = plan_checkpoint(request, info=info)
             size = write_remote_checkpoint(f"{self.directory}/{name}", plan, self.storage_options)
             return self._register(step, size, plain, now)
 
