@@ -104,7 +104,36 @@ def test_uncommitted_and_damaged_steps_are_skipped(tmp_path: Path) -> None:
         assert mgr.restore(model=fresh)["step"] == 1
     assert all(torch.equal(expected[k], v) for k, v in fresh.state_dict().items())
     mgr.close()
-    with pytest.raises(ValueError, match="a folder"):
-        torchkeep.CheckpointManager(url, async_save=True)
+    with pytest.raises(ValueError, match="incremental needs a folder"):
+        torchkeep.CheckpointManager(url, incremental=True)
     with pytest.raises(ValueError, match="storage_options are for runs at a URL"):
         torchkeep.CheckpointManager(tmp_path / "local", storage_options={"key": "x"})
+
+
+def test_async_saves_to_a_url_keep_the_state_of_the_call() -> None:
+    import fsspec
+
+    url = "memory://torchkeep-test/remote-async"
+    fs = fsspec.filesystem("memory")
+    if fs.exists(url):
+        fs.rm(url, recursive=True)
+    model = nn.Linear(3, 2)
+    with torchkeep.CheckpointManager(url, async_save=True, keep_last=1) as mgr:
+        at_save = {k: v.clone() for k, v in model.state_dict().items()}
+        pending = mgr.save(1, model=model, rng=False)
+        assert isinstance(pending, torchkeep.PendingSave)
+        with torch.no_grad():
+            model.weight.add_(1)  # training goes on while the upload may be in flight
+        info = pending.wait()
+        assert info.step == 1 and info.is_latest
+        first = nn.Linear(3, 2)
+        mgr.restore(1, model=first)
+        assert all(torch.equal(at_save[k], v) for k, v in first.state_dict().items())  # the state at save()
+        mgr.save(2, model=model, rng=False)  # waits for nothing, retires step 1 in the background
+        mgr.wait()
+        assert [i.step for i in mgr.list()] == [2]
+        fresh = nn.Linear(3, 2)
+        mgr.restore(model=fresh)
+        assert torch.equal(fresh.weight, model.weight) and not torch.equal(fresh.weight, at_save["weight"])
+    reader = torchkeep.CheckpointManager(url, read_only=True)
+    assert [i.step for i in reader.list()] == [2]

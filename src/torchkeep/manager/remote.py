@@ -29,6 +29,7 @@ from typing import Any
 from torch import nn
 
 from torchkeep import _config
+from torchkeep.checkpoint.background import PendingSave, StagingBuffers, Writer
 from torchkeep.checkpoint.io import load_checkpoint
 from torchkeep.checkpoint.layout import MANIFEST_FILE, SaveRequest, parse_manifest, plan_checkpoint
 from torchkeep.checkpoint.remote import write_remote_checkpoint
@@ -78,11 +79,16 @@ class RemoteCheckpointManager(RunView):
         incremental: bool = False,
         process_group: Any = None,
     ) -> None:
-        if async_save or incremental:
-            raise ValueError(
-                f"{url}: a run at a URL saves blocking, whole checkpoints (async_save, incremental need a folder)"
-            )
         self.group = active_group(process_group)
+        if incremental or (async_save and self.group is not None):
+            raise ValueError(
+                f"{url}: a run at a URL saves whole checkpoints (incremental needs a folder), and saves from "
+                "several ranks there are blocking (async_save with a process group needs a folder)"
+            )
+        self.async_save = async_save
+        self._staging = StagingBuffers()
+        self._writer = Writer()
+        self._pending: PendingSave[CheckpointInfo] | None = None
         self._token: str | None = None
         self._mutex = threading.RLock()
         self.directory = url.rstrip("/")
@@ -120,7 +126,15 @@ class RemoteCheckpointManager(RunView):
         self._token = token
 
     def close(self) -> None:
-        """Release the lock object (if it is still this manager's)."""
+        """Finish a background save, then release the lock object (if it is still this manager's).
+        Raises the error of a background save nobody has seen yet."""
+        try:
+            self._finish_pending()
+        finally:
+            self._writer.shutdown()
+            self._release()
+
+    def _release(self) -> None:
         with self._mutex:
             token, self._token = self._token, None
         if token is None:
@@ -136,7 +150,15 @@ class RemoteCheckpointManager(RunView):
         self.close()
 
     def wait(self) -> None:
-        """Saves at a URL are blocking: nothing to wait for."""
+        """Wait for a background save; raise its error."""
+        self._finish_pending()
+
+    def _finish_pending(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            error = pending.unreported_error()
+            if error is not None:
+                raise error
 
     def _steps(self) -> dict[str, list[str]]:
         """Each step-named prefix and the objects under it (relative names)."""
@@ -206,8 +228,13 @@ class RemoteCheckpointManager(RunView):
         rng: bool = True,
         per_rank: Mapping[str, Any] | None = None,
         **state: Any,
-    ) -> CheckpointInfo:
-        """As :meth:`torchkeep.CheckpointManager.save`: write, read back, move ``latest``, retire."""
+    ) -> CheckpointInfo | PendingSave[CheckpointInfo]:
+        """As :meth:`torchkeep.CheckpointManager.save`: write, read back, move ``latest``, retire.
+
+        With ``async_save=True``: returns a :class:`~torchkeep.PendingSave` once the state is copied; the
+        upload, read-back, ``latest`` and retention happen on a background thread (one save in flight).
+        """
+        self._finish_pending()  # at most one save in flight; its error, if any, is raised here
         with self._mutex:
             plain = plain_metrics(metrics or {})
             now = time.time()
@@ -237,8 +264,16 @@ class RemoteCheckpointManager(RunView):
                 raise ValueError("per_rank= is for managers shared by several ranks; no process group is initialised")
             name = self._check_target(step)
             plan = plan_checkpoint(request, info=info)
-            size = write_remote_checkpoint(f"{self.directory}/{name}", plan, self.storage_options)
-            return self._register(step, size, plain, now)
+            url = f"{self.directory}/{name}"
+            if not self.async_save:
+                return self._register(step, write_remote_checkpoint(url, plan, self.storage_options), plain, now)
+            snapshot = self._staging.snapshot(plan)
+
+            def upload() -> CheckpointInfo:
+                return self._register(step, write_remote_checkpoint(url, snapshot, self.storage_options), plain, now)
+
+            self._pending = self._writer.submit(step, Path(name), upload)
+            return self._pending
 
     def _check_target(self, step: int) -> str:
         """The step's name, after checking it may be written; nothing is written."""
@@ -320,6 +355,8 @@ class RemoteCheckpointManager(RunView):
         per_rank: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """As :meth:`torchkeep.CheckpointManager.restore`, falling back past damaged checkpoints."""
+        if self._pending is not None:
+            self._pending.join()  # a save in flight first (its error stays for the next save or wait())
         with self._mutex:
             self.refresh()
             order = self._restore_order(step)
