@@ -372,6 +372,15 @@ def s3_manager(ctx: Context) -> None:
         restored=same(at_3, full_params(model)),
         draw_again=torch.rand(2).tolist() == draw,
     )
+    # In the background: copied at save(), uploaded by both ranks on their own group while training goes on.
+    mgr.async_save = True
+    train_step(model, opt)
+    at_4 = full_params(model)
+    pending = mgr.save(4, model=model, optimizer=opt)
+    train_step(model, opt)
+    ctx.report["async_info"] = {"step": pending.wait().step, "handle": type(pending).__name__}
+    mgr.restore(model=model, optimizer=opt)
+    ctx.report.update(async_restored=same(at_4, full_params(model)), async_steps=[i.step for i in mgr.list()])
     mgr.close()
 
 

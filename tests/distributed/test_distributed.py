@@ -165,6 +165,8 @@ def test_a_manager_shared_by_two_ranks_on_s3(tmp_path: Path, s3: dict[str, Any])
         assert report["latest"] and report["steps"] == [2, 3]  # keep_last=2 retired step 1 (every rank's objects)
         assert report["state"] == {"seen": 30 + rank, "step": 3}
         assert report["restored"] and report["draw_again"]  # bit-exact, each rank's own generator
+        assert report["async_info"] == {"step": 4, "handle": "PendingSave"}
+        assert report["async_restored"] and report["async_steps"] == [3, 4]
     from torchkeep.storage.remote import RemoteStorage
 
     names = RemoteStorage("s3://torchkeep-bucket/dist/run", s3).list()

@@ -437,7 +437,9 @@ class CheckpointManager(RunView):
             with self._mutex:
                 if not self.async_save:
                     save_distributed(target, make_plan, group)
-                    return self._register_across_ranks(group, step, target, plain, now)
+                    return self._register_across_ranks(
+                        group, step, target, plain, now, lambda: self._register(step, target, None, plain, now)
+                    )
                 # Planned and copied while the caller waits, agreed on at once; written on the ranks'
                 # background group, so its collectives never meet the training's.
                 staged, _ = group.step(
@@ -447,27 +449,13 @@ class CheckpointManager(RunView):
 
                 def write() -> CheckpointInfo:
                     save_distributed(target, lambda: staged, background)
-                    return self._register_across_ranks(background, step, target, plain, now)
+                    return self._register_across_ranks(
+                        background, step, target, plain, now, lambda: self._register(step, target, None, plain, now)
+                    )
 
                 pending = self._writer.submit(step, target, write)
                 self._pending = pending
                 return pending
-
-    def _register_across_ranks(
-        self, group: Group, step: int, target: Path, plain: dict[str, Any], now: float
-    ) -> CheckpointInfo:
-        """Rank 0 reads the committed checkpoint back, moves latest and retires; the others follow its view."""
-        registered, _ = group.step(
-            target,
-            "moving latest and applying retention",
-            lambda: self._register(step, target, None, plain, now) if group.is_coordinator else None,
-            lambda _: {},
-        )
-        with self._mutex:
-            if registered is None:
-                self._checkpoints[step] = CheckpointInfo(step=step, path=target, metrics=plain, time=now)
-                return self._decorated(self._checkpoints[step], self._best_step(), step)
-            return registered
 
     def _commit_save(
         self, step: int, target: Path, plan: CheckpointPlan, plain: dict[str, Any], now: float

@@ -33,8 +33,8 @@ from torchkeep.checkpoint.background import PendingSave, StagingBuffers, Writer
 from torchkeep.checkpoint.io import load_checkpoint
 from torchkeep.checkpoint.layout import MANIFEST_FILE, SaveRequest, parse_manifest, plan_checkpoint
 from torchkeep.checkpoint.remote import write_remote_checkpoint
-from torchkeep.distributed.group import active_group
-from torchkeep.distributed.plan import plan_distributed
+from torchkeep.distributed.group import Group, active_group
+from torchkeep.distributed.plan import plan_distributed, snapshot
 from torchkeep.distributed.save import save_distributed
 from torchkeep.errors import (
     CheckpointNotFoundError,
@@ -45,7 +45,7 @@ from torchkeep.errors import (
 )
 from torchkeep.manager.folders import manager_info
 from torchkeep.manager.policies import RetentionPolicy, plain_metrics, to_delete
-from torchkeep.manager.view import CheckpointInfo, RunView
+from torchkeep.manager.view import CheckpointInfo, RunView, no_message
 from torchkeep.state.devices import MapLocation
 from torchkeep.storage.remote import RemoteStorage
 
@@ -80,11 +80,8 @@ class RemoteCheckpointManager(RunView):
         process_group: Any = None,
     ) -> None:
         self.group = active_group(process_group)
-        if incremental or (async_save and self.group is not None):
-            raise ValueError(
-                f"{url}: a run at a URL saves whole checkpoints (incremental needs a folder), and saves from "
-                "several ranks there are blocking (async_save with a process group needs a folder)"
-            )
+        if incremental:
+            raise ValueError(f"{url}: a run at a URL saves whole checkpoints (incremental needs a folder)")
         self.async_save = async_save
         self._staging = StagingBuffers()
         self._writer = Writer()
@@ -241,25 +238,7 @@ class RemoteCheckpointManager(RunView):
             info = {"manager": 1, "step": step, "metrics": plain, "time": now}
             request = SaveRequest(model, optimizer, scheduler, scaler, components, rng, state, per_rank)
             if self.group is not None:
-                group = self.group
-
-                def make_plan() -> Any:
-                    if group.is_coordinator:
-                        self._check_target(step)  # rank 0's view decides; a refusal fails every rank
-                    return plan_distributed(request, info=info)
-
-                url = f"{self.directory}/{self.template.format(step=step)}"
-                save_distributed(url, make_plan, group, self.storage_options)
-                registered, _ = group.step(
-                    url,
-                    "moving latest and applying retention",
-                    lambda: self._register(step, 0, plain, now) if group.is_coordinator else None,
-                    lambda _: {},
-                )
-                if registered is None:  # another rank: its view follows rank 0's
-                    self._checkpoints[step] = CheckpointInfo(step=step, path=url, metrics=plain, time=now)
-                    return self._decorated(self._checkpoints[step], self._best_step(), step)
-                return registered
+                return self._save_across_ranks(self.group, step, request, plain, now)
             if per_rank:
                 raise ValueError("per_rank= is for managers shared by several ranks; no process group is initialised")
             name = self._check_target(step)
@@ -274,6 +253,36 @@ class RemoteCheckpointManager(RunView):
 
             self._pending = self._writer.submit(step, Path(name), upload)
             return self._pending
+
+    def _save_across_ranks(
+        self, group: Group, step: int, request: SaveRequest, plain: dict[str, Any], now: float
+    ) -> CheckpointInfo | PendingSave[CheckpointInfo]:
+        """The distributed protocol at the step's URL (in the background with ``async_save``), then rank 0
+        reads back, moves latest and retires."""
+        name = self.template.format(step=step)
+        url = f"{self.directory}/{name}"
+        info = {"manager": 1, "step": step, "metrics": plain, "time": now}
+
+        def make_plan() -> Any:
+            if group.is_coordinator:
+                self._check_target(step)  # rank 0's view decides; a refusal fails every rank
+            return plan_distributed(request, info=info)
+
+        def register() -> CheckpointInfo:
+            return self._register(step, 0, plain, now)
+
+        if not self.async_save:
+            save_distributed(url, make_plan, group, self.storage_options)
+            return self._register_across_ranks(group, step, url, plain, now, register)
+        staged, _ = group.step(url, "planning the checkpoint", lambda: snapshot(self._staging, make_plan()), no_message)
+        background = group.background()
+
+        def write() -> CheckpointInfo:
+            save_distributed(url, lambda: staged, background, self.storage_options)
+            return self._register_across_ranks(background, step, url, plain, now, register)
+
+        self._pending = self._writer.submit(step, Path(name), write)
+        return self._pending
 
     def _check_target(self, step: int) -> str:
         """The step's name, after checking it may be written; nothing is written."""

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torchkeep.errors import CheckpointNotFoundError
+
+if TYPE_CHECKING:
+    from torchkeep.distributed.group import Group
 from torchkeep.manager.policies import (
     Candidate,
     KeepBest,
@@ -134,6 +137,26 @@ class RunView:
             return [step]
         raise ValueError(f"step must be 'latest', 'best' or an int, got {step!r}")
 
+    def _register_across_ranks(
+        self,
+        group: Group,
+        step: int,
+        where: Path | str,
+        plain: dict[str, Any],
+        now: float,
+        register: Callable[[], CheckpointInfo],
+    ) -> CheckpointInfo:
+        """Rank 0 runs ``register`` (read back, move latest, retire); the other ranks follow its view."""
+        work: Callable[[], CheckpointInfo | None] = register if group.is_coordinator else _nothing
+        registered: CheckpointInfo | None = group.step(where, "moving latest and applying retention", work, no_message)[
+            0
+        ]
+        with self._mutex:
+            if registered is None:
+                self._checkpoints[step] = CheckpointInfo(step=step, path=where, metrics=plain, time=now)
+                return self._decorated(self._checkpoints[step], self._best_step(), step)
+            return registered
+
     def _check_step(self, step: int) -> None:
         newest = max(self._checkpoints, default=None)
         if step in self._checkpoints:
@@ -143,6 +166,15 @@ class RunView:
                 f"step {step} is not after the newest saved step {newest} in {self.directory}; pass a larger "
                 f"step, or move the checkpoints after {step} out of the directory and call refresh()"
             )
+
+
+def _nothing() -> None:
+    return None
+
+
+def no_message(_: Any) -> dict[str, Any]:
+    """What a rank tells the others after a step that has nothing to report but its success."""
+    return {}
 
 
 def template_pattern(template: str) -> re.Pattern[str]:
