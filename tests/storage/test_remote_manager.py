@@ -104,8 +104,6 @@ def test_uncommitted_and_damaged_steps_are_skipped(tmp_path: Path) -> None:
         assert mgr.restore(model=fresh)["step"] == 1
     assert all(torch.equal(expected[k], v) for k, v in fresh.state_dict().items())
     mgr.close()
-    with pytest.raises(ValueError, match="incremental needs a folder"):
-        torchkeep.CheckpointManager(url, incremental=True)
     with pytest.raises(ValueError, match="storage_options are for runs at a URL"):
         torchkeep.CheckpointManager(tmp_path / "local", storage_options={"key": "x"})
 
@@ -137,3 +135,29 @@ def test_async_saves_to_a_url_keep_the_state_of_the_call() -> None:
         assert torch.equal(fresh.weight, model.weight) and not torch.equal(fresh.weight, at_save["weight"])
     reader = torchkeep.CheckpointManager(url, read_only=True)
     assert [i.step for i in reader.list()] == [2]
+
+
+def test_incremental_runs_at_a_url_store_each_large_tensor_once(s3: dict[str, Any]) -> None:
+    url = "s3://torchkeep-bucket/runs/incremental"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 2))  # 256 KiB frozen, a small head that trains
+    model[0].requires_grad_(False)
+    with torchkeep.CheckpointManager(url, incremental=True, keep_last=2, storage_options=s3) as mgr:
+        for step in (1, 2, 3):
+            with torch.no_grad():
+                model[1].weight.add_(0.1)
+            mgr.save(step, model=model, rng=False)
+        expected = {k: v.clone() for k, v in model.state_dict().items()}
+    run = RemoteStorage(url, s3)
+    stored = [n for n in run.list() if n.startswith("objects/")]
+    assert len(stored) == 1  # the frozen weight, once (the biases are under 64 KiB: in each checkpoint's file)
+    fresh = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 2))
+    reader = torchkeep.CheckpointManager(url, read_only=True, storage_options=s3)
+    assert reader.restore(model=fresh)["step"] == 3
+    assert all(torch.equal(expected[k], v) for k, v in fresh.state_dict().items())
+    # torchkeep.load of one step at the URL reads its objects too
+    assert torch.equal(torchkeep.load(f"{url}/step-00000002", storage_options=s3)["0.weight"], expected["0.weight"])
+    # retiring every step that uses an object deletes it
+    with torchkeep.CheckpointManager(url, incremental=True, keep_last=1, storage_options=s3) as mgr:
+        mgr.save(4, model=nn.Sequential(nn.Linear(2, 2)), rng=False)
+    assert not [n for n in run.list() if n.startswith("objects/")]

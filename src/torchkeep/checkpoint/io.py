@@ -62,7 +62,7 @@ def write_checkpoint(storage: Storage, plan: CheckpointPlan) -> int:
     return size + len(manifest)
 
 
-def share_tensors(plan: CheckpointPlan, folder: Path) -> tuple[CheckpointPlan, int]:
+def share_tensors(plan: CheckpointPlan, store: Storage) -> tuple[CheckpointPlan, int]:
     """Move a plan's large tensors into the run's object store (each written once, whatever the step).
 
     Returns the plan that remains (small tensors in the checkpoint's own file, the large ones listed
@@ -74,7 +74,7 @@ def share_tensors(plan: CheckpointPlan, folder: Path) -> tuple[CheckpointPlan, i
     if not large:
         return plan, 0
     keys = objects.keys_of(large)
-    written = sum(objects.put(folder, keys[n], t) for n, t in large.items())
+    written = sum(objects.put(store, keys[n], t) for n, t in large.items())
     entries = {n: objects.describe(t, keys[n]) for n, t in large.items()}
     entries.update({alias: entries[target] for alias, target in aliases.items() if target in large})
     kept = PreparedTensors(
@@ -288,7 +288,7 @@ def read_checkpoint(
     shared = manifest.get("shared_tensors")
     if shared is not None:
         entries = objects.check_entries(shared, str(manifest_path))
-        store = objects.objects_dir(root)
+        store = objects.objects_store(root)
         for name, entry in entries.items():
             if name in tensors:
                 raise CorruptCheckpointError(manifest_path, f"tensor {name!r:.80} is both in the file and shared")

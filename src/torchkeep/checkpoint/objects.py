@@ -19,11 +19,12 @@ from typing import Any
 import torch
 
 from torchkeep import _config
-from torchkeep.errors import CorruptCheckpointError
+from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError
 from torchkeep.format.dtypes import CODE_TO_DTYPE, DTYPE_TO_CODE, ITEMSIZE
 from torchkeep.format.io import write_all
 from torchkeep.format.layout import byte_view, digest
-from torchkeep.storage.local import atomic_write, is_temporary, write_errors
+from torchkeep.storage.base import Storage
+from torchkeep.storage.local import LocalStorage, is_temporary, write_errors
 
 OBJECTS_DIR = "objects"
 KEY = re.compile(r"^[0-9a-f]{16}-(0|[1-9][0-9]{0,18})$")
@@ -35,6 +36,16 @@ MIN_OBJECT_BYTES = 64 * 1024
 def objects_dir(checkpoint: Path) -> Path:
     """The shared folder of the run a checkpoint folder belongs to."""
     return checkpoint.parent / OBJECTS_DIR
+
+
+def objects_store(checkpoint: str | Path, storage_options: Mapping[str, Any] | None = None) -> Storage:
+    """Where the objects of the run a checkpoint (a folder or a URL) belongs to are kept."""
+    from torchkeep.storage.remote import RemoteStorage, is_url
+
+    if is_url(checkpoint):
+        run = str(checkpoint).rstrip("/").rsplit("/", 1)[0]
+        return RemoteStorage(f"{run}/{OBJECTS_DIR}", storage_options)
+    return LocalStorage(objects_dir(Path(checkpoint)))
 
 
 def key_of(tensor: torch.Tensor) -> str:
@@ -53,16 +64,19 @@ def describe(tensor: torch.Tensor, key: str) -> dict[str, Any]:
     return {"object": key, "dtype": DTYPE_TO_CODE[tensor.dtype], "shape": list(tensor.shape)}
 
 
-def put(folder: Path, key: str, tensor: torch.Tensor) -> int:
+def put(store: Storage, key: str, tensor: torch.Tensor) -> int:
     """Write an object unless it is there; returns the bytes written (0 when it already was)."""
-    path = folder / key
-    if path.is_file() and path.stat().st_size == tensor.numel() * tensor.element_size():
+    nbytes = tensor.numel() * tensor.element_size()
+    if store.exists(key) and store.size(key) == nbytes:
         return 0
-    with write_errors(folder, "creating the objects folder"):
-        folder.mkdir(exist_ok=True)
-    with atomic_write(path) as sink:
+    with store.open_write(key) as sink:  # atomic: whole or not at all, on a disk or an object store
         write_all(sink, byte_view(tensor))
-    return tensor.numel() * tensor.element_size()
+    return nbytes
+
+
+def where(store: Storage, key: str) -> str:
+    """An object's path or URL, for messages."""
+    return store.local_path(key) or f"{getattr(store, 'url', '')}/{key}"
 
 
 def check_entries(entries: Any, where: str) -> dict[str, dict[str, Any]]:
@@ -87,26 +101,27 @@ def check_entries(entries: Any, where: str) -> dict[str, dict[str, Any]]:
     return entries
 
 
-def read(folder: Path, name: str, entry: Mapping[str, Any], *, verify: bool) -> torch.Tensor:
+def read(store: Storage, name: str, entry: Mapping[str, Any], *, verify: bool) -> torch.Tensor:
     """One shared tensor, read into its own memory and checked against its key."""
     key = entry["object"]
-    path = folder / key
+    path = where(store, key)
     dtype = CODE_TO_DTYPE[entry["dtype"]]
     tensor = torch.empty(entry["shape"], dtype=dtype)
     view = byte_view(tensor)
+    local = store.local_path(key)
     try:
-        if path.is_symlink() or not path.is_file():
+        if (local is not None and Path(local).is_symlink()) or not store.exists(key):
             raise CorruptCheckpointError(path, f"object of shared tensor {name!r} is missing", key=name)
-        if path.stat().st_size != view.nbytes:
+        if store.size(key) != view.nbytes:
             raise CorruptCheckpointError(path, f"object of shared tensor {name!r} has the wrong size", key=name)
-        with open(path, "rb", buffering=0) as f:
+        with store.open_read(key) as f:
             filled = 0
             while filled < view.nbytes:
-                got = f.readinto(view[filled:])
+                got = f.readinto(view[filled:])  # type: ignore[attr-defined]  # every backend reads into
                 if not got:
                     raise CorruptCheckpointError(path, "object ended early (truncated?)", key=name)
                 filled += got
-    except OSError as exc:
+    except (OSError, CheckpointNotFoundError) as exc:
         raise CorruptCheckpointError(path, f"object of shared tensor {name!r} cannot be read: {exc}") from exc
     if verify and f"{digest(view)}-{view.nbytes}" != key:
         raise CorruptCheckpointError(path, "checksum mismatch: the object's bytes are damaged", key=name)
@@ -129,15 +144,17 @@ def referenced_by_folder(checkpoint: Path) -> set[str]:
     return {m.decode() for m in _ANY_KEY.findall(raw)}
 
 
-def collect(folder: Path, keep: Iterable[str]) -> int:
-    """Delete every object no kept checkpoint references, and temporaries of objects; returns how many."""
-    if not folder.is_dir():
-        return 0
+def collect(store: Storage, keep: Iterable[str]) -> int:
+    """Delete every object no kept checkpoint references (and, in a folder, temporaries of objects); returns
+    how many."""
     wanted = set(keep)
-    removed = 0
-    for entry in os.scandir(folder):
-        if is_temporary(entry.name) or (KEY.match(entry.name) and entry.name not in wanted):
-            with write_errors(entry.path, "deleting an object no checkpoint uses"):
-                os.unlink(entry.path)
-            removed += 1
-    return removed
+    doomed = [name for name in store.list() if KEY.match(name) and name not in wanted]
+    if isinstance(store, LocalStorage) and store.root.is_dir():  # what a killed write left (never listed)
+        doomed += [entry.name for entry in os.scandir(store.root) if is_temporary(entry.name)]
+    for name in doomed:
+        if isinstance(store, LocalStorage):
+            with write_errors(store.root / name, "deleting an object no checkpoint uses"):
+                os.unlink(store.root / name)
+        else:
+            store.delete(name)
+    return len(doomed)

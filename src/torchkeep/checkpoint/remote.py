@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from torchkeep import _config
+from torchkeep.checkpoint import objects
 from torchkeep.checkpoint.layout import MANIFEST_FILE, CheckpointPlan, manifest_bytes, parse_manifest
 from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError, TorchkeepError
 from torchkeep.storage.remote import RemoteStorage
@@ -33,8 +34,6 @@ def _manifest(storage: RemoteStorage) -> dict[str, Any]:
 
 def write_remote_checkpoint(url: str, plan: CheckpointPlan, storage_options: Mapping[str, Any] | None) -> int:
     """Write the tensor file under a fresh name, then the manifest (the commit point); returns bytes written."""
-    if plan.manifest.get("shared_tensors"):
-        raise ValueError("incremental checkpoints need a local run directory")
     storage = RemoteStorage(url, storage_options)
     previous = None
     if storage.exists(MANIFEST_FILE):
@@ -59,8 +58,6 @@ def read_remote_checkpoint(
     if not storage.exists(MANIFEST_FILE):
         raise CheckpointNotFoundError(url, f"no {MANIFEST_FILE}: not a checkpoint, or one never committed")
     manifest = _manifest(storage)
-    if manifest.get("shared_tensors"):
-        raise CorruptCheckpointError(url, "an incremental checkpoint's shared objects are read from a local run")
     record = manifest["tensors_file"]
     if not storage.exists(record["name"]):
         raise CorruptCheckpointError(url, f"{record['name']} is missing")
@@ -71,4 +68,11 @@ def read_remote_checkpoint(
             f"size {actual} differs from the {record['size']} recorded in the manifest",
         )
     tensors = load_url(f"{storage.url}/{record['name']}", storage_options=storage_options, verify=verify)
+    shared = manifest.get("shared_tensors")
+    if shared is not None:  # an incremental checkpoint: its large tensors are objects of the run
+        store = objects.objects_store(url, storage_options)
+        for name, entry in objects.check_entries(shared, f"{storage.url}/{MANIFEST_FILE}").items():
+            if name in tensors:
+                raise CorruptCheckpointError(url, f"tensor {name!r:.80} is both in the file and shared")
+            tensors[name] = objects.read(store, name, entry, verify=verify)
     return manifest, tensors

@@ -50,7 +50,7 @@ from torchkeep.manager.view import CheckpointInfo, RunView
 from torchkeep.state.devices import MapLocation
 from torchkeep.state.tensors import PreparedTensors
 from torchkeep.state.values import Decoder
-from torchkeep.storage.local import atomic_write, fsync_dir, reason, temporary_sibling, write_errors
+from torchkeep.storage.local import LocalStorage, atomic_write, fsync_dir, reason, temporary_sibling, write_errors
 from torchkeep.storage.remote import is_url
 
 __all__ = ["LOCK_FILE", "CheckpointInfo", "CheckpointManager"]
@@ -464,7 +464,7 @@ class CheckpointManager(RunView):
         try:
             with write_errors(target, "writing the checkpoint"):
                 if self.incremental:
-                    plan, _ = share_tensors(plan, objects.objects_dir(target))
+                    plan, _ = share_tensors(plan, objects.objects_store(target))
                 write_checkpoint_dir(target, plan)
         except CheckpointWriteError as exc:
             raise CheckpointWriteError(
@@ -605,7 +605,7 @@ class CheckpointManager(RunView):
             used = set().union(*(self._refs.get(step, set()) for step in self._checkpoints))
             for name in self.damaged:  # unreadable now, perhaps repaired later: keep what it may use
                 used |= objects.referenced_by_folder(self.directory / name)
-            objects.collect(folder, used)
+            objects.collect(LocalStorage(folder), used)
 
     def wait(self) -> None:
         """Wait for a background save (raising its error) and for deletions of retired checkpoints."""

@@ -29,9 +29,10 @@ from typing import Any
 from torch import nn
 
 from torchkeep import _config
+from torchkeep.checkpoint import objects
 from torchkeep.checkpoint.background import PendingSave, StagingBuffers, Writer
-from torchkeep.checkpoint.io import load_checkpoint
-from torchkeep.checkpoint.layout import MANIFEST_FILE, SaveRequest, parse_manifest, plan_checkpoint
+from torchkeep.checkpoint.io import load_checkpoint, share_tensors
+from torchkeep.checkpoint.layout import MANIFEST_FILE, CheckpointPlan, SaveRequest, parse_manifest, plan_checkpoint
 from torchkeep.checkpoint.remote import write_remote_checkpoint
 from torchkeep.distributed.group import Group, active_group
 from torchkeep.distributed.plan import plan_distributed, snapshot
@@ -80,8 +81,10 @@ class RemoteCheckpointManager(RunView):
         process_group: Any = None,
     ) -> None:
         self.group = active_group(process_group)
-        if incremental:
-            raise ValueError(f"{url}: a run at a URL saves whole checkpoints (incremental needs a folder)")
+        if incremental and self.group is not None:
+            raise ValueError(f"{url}: incremental saves are from one process (several ranks save whole checkpoints)")
+        self.incremental = incremental
+        self._refs: dict[int, set[str]] = {}  # the objects each checkpoint uses
         self.async_save = async_save
         self._staging = StagingBuffers()
         self._writer = Writer()
@@ -100,6 +103,7 @@ class RemoteCheckpointManager(RunView):
         self._checkpoints: dict[int, CheckpointInfo] = self._scan()
         if not read_only and leads:
             self._delete_uncommitted()
+            self._collect_objects()
         if self.group is not None:
             self.group.exchange({}, self.directory, "opening the run")  # rank 0 has taken the lock and cleaned up
 
@@ -185,6 +189,7 @@ class RemoteCheckpointManager(RunView):
             info = manager_info(manifest, Path(name), self.template)
             if info is None:
                 continue
+            self._refs[info["step"]] = objects.referenced(manifest)
             record = manifest.get("tensors_file", {})
             metrics = info.get("metrics")
             found[info["step"]] = CheckpointInfo(
@@ -245,11 +250,11 @@ class RemoteCheckpointManager(RunView):
             plan = plan_checkpoint(request, info=info)
             url = f"{self.directory}/{name}"
             if not self.async_save:
-                return self._register(step, write_remote_checkpoint(url, plan, self.storage_options), plain, now)
-            snapshot = self._staging.snapshot(plan)
+                return self._upload(step, url, plan, plain, now)
+            staged = self._staging.snapshot(plan)
 
             def upload() -> CheckpointInfo:
-                return self._register(step, write_remote_checkpoint(url, snapshot, self.storage_options), plain, now)
+                return self._upload(step, url, staged, plain, now)
 
             self._pending = self._writer.submit(step, Path(name), upload)
             return self._pending
@@ -283,6 +288,25 @@ class RemoteCheckpointManager(RunView):
 
         self._pending = self._writer.submit(step, Path(name), write)
         return self._pending
+
+    def _upload(self, step: int, url: str, plan: CheckpointPlan, plain: dict[str, Any], now: float) -> CheckpointInfo:
+        """Objects first (incremental: only the new ones), then the checkpoint, then read back and register."""
+        written = 0
+        if self.incremental:
+            plan, written = share_tensors(plan, objects.objects_store(url, self.storage_options))
+        written += write_remote_checkpoint(url, plan, self.storage_options)
+        with self._mutex:
+            self._refs[step] = objects.referenced(plan.manifest)
+        return self._register(step, written, plain, now)
+
+    def _collect_objects(self) -> None:
+        """Delete objects no kept checkpoint uses (after retention, and at start-up for what a crash left).
+        While some step's manifest does not parse, nothing is deleted: it may still use any of them."""
+        if self.damaged:
+            return
+        with self._mutex:
+            used = set().union(*(self._refs.get(step, set()) for step in self._checkpoints))
+        objects.collect(RemoteStorage(f"{self.directory}/{objects.OBJECTS_DIR}", self.storage_options), used)
 
     def _check_target(self, step: int) -> str:
         """The step's name, after checking it may be written; nothing is written."""
@@ -329,6 +353,7 @@ class RemoteCheckpointManager(RunView):
         best = self._best_step()
         if best is not None:
             protected.add(best)
+        retired = False
         for step in sorted(to_delete(self._candidates(), self.policies, protected=protected)):
             name = self.template.format(step=step)
             members = self._steps().get(name, [])
@@ -342,10 +367,13 @@ class RemoteCheckpointManager(RunView):
                 continue
             self.run.delete(f"{name}/{MANIFEST_FILE}")  # uncommitted first: no reader takes it from here on
             del self._checkpoints[step]
+            retired = True
             for member in members:
                 if member != MANIFEST_FILE:
                     with contextlib.suppress(CheckpointWriteError):
                         self.run.delete(f"{name}/{member}")
+        if retired and self.incremental:
+            self._collect_objects()
 
     # -- restore -----------------------------------------------------------------------------
 
