@@ -152,11 +152,13 @@ def consolidate(
     *,
     max_shard_size: int | str | None = None,
     progress: Progress | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> ConvertReport:
     """A distributed checkpoint's model as one ``.safetensors`` file, or a (sharded) Hugging Face folder.
 
     ``src`` is a checkpoint saved by several ranks (its sharded tensors reassembled from every
-    rank's DCP files), or a plain torch.distributed.checkpoint folder. Runs in one process, without
+    rank's DCP files; a folder or a URL, ``storage_options`` for fsspec), or a plain
+    torch.distributed.checkpoint folder. Runs in one process, without
     a process group; every file is verified against the manifest's checksums first, DCP's metadata is
     read without ``pickle``, and the written weights are compared bit for bit with the source.
 
@@ -164,7 +166,7 @@ def consolidate(
         >>> torchkeep.consolidate("runs/1/step-00001000", "model.safetensors")
     """
     source, target = os.fspath(src), Path(dst)
-    weights = load(source)
+    weights = load(source, storage_options=storage_options)
     save(weights, target, max_shard_size=max_shard_size)
     nbytes = _check(weights, load(target), str(target), progress)
     return ConvertReport(source, str(target), "weights", len(weights), nbytes)

@@ -28,7 +28,7 @@ from torchkeep.checkpoint.layout import (
     parse_manifest,
     plan_checkpoint,
 )
-from torchkeep.checkpoint.sharded import FullTensors, parse_section
+from torchkeep.checkpoint.sharded import FullTensors, Where, parse_section
 from torchkeep.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -263,7 +263,7 @@ def read_checkpoint(
 
         url = str(path)
         manifest, tensors = read_remote_checkpoint(url, storage_options, verify=verify)
-        return loaded_checkpoint(url.rstrip("/"), manifest, tensors, set(), map_location)
+        return loaded_checkpoint(url.rstrip("/"), manifest, tensors, set(), map_location, storage_options)
     root = Path(path)
     if not root.exists():
         raise CheckpointNotFoundError(root)
@@ -299,7 +299,12 @@ def read_checkpoint(
 
 
 def loaded_checkpoint(
-    where: str, manifest: dict[str, Any], tensors: dict[str, Any], mapped: set[int], map_location: MapLocation
+    where: str,
+    manifest: dict[str, Any],
+    tensors: dict[str, Any],
+    mapped: set[int],
+    map_location: MapLocation,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> LoadedCheckpoint:
     """A checkpoint's decoders: tensors placed as asked; ``mapped`` ones copied unless they go into a model."""
     manifest_path = f"{where}/{MANIFEST_FILE}"
@@ -316,14 +321,9 @@ def loaded_checkpoint(
     sharded = None
     section = parse_section(manifest, manifest_path)
     if section is not None and section.sharded:
-        full = FullTensors(Path(where), section, manifest_path) if not is_url(where) else None
+        full = FullTensors(Where(where, storage_options), section, manifest_path)
 
         def sharded(key: str) -> Any:
-            if full is None:  # whole tensors from shards at a URL: not read in one process (yet)
-                raise CorruptCheckpointError(
-                    where, "a sharded checkpoint at a URL is read sharded (load_checkpoint with model=); "
-                    "to consolidate it, copy it to a folder first",
-                )  # fmt: skip
             return place_tensor(full(key), "cpu")
 
     return LoadedCheckpoint(

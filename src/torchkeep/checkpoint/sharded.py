@@ -22,12 +22,17 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.metadata import MetadataIndex
+import xxhash
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+from torch.distributed.checkpoint.filesystem import FileSystemReader
+from torch.distributed.checkpoint.metadata import MetadataIndex, StorageMeta
 
 from torchkeep.checkpoint.layout import CHECKSUM_KEY
 from torchkeep.errors import CorruptCheckpointError
@@ -36,6 +41,9 @@ from torchkeep.format.jsondoc import expect
 from torchkeep.format.layout import digest
 from torchkeep.format.names import is_plain_name, member
 from torchkeep.format.pickle.dcp import Chunk, cover_exactly, read_dcp
+from torchkeep.storage.remote import RemoteStorage, is_url
+from torchkeep.weights.load import read_file
+from torchkeep.weights.remote import load_url
 
 
 def layout_of(metadata: Any) -> dict[str, Any]:
@@ -188,10 +196,12 @@ def verify_file(root: Path, name: str, info: dict[str, Any], manifest_path: str)
 
 class FullTensors:
     """Sharded tensors reassembled whole, in one process (no process group): for inference, export,
-    consolidation. Every DCP file is verified first; the data is read by torchkeep's own reader."""
+    consolidation. Every DCP file is verified first. In a folder the data is read by torchkeep's own reader;
+    at a URL, DCP's fsspec reader fills whole tensors from the checked JSON layout."""
 
-    def __init__(self, root: Path, section: Section, manifest_path: str) -> None:
-        self.root = root / section.dcp_folder if section.dcp_folder else root
+    def __init__(self, where: Where, section: Section, manifest_path: str) -> None:
+        self.where = where
+        self.dcp = Where(where.join(section.dcp_folder), where.storage_options)
         self.section = section
         self.manifest_path = manifest_path
         self._tensors: dict[str, Any] | None = None
@@ -199,9 +209,101 @@ class FullTensors:
     def __call__(self, key: str) -> torch.Tensor:
         if self._tensors is None:
             for name, info in self.section.dcp_files.items():
-                verify_file(self.root, name, info, self.manifest_path)
-            self._tensors = read_dcp(self.root)
+                self.dcp.verify(name, info, self.manifest_path)
+            self._tensors = self._read()
         value = self._tensors.get(key)
         if not isinstance(value, torch.Tensor):
-            raise CorruptCheckpointError(self.root, f"the sharded tensors lack {key!r:.80}, which the manifest names")
+            raise CorruptCheckpointError(
+                self.where.base, f"the sharded tensors lack {key!r:.80}, which the manifest names"
+            )
         return value
+
+    def _read(self) -> dict[str, Any]:
+        if not self.dcp.remote:
+            return read_dcp(self.dcp.base)
+        if self.section.dcp_layout is None:
+            raise CorruptCheckpointError(self.manifest_path, "a sharded checkpoint at a URL without a layout")
+        from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+
+        metadata = layout_metadata(self.section.dcp_layout, self.section.dcp_files, self.manifest_path)
+        whole = {
+            key: torch.empty(entry.size, dtype=entry.properties.dtype)
+            for key, entry in metadata.state_dict_metadata.items()
+        }
+        with warnings.catch_warnings():  # torch warns that it assumes one process: that is the intent
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp_load(whole, storage_reader=self.dcp.dcp_reader("", metadata), no_dist=True)
+        return whole
+
+
+@dataclass(frozen=True)
+class Where:
+    """A checkpoint's location, a folder or a URL, and how its files are reached there."""
+
+    base: str
+    storage_options: Mapping[str, Any] | None = None
+
+    @property
+    def remote(self) -> bool:
+        return is_url(self.base)
+
+    def join(self, *names: str) -> str:
+        return "/".join([self.base.rstrip("/"), *(n for n in names if n)])
+
+    def verify(self, name: str, info: dict[str, Any], manifest_path: str) -> None:
+        """A file's size and checksum against the manifest's record (streamed from a store)."""
+        if not self.remote:
+            verify_file(Path(self.base), name, info, manifest_path)
+            return
+        storage = RemoteStorage(self.base, self.storage_options)
+        hasher, size = xxhash.xxh3_64(), 0
+        if not storage.exists(name):
+            raise CorruptCheckpointError(self.join(name), "is missing: the checkpoint is incomplete")
+        with storage.open_read(name) as f:
+            while chunk := f.read(8 << 20):
+                hasher.update(chunk)
+                size += len(chunk)
+        if size != info["size"] or hasher.hexdigest() != info[CHECKSUM_KEY]:
+            raise CorruptCheckpointError(self.join(name), "size or checksum differs from the manifest's record")
+
+    def read_tensors(self, name: str, size: int) -> dict[str, torch.Tensor]:
+        """A safetensors file of the checkpoint, every checksum verified."""
+        path = self.join(name)
+        if self.remote:
+            if RemoteStorage(self.base, self.storage_options).size(name) != size:
+                raise CorruptCheckpointError(path, "size differs from the one recorded in the manifest")
+            return load_url(path, storage_options=self.storage_options, verify=True)
+        if not Path(path).is_file():
+            raise CorruptCheckpointError(path, "is missing: the checkpoint is incomplete")
+        if Path(path).stat().st_size != size:
+            raise CorruptCheckpointError(path, "size differs from the one recorded in the manifest")
+        return read_file(path, mmap=False, verify=True)[1]
+
+    def dcp_reader(self, folder: str, metadata: Any) -> Any:
+        if self.remote:
+            return CheckedFsspecReader(self.join(folder), metadata, **dict(self.storage_options or {}))
+        return CheckedReader(Path(self.join(folder)), metadata)
+
+
+class CheckedReader(FileSystemReader):
+    """DCP's file reader, given the metadata torchkeep read and checked instead of its ``pickle.load``."""
+
+    def __init__(self, path: Path, metadata: Any) -> None:
+        super().__init__(path)
+        self._checked = metadata
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        self._checked.storage_meta = StorageMeta(load_id=self.load_id)
+        return self._checked
+
+
+class CheckedFsspecReader(FsspecReader):
+    """DCP's fsspec reader (object stores), given the checked metadata instead of its ``pickle.load``."""
+
+    def __init__(self, path: str, metadata: Any, **storage_options: Any) -> None:
+        super().__init__(path, **storage_options)
+        self._checked = metadata
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        self._checked.storage_meta = StorageMeta(load_id=self.load_id)
+        return self._checked

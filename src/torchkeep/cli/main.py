@@ -231,7 +231,15 @@ def _convert(args: argparse.Namespace) -> int:
     if args.command == "consolidate":
         from torchkeep.convert import consolidate
 
-        print(consolidate(args.src, args.dst, max_shard_size=args.max_shard_size, progress=bar))
+        print(
+            consolidate(
+                args.src,
+                args.dst,
+                max_shard_size=args.max_shard_size,
+                progress=bar,
+                storage_options=args.storage_options,
+            )
+        )
         return 0
     report = convert(
         args.src,
@@ -315,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="a .safetensors file, or a folder")
     p.add_argument("--max-shard-size", help="a folder of Hugging Face shards of this size (e.g. 2GB)")
     p.add_argument("--progress", action="store_true", help="show a progress bar even for small files")
+    p.add_argument("--storage-options", type=json.loads, default=None, help=storage_help)
     p.add_argument("--config", help=argparse.SUPPRESS)
     p.set_defaults(func=_convert)
     p = sub.add_parser(

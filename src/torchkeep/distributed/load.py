@@ -21,16 +21,11 @@ import random
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import xxhash
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.filesystem import FileSystemReader
-from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -41,17 +36,14 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
 from torchkeep.checkpoint.io import LoadedCheckpoint, Restore, SavedState, prepare_restore
-from torchkeep.checkpoint.layout import CHECKSUM_KEY, MANIFEST_FILE
-from torchkeep.checkpoint.sharded import Section, layout_metadata, parse_section, verify_file
+from torchkeep.checkpoint.layout import MANIFEST_FILE
+from torchkeep.checkpoint.sharded import Section, Where, layout_metadata, parse_section
 from torchkeep.distributed.group import Group, active_group
 from torchkeep.errors import CorruptCheckpointError, DistributedError, LoadMismatchError, StateMismatchError
 from torchkeep.format.layout import digest
 from torchkeep.format.pickle.dcp import dcp_metadata
 from torchkeep.state.rng import check_rng, restore_rng
 from torchkeep.state.values import Decoder
-from torchkeep.storage.remote import RemoteStorage, is_url
-from torchkeep.weights.load import read_file
-from torchkeep.weights.remote import load_url
 from torchkeep.weights.report import LoadReport, Mismatch
 
 SHARDED_KEYS = ("model", "optimizer")
@@ -76,55 +68,6 @@ class _Plan:
     own_objects: list[tuple[str, Any, Any]] = field(default_factory=list)
     own_values: dict[str, Any] = field(default_factory=dict)
     metadata: Any = None  # DCP metadata, read safely
-
-
-@dataclass(frozen=True)
-class Where:
-    """A checkpoint's location, a folder or a URL, and how its files are reached there."""
-
-    base: str
-    storage_options: Mapping[str, Any] | None = None
-
-    @property
-    def remote(self) -> bool:
-        return is_url(self.base)
-
-    def join(self, *names: str) -> str:
-        return "/".join([self.base.rstrip("/"), *(n for n in names if n)])
-
-    def verify(self, name: str, info: dict[str, Any], manifest_path: str) -> None:
-        """A file's size and checksum against the manifest's record (streamed from a store)."""
-        if not self.remote:
-            verify_file(Path(self.base), name, info, manifest_path)
-            return
-        storage = RemoteStorage(self.base, self.storage_options)
-        hasher, size = xxhash.xxh3_64(), 0
-        if not storage.exists(name):
-            raise CorruptCheckpointError(self.join(name), "is missing: the checkpoint is incomplete")
-        with storage.open_read(name) as f:
-            while chunk := f.read(8 << 20):
-                hasher.update(chunk)
-                size += len(chunk)
-        if size != info["size"] or hasher.hexdigest() != info[CHECKSUM_KEY]:
-            raise CorruptCheckpointError(self.join(name), "size or checksum differs from the manifest's record")
-
-    def read_tensors(self, name: str, size: int) -> dict[str, torch.Tensor]:
-        """A safetensors file of the checkpoint, every checksum verified."""
-        path = self.join(name)
-        if self.remote:
-            if RemoteStorage(self.base, self.storage_options).size(name) != size:
-                raise CorruptCheckpointError(path, "size differs from the one recorded in the manifest")
-            return load_url(path, storage_options=self.storage_options, verify=True)
-        if not Path(path).is_file():
-            raise CorruptCheckpointError(path, "is missing: the checkpoint is incomplete")
-        if Path(path).stat().st_size != size:
-            raise CorruptCheckpointError(path, "size differs from the one recorded in the manifest")
-        return read_file(path, mmap=False, verify=True)[1]
-
-    def dcp_reader(self, folder: str, metadata: Any) -> Any:
-        if self.remote:
-            return CheckedFsspecReader(self.join(folder), metadata, **dict(self.storage_options or {}))
-        return CheckedReader(Path(self.join(folder)), metadata)
 
 
 def verify_parts(loaded: LoadedCheckpoint, storage_options: Mapping[str, Any] | None = None) -> int:
@@ -368,30 +311,6 @@ def _read_sharded(root: str, reader: Any, plan: _Plan, group: Group | None) -> N
         raise DistributedError(
             root, f"torch.distributed.checkpoint.load failed: {detail or exc}", ranks=tuple(sorted(failures))
         ) from None
-
-
-class CheckedReader(FileSystemReader):
-    """DCP's file reader, given the metadata torchkeep read and checked instead of its ``pickle.load``."""
-
-    def __init__(self, path: Path, metadata: Any) -> None:
-        super().__init__(path)
-        self._checked = metadata
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-        self._checked.storage_meta = StorageMeta(load_id=self.load_id)
-        return self._checked
-
-
-class CheckedFsspecReader(FsspecReader):
-    """DCP's fsspec reader (object stores), given the checked metadata instead of its ``pickle.load``."""
-
-    def __init__(self, path: str, metadata: Any, **storage_options: Any) -> None:
-        super().__init__(path, **storage_options)
-        self._checked = metadata
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-        self._checked.storage_meta = StorageMeta(load_id=self.load_id)
-        return self._checked
 
 
 def rederive_rng(section: Section, rank: int, size: int) -> None:
