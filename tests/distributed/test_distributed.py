@@ -139,6 +139,8 @@ def test_a_rank_killed_mid_save_leaves_the_previous_step_on_every_rank(tmp_path:
         assert report["saved"] == {"step": 3, "latest": True}
         assert report["steps"] == ["step-00000002", "step-00000003"]  # keep_last=2 retired step 1, rank files too
         assert report["latest"] == "step-00000003"
+        # incremental across ranks: one object while steps 1-2 share it, the old one collected after step 3
+        assert report["incremental"] == {"objects": [1, 1], "changed": True, "restored": True}
     assert reports[0]["draw"] != reports[1]["draw"]
 
 

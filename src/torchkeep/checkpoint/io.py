@@ -81,7 +81,8 @@ def share_tensors(plan: CheckpointPlan, store: Storage) -> tuple[CheckpointPlan,
         {n: t for n, t in stored.items() if n not in large},
         {a: t for a, t in aliases.items() if t not in large},
     )
-    manifest = dict(plan.manifest, version=SHARED_VERSION, shared_tensors=entries)
+    version = max(int(plan.manifest.get("version", 1)), SHARED_VERSION)  # a distributed one stays 3
+    manifest = dict(plan.manifest, version=version, shared_tensors=entries)
     return CheckpointPlan(manifest, kept), written
 
 

@@ -31,12 +31,14 @@ from torch.distributed.checkpoint.filesystem import FileSystemWriter
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from torchkeep import _config
+from torchkeep.checkpoint.io import share_tensors
 from torchkeep.checkpoint.layout import CHECKSUM_KEY, MANIFEST_FILE, TENSORS_FILE, manifest_bytes
 from torchkeep.checkpoint.sharded import layout_of
 from torchkeep.distributed.group import Group
 from torchkeep.distributed.plan import RANK_FILE, DistributedPlan
 from torchkeep.errors import CheckpointWriteError
 from torchkeep.format.layout import digest
+from torchkeep.storage.base import Storage
 from torchkeep.storage.local import LocalStorage, commit_dir, fsync_dir, temporary_sibling, write_errors
 from torchkeep.storage.remote import RemoteStorage, is_url
 from torchkeep.weights.save import write_weights
@@ -180,8 +182,12 @@ def save_distributed(
     make_plan: Callable[[], DistributedPlan],
     group: Group,
     storage_options: Mapping[str, Any] | None = None,
+    objects_store: Storage | None = None,
 ) -> int:
     """Run the save protocol on this rank; returns the bytes this rank wrote.
+
+    ``objects_store``: an incremental run's objects; rank 0 stores each large shared tensor there once
+    (by content) and the manifest lists it, before the commit.
 
     Raises:
         DistributedError: on every rank, when any rank failed (naming it and why) or stopped answering.
@@ -211,10 +217,16 @@ def save_distributed(
         storage = place.storage
         own_name = place.rank_file(group.rank)
 
+        shared = plan.shared
+
         def write_own() -> int:
+            nonlocal shared
             written = write_weights(storage, own_name, plan.own.tensors, {})
             if group.is_coordinator:
-                written += write_weights(storage, place.tensors_file(), plan.shared.tensors, {})
+                if objects_store is not None:
+                    shared, stored = share_tensors(shared, objects_store)
+                    written += stored
+                written += write_weights(storage, place.tensors_file(), shared.tensors, {})
             return written
 
         written, fragments = group.step(
@@ -235,7 +247,7 @@ def save_distributed(
         def commit() -> None:
             if not group.is_coordinator:
                 return
-            manifest = dict(plan.shared.manifest)
+            manifest = dict(shared.manifest)
             dcp = {"files": dcp_files, "layout": layout, **({"folder": place.dcp_folder} if place.dcp_folder else {})}
             manifest["distributed"] = {
                 "world_size": group.size,

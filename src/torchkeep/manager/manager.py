@@ -143,8 +143,6 @@ class CheckpointManager(RunView):
         if storage_options:
             raise ValueError(f"{directory}: storage_options are for runs at a URL (s3://...), not a local folder")
         self.group = active_group(process_group)
-        if self.group is not None and incremental:
-            raise ValueError("a manager shared by several ranks saves whole checkpoints: incremental=False")
         self._lease: Lease | None = None
         self._mutex = threading.RLock()
         self._save_order = threading.Lock()  # serialises save() callers, held while waiting for the previous save
@@ -435,8 +433,9 @@ class CheckpointManager(RunView):
         with self._save_order:
             self._finish_pending()  # at most one save in flight; its error, if any, is raised here
             with self._mutex:
+                store = objects.objects_store(target) if self.incremental else None
                 if not self.async_save:
-                    save_distributed(target, make_plan, group)
+                    save_distributed(target, make_plan, group, objects_store=store)
                     return self._register_across_ranks(
                         group, step, target, plain, now, lambda: self._register(step, target, None, plain, now)
                     )
@@ -448,7 +447,7 @@ class CheckpointManager(RunView):
                 background = group.background()
 
                 def write() -> CheckpointInfo:
-                    save_distributed(target, lambda: staged, background)
+                    save_distributed(target, lambda: staged, background, objects_store=store)
                     return self._register_across_ranks(
                         background, step, target, plain, now, lambda: self._register(step, target, None, plain, now)
                     )
@@ -481,10 +480,15 @@ class CheckpointManager(RunView):
             if self._lease is not None:
                 self._lease.check()  # another manager took over while this one was writing
             self._checkpoints[step] = CheckpointInfo(step=step, path=target, metrics=plain, time=now, size=size)
-            self._refs[step] = objects.referenced(plan.manifest) if plan is not None else set()
+            self._refs[step] = objects.referenced(plan.manifest if plan is not None else self._manifest(target))
             self._write_latest(target, step)
             self._apply_retention(step)
             return self._decorated(self._checkpoints[step], self._best_step(), step)
+
+    def _manifest(self, target: Path) -> dict[str, Any]:
+        """A committed checkpoint's manifest, parsed (it was just read back)."""
+        path = target / MANIFEST_FILE
+        return parse_manifest(path.read_bytes(), str(path))
 
     def _finish_pending(self) -> None:
         """Wait for the background save, if any; raise its error if nobody has seen it."""

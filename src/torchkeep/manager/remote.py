@@ -81,8 +81,6 @@ class RemoteCheckpointManager(RunView):
         process_group: Any = None,
     ) -> None:
         self.group = active_group(process_group)
-        if incremental and self.group is not None:
-            raise ValueError(f"{url}: incremental saves are from one process (several ranks save whole checkpoints)")
         self.incremental = incremental
         self._refs: dict[int, set[str]] = {}  # the objects each checkpoint uses
         self.async_save = async_save
@@ -276,14 +274,15 @@ class RemoteCheckpointManager(RunView):
         def register() -> CheckpointInfo:
             return self._register(step, 0, plain, now)
 
+        store = objects.objects_store(url, self.storage_options) if self.incremental else None
         if not self.async_save:
-            save_distributed(url, make_plan, group, self.storage_options)
+            save_distributed(url, make_plan, group, self.storage_options, objects_store=store)
             return self._register_across_ranks(group, step, url, plain, now, register)
         staged, _ = group.step(url, "planning the checkpoint", lambda: snapshot(self._staging, make_plan()), no_message)
         background = group.background()
 
         def write() -> CheckpointInfo:
-            save_distributed(url, lambda: staged, background, self.storage_options)
+            save_distributed(url, lambda: staged, background, self.storage_options, objects_store=store)
             return self._register_across_ranks(background, step, url, plain, now, register)
 
         self._pending = self._writer.submit(step, Path(name), write)
@@ -295,8 +294,6 @@ class RemoteCheckpointManager(RunView):
         if self.incremental:
             plan, written = share_tensors(plan, objects.objects_store(url, self.storage_options))
         written += write_remote_checkpoint(url, plan, self.storage_options)
-        with self._mutex:
-            self._refs[step] = objects.referenced(plan.manifest)
         return self._register(step, written, plain, now)
 
     def _collect_objects(self) -> None:
@@ -326,7 +323,7 @@ class RemoteCheckpointManager(RunView):
         """A committed step read back, then ``latest`` moved to it and retention applied."""
         with self._mutex:
             name = self.template.format(step=step)
-            self._read_back(name, step)
+            self._refs[step] = objects.referenced(self._read_back(name, step))
             url = f"{self.directory}/{name}"
             self._checkpoints[step] = CheckpointInfo(step=step, path=url, metrics=plain, time=now, size=size)
             with self.run.open_write(LATEST_OBJECT) as sink:
@@ -334,7 +331,8 @@ class RemoteCheckpointManager(RunView):
             self._apply_retention(step)
             return self._decorated(self._checkpoints[step], self._best_step(), step)
 
-    def _read_back(self, name: str, step: int) -> None:
+    def _read_back(self, name: str, step: int) -> dict[str, Any]:
+        """The committed manifest of ``step``, checked to describe it and to name a tensor object of its size."""
         where = f"{self.directory}/{name}"
         try:
             with self.run.open_read(f"{name}/{MANIFEST_FILE}") as f:
@@ -347,6 +345,7 @@ class RemoteCheckpointManager(RunView):
             raise CheckpointWriteError(
                 where, f"the new checkpoint does not read back ({exc}); nothing older was deleted"
             ) from exc
+        return manifest
 
     def _apply_retention(self, newest: int) -> None:
         protected = {newest}
