@@ -81,6 +81,7 @@ def test_sigkill_during_saves_never_leaves_a_damaged_file(tmp_path: Path) -> Non
     path = tmp_path / "m.safetensors"
     script = textwrap.dedent(f"""
         import sys, torch, torchkeep
+        print("imported", flush=True)
         i = 0
         while True:
             torchkeep.save({{"w": torch.full((2_000_000,), float(i)), "step": torch.tensor(i)}}, {str(path)!r})
@@ -88,10 +89,12 @@ def test_sigkill_during_saves_never_leaves_a_damaged_file(tmp_path: Path) -> Non
     """)
     last_steps = []
     for delay in (0.3, 0.45, 0.6, 0.8, 1.0):
-        child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL)
-        time.sleep(delay + 1.5)  # importing torch takes about a second
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait()
+        with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) as child:
+            assert child.stdout is not None
+            assert child.stdout.readline() == "imported\n"  # importing takes seconds when the cache is cold
+            time.sleep(delay)
+            os.kill(child.pid, signal.SIGKILL)
+            child.wait()
         if path.exists():
             state = torchkeep.load(path)  # verifies every checksum
             step = int(state["step"])

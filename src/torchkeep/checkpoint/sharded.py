@@ -34,6 +34,7 @@ from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.metadata import MetadataIndex, StorageMeta
 
+from torchkeep import _config
 from torchkeep.checkpoint.layout import CHECKSUM_KEY
 from torchkeep.errors import CorruptCheckpointError
 from torchkeep.format.dtypes import CODE_TO_DTYPE, DTYPE_TO_CODE
@@ -41,6 +42,8 @@ from torchkeep.format.jsondoc import expect
 from torchkeep.format.layout import digest
 from torchkeep.format.names import is_plain_name, member
 from torchkeep.format.pickle.dcp import Chunk, cover_exactly, read_dcp
+from torchkeep.storage.base import Storage
+from torchkeep.storage.local import LocalStorage
 from torchkeep.storage.remote import RemoteStorage, is_url
 from torchkeep.weights.load import read_file
 from torchkeep.weights.remote import load_url
@@ -172,6 +175,25 @@ def parse_section(manifest: dict[str, Any], path: str) -> Section | None:
     return Section(size, ranks, files)
 
 
+def describe_stored(storage: Storage, name: str) -> dict[str, Any]:
+    """A stored file's size and checksum, as a manifest records them: hashed through a read-only mapping
+    of the page cache on a disk, streamed from an object store."""
+    local = storage.local_path(name)
+    if local is not None:
+        with open(local, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                return {"size": 0, CHECKSUM_KEY: digest(b"")}
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                return {"size": size, CHECKSUM_KEY: digest(mapped)}
+    hasher, size = xxhash.xxh3_64(), 0
+    with storage.open_read(name) as f:
+        while chunk := f.read(_config.SMALL_BATCH_BYTES):
+            hasher.update(chunk)
+            size += len(chunk)
+    return {"size": size, CHECKSUM_KEY: hasher.hexdigest()}
+
+
 def verify_file(root: Path, name: str, info: dict[str, Any], manifest_path: str) -> None:
     """A file of the checkpoint has the size and checksum the manifest records.
 
@@ -181,17 +203,16 @@ def verify_file(root: Path, name: str, info: dict[str, Any], manifest_path: str)
     path = member(root, name, manifest_path, what="checkpoint file")
     if not path.is_file():
         raise CorruptCheckpointError(path, "is missing: the checkpoint is incomplete")
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size != info["size"]:
-            raise CorruptCheckpointError(path, f"size {size} differs from the {info['size']} recorded in the manifest")
-        if size == 0:
-            actual = digest(b"")
-        else:
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                actual = digest(mapped)
-    if actual != info[CHECKSUM_KEY]:
-        raise CorruptCheckpointError(path, "checksum mismatch: the file is damaged or was changed after the save")
+    _check_description(str(path), describe_stored(LocalStorage(root), name), info)
+
+
+def _check_description(where: str, actual: dict[str, Any], info: dict[str, Any]) -> None:
+    if actual["size"] != info["size"]:
+        raise CorruptCheckpointError(
+            where, f"size {actual['size']} differs from the {info['size']} recorded in the manifest"
+        )
+    if actual[CHECKSUM_KEY] != info[CHECKSUM_KEY]:
+        raise CorruptCheckpointError(where, "checksum mismatch: the file is damaged or was changed after the save")
 
 
 class FullTensors:
@@ -256,15 +277,9 @@ class Where:
             verify_file(Path(self.base), name, info, manifest_path)
             return
         storage = RemoteStorage(self.base, self.storage_options)
-        hasher, size = xxhash.xxh3_64(), 0
         if not storage.exists(name):
             raise CorruptCheckpointError(self.join(name), "is missing: the checkpoint is incomplete")
-        with storage.open_read(name) as f:
-            while chunk := f.read(8 << 20):
-                hasher.update(chunk)
-                size += len(chunk)
-        if size != info["size"] or hasher.hexdigest() != info[CHECKSUM_KEY]:
-            raise CorruptCheckpointError(self.join(name), "size or checksum differs from the manifest's record")
+        _check_description(self.join(name), describe_stored(storage, name), info)
 
     def read_tensors(self, name: str, size: int) -> dict[str, torch.Tensor]:
         """A safetensors file of the checkpoint, every checksum verified."""

@@ -16,7 +16,6 @@ every rank says how its part went, so that one failing rank fails the save on al
 from __future__ import annotations
 
 import contextlib
-import mmap
 import os
 import shutil
 import uuid
@@ -25,19 +24,17 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import xxhash
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from torchkeep import _config
 from torchkeep.checkpoint.io import share_tensors
-from torchkeep.checkpoint.layout import CHECKSUM_KEY, MANIFEST_FILE, TENSORS_FILE, manifest_bytes
-from torchkeep.checkpoint.sharded import layout_of
+from torchkeep.checkpoint.layout import MANIFEST_FILE, TENSORS_FILE, manifest_bytes
+from torchkeep.checkpoint.sharded import describe_stored, layout_of
 from torchkeep.distributed.group import Group
 from torchkeep.distributed.plan import RANK_FILE, DistributedPlan
 from torchkeep.errors import CheckpointWriteError
-from torchkeep.format.layout import digest
 from torchkeep.storage.base import Storage
 from torchkeep.storage.local import LocalStorage, commit_dir, fsync_dir, temporary_sibling, write_errors
 from torchkeep.storage.remote import RemoteStorage, is_url
@@ -75,14 +72,8 @@ class LocalPlace:
         return FileSystemWriter(self.temp, thread_count=_config.IO_THREADS, sync_files=True)
 
     def describe(self, name: str) -> dict[str, Any]:
-        """A file's size and checksum, hashed from the page cache through a read-only mapping."""
-        path = self.temp / name
-        with write_errors(path, "hashing the written file"), open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:
-                return {"size": 0, CHECKSUM_KEY: digest(b"")}
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                return {"size": size, CHECKSUM_KEY: digest(mapped)}
+        with write_errors(self.temp / name, "hashing the written file"):
+            return describe_stored(self.storage, name)
 
     def commit(self, manifest: bytes) -> None:
         with self.storage.open_write(MANIFEST_FILE) as sink:
@@ -128,16 +119,10 @@ class RemotePlace:
 
     def describe(self, name: str) -> dict[str, Any]:
         """An object's size and checksum, read back (streamed) from the store."""
-        hasher = xxhash.xxh3_64()
-        size = 0
         try:
-            with self.storage.open_read(f"{self.dcp_folder}/{name}") as f:
-                while chunk := f.read(_config.SMALL_BATCH_BYTES):
-                    hasher.update(chunk)
-                    size += len(chunk)
+            return describe_stored(self.storage, f"{self.dcp_folder}/{name}")
         except Exception as exc:
             raise CheckpointWriteError(f"{self.url}/{self.dcp_folder}/{name}", f"reading back failed: {exc}") from exc
-        return {"size": size, CHECKSUM_KEY: hasher.hexdigest()}
 
     def commit(self, manifest: bytes) -> None:
         previous = _previous_objects(self.storage)
