@@ -156,25 +156,21 @@ def save_checkpoint(
     group = active_group(process_group)
     if group is not None:
         from torchkeep.distributed.plan import plan_distributed
-        from torchkeep.distributed.save import save_distributed
+        from torchkeep.distributed.save import save_job
 
         where: str | Path = str(path) if is_url(path) else Path(path)
-
-        def make_plan() -> Any:
-            return plan_distributed(request)
-
-        if blocking:
-            save_distributed(where, make_plan, group, storage_options)
-            return None
-        from torchkeep.distributed.plan import snapshot as snapshot_distributed
-
-        background = group.background()
-        # Planned and copied while the caller waits, and agreed on at once: a rank that cannot plan fails
-        # every rank now, instead of leaving the others waiting in the background.
-        staged, _ = group.step(
-            path, "planning the checkpoint", lambda: snapshot_distributed(StagingBuffers(), make_plan()), lambda _: {}
+        job = save_job(
+            where,
+            lambda: plan_distributed(request),
+            group,
+            lambda _, written: written,
+            staging=None if blocking else StagingBuffers(),
+            storage_options=storage_options,
         )
-        return submit(None, Path(path), lambda: save_distributed(where, lambda: staged, background, storage_options))
+        if blocking:
+            job()
+            return None
+        return submit(None, Path(path), job)
     if per_rank:
         raise ValueError("per_rank= is for saves from several ranks; no process group is initialised")
     plan = plan_checkpoint(request)

@@ -54,14 +54,10 @@ class Group:
         """The same ranks on a gloo group of their own (made on first use: a collective call), for saves
         written on a background thread: their DCP collectives and torchkeep's exchanges then never
         interleave with the training's collectives, or with those of a load, on the foreground."""
-        entry = _BACKGROUND.get(id(self.process_group))
-        if entry is None or entry[0] is not self.process_group:
-            if self.process_group is not dist.group.WORLD:
-                raise ValueError("background saves across ranks need the default process group (process_group=None)")
-            timeout = datetime.timedelta(seconds=_config.COLLECTIVE_TIMEOUT_S)
-            entry = (self.process_group, dist.new_group(backend="gloo", timeout=timeout))
-            _BACKGROUND[id(self.process_group)] = entry
-        return Group(entry[1], control=entry[1])
+        if self.process_group is not dist.group.WORLD:
+            raise ValueError("background saves across ranks need the default process group (process_group=None)")
+        background = _gloo_group_for(_BACKGROUND, self.process_group)
+        return Group(background, control=background)
 
     @contextmanager
     def collective(self, path: str | os.PathLike[str], phase: str) -> Iterator[None]:
@@ -131,24 +127,32 @@ class Group:
         return result, self.exchange(dict(tell(result)), path, phase)
 
 
+def no_message(_: Any) -> dict[str, Any]:
+    """What a rank tells the others after a step that has nothing to report but its success."""
+    return {}
+
+
 def _control_group(process_group: Any) -> Any:
-    """A gloo group over the same ranks, with torchkeep's timeout; made once per group (a collective call)."""
-    entry = _CONTROL.get(id(process_group))
-    if entry is not None and entry[0] is process_group:  # the group is held, so its id is not reused
-        return entry[1]
-    if process_group is dist.group.WORLD:
+    """A gloo group over the same ranks, with torchkeep's timeout; made once per group (a collective call).
+    A subgroup is its own control group: every other process would have to join a new group too."""
+    return _gloo_group_for(_CONTROL, process_group) if process_group is dist.group.WORLD else process_group
+
+
+def _gloo_group_for(cache: dict[int, tuple[Any, Any]], process_group: Any) -> Any:
+    """A gloo group with torchkeep's timeout over every rank, made once per ``process_group`` and cache."""
+    entry = cache.get(id(process_group))
+    if entry is None or entry[0] is not process_group:  # the group is held, so its id is not reused
         timeout = datetime.timedelta(seconds=_config.COLLECTIVE_TIMEOUT_S)
-        control = dist.new_group(backend="gloo", timeout=timeout)
-    else:
-        # A subgroup: every other process would have to join a new group too; its own timeout applies.
-        control = process_group
-    _CONTROL[id(process_group)] = (process_group, control)
-    return control
+        entry = (process_group, dist.new_group(backend="gloo", timeout=timeout))
+        cache[id(process_group)] = entry
+    return entry[1]
 
 
 def forget_groups() -> None:
-    """Drop cached control groups (after ``destroy_process_group``, before a new one is initialised)."""
+    """Drop cached control and background groups (after ``destroy_process_group``, before a new one is
+    initialised)."""
     _CONTROL.clear()
+    _BACKGROUND.clear()
 
 
 class SoloGroup(Group):

@@ -38,7 +38,7 @@ from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torchkeep.checkpoint.io import LoadedCheckpoint, Restore, SavedState, prepare_restore
 from torchkeep.checkpoint.layout import MANIFEST_FILE
 from torchkeep.checkpoint.sharded import Section, Where, layout_metadata, parse_section
-from torchkeep.distributed.group import Group, active_group
+from torchkeep.distributed.group import Group, active_group, no_message
 from torchkeep.errors import CorruptCheckpointError, DistributedError, LoadMismatchError, StateMismatchError
 from torchkeep.format.layout import digest
 from torchkeep.format.pickle.dcp import dcp_metadata
@@ -121,7 +121,7 @@ def load_distributed(
     if group is None:
         plan = prepare()
     else:
-        plan, _ = group.step(root, "reading and checking the checkpoint", prepare, lambda _: {})
+        plan, _ = group.step(root, "reading and checking the checkpoint", prepare, no_message)
     if plan.targets:
         _read_sharded(root, where.dcp_reader(section.dcp_folder, plan.metadata), plan, group)
     plan.restore.apply()

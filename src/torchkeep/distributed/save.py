@@ -22,18 +22,19 @@ import uuid
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from torchkeep import _config
+from torchkeep.checkpoint.background import StagingBuffers
 from torchkeep.checkpoint.io import share_tensors
 from torchkeep.checkpoint.layout import MANIFEST_FILE, TENSORS_FILE, manifest_bytes
 from torchkeep.checkpoint.sharded import describe_stored, layout_of
-from torchkeep.distributed.group import Group
-from torchkeep.distributed.plan import RANK_FILE, DistributedPlan
+from torchkeep.distributed.group import Group, no_message
+from torchkeep.distributed.plan import RANK_FILE, DistributedPlan, snapshot
 from torchkeep.errors import CheckpointWriteError
 from torchkeep.storage.base import Storage
 from torchkeep.storage.local import LocalStorage, commit_dir, fsync_dir, temporary_sibling, write_errors
@@ -160,6 +161,7 @@ def _previous_objects(storage: RemoteStorage) -> set[str]:
 
 
 Place = LocalPlace | RemotePlace
+T = TypeVar("T")
 
 
 def save_distributed(
@@ -242,11 +244,45 @@ def save_distributed(
             tensors = {"name": place.tensors_file(), "size": storage.size(place.tensors_file())}
             place.commit(manifest_bytes(manifest, tensors))
 
-        group.step(target, "committing the checkpoint", commit, lambda _: {})
+        group.step(target, "committing the checkpoint", commit, no_message)
         return written
     finally:
         if group.is_coordinator:
             place.abandon()
+
+
+def save_job(
+    target: str | Path,
+    make_plan: Callable[[], DistributedPlan],
+    group: Group,
+    then: Callable[[Group, int], T],
+    *,
+    staging: StagingBuffers | None,
+    storage_options: Mapping[str, Any] | None = None,
+    objects_store: Storage | None = None,
+) -> Callable[[], T]:
+    """The save across ranks as a job: run it at once (``staging`` None) or on a writer thread.
+
+    With ``staging``, the plan is made and copied into the buffers now, while the caller waits, and
+    agreed on at once: a rank that cannot plan fails every rank here instead of leaving the others
+    waiting in the background. The job then writes on the ranks' background group, so its collectives
+    never meet the training's. ``then(group, bytes_written)`` runs after the commit, on the save's group.
+    """
+    if staging is None:
+
+        def blocking() -> T:
+            return then(group, save_distributed(target, make_plan, group, storage_options, objects_store))
+
+        return blocking
+    buffers = staging
+    staged, _ = group.step(target, "planning the checkpoint", lambda: snapshot(buffers, make_plan()), no_message)
+    background = group.background()
+
+    def in_background() -> T:
+        written = save_distributed(target, lambda: staged, background, storage_options, objects_store)
+        return then(background, written)
+
+    return in_background
 
 
 def _check_same(group: Group, target: str | Path, answers: list[dict[str, Any]]) -> None:

@@ -418,8 +418,8 @@ class CheckpointManager(RunView):
         self, group: Group, step: int, metrics: Mapping[str, Any] | None, request: SaveRequest
     ) -> CheckpointInfo | PendingSave[CheckpointInfo]:
         """The distributed protocol (torchkeep.distributed.save), then rank 0 moves latest and retires."""
-        from torchkeep.distributed.plan import plan_distributed, snapshot
-        from torchkeep.distributed.save import save_distributed
+        from torchkeep.distributed.plan import plan_distributed
+        from torchkeep.distributed.save import save_job
 
         plain = plain_metrics(metrics or {})
         now = time.time()
@@ -430,31 +430,21 @@ class CheckpointManager(RunView):
                 self._check_target(step)  # rank 0's view decides; a refusal fails every rank
             return plan_distributed(request, info={"manager": 1, "step": step, "metrics": plain, "time": now})
 
+        def register(used: Group, _: int) -> CheckpointInfo:
+            return self._register_across_ranks(
+                used, step, target, plain, now, lambda: self._register(step, target, None, plain, now)
+            )
+
         with self._save_order:
             self._finish_pending()  # at most one save in flight; its error, if any, is raised here
             with self._mutex:
                 store = objects.objects_store(target) if self.incremental else None
+                staging = self._staging if self.async_save else None
+                job = save_job(target, make_plan, group, register, staging=staging, objects_store=store)
                 if not self.async_save:
-                    save_distributed(target, make_plan, group, objects_store=store)
-                    return self._register_across_ranks(
-                        group, step, target, plain, now, lambda: self._register(step, target, None, plain, now)
-                    )
-                # Planned and copied while the caller waits, agreed on at once; written on the ranks'
-                # background group, so its collectives never meet the training's.
-                staged, _ = group.step(
-                    target, "planning the checkpoint", lambda: snapshot(self._staging, make_plan()), lambda _: {}
-                )
-                background = group.background()
-
-                def write() -> CheckpointInfo:
-                    save_distributed(target, lambda: staged, background, objects_store=store)
-                    return self._register_across_ranks(
-                        background, step, target, plain, now, lambda: self._register(step, target, None, plain, now)
-                    )
-
-                pending = self._writer.submit(step, target, write)
-                self._pending = pending
-                return pending
+                    return job()
+                self._pending = self._writer.submit(step, target, job)
+                return self._pending
 
     def _commit_save(
         self, step: int, target: Path, plan: CheckpointPlan, plain: dict[str, Any], now: float

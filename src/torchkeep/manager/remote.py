@@ -35,8 +35,8 @@ from torchkeep.checkpoint.io import load_checkpoint, share_tensors
 from torchkeep.checkpoint.layout import MANIFEST_FILE, CheckpointPlan, SaveRequest, parse_manifest, plan_checkpoint
 from torchkeep.checkpoint.remote import write_remote_checkpoint
 from torchkeep.distributed.group import Group, active_group
-from torchkeep.distributed.plan import plan_distributed, snapshot
-from torchkeep.distributed.save import save_distributed
+from torchkeep.distributed.plan import plan_distributed
+from torchkeep.distributed.save import save_job
 from torchkeep.errors import (
     CheckpointNotFoundError,
     CheckpointWriteError,
@@ -46,7 +46,7 @@ from torchkeep.errors import (
 )
 from torchkeep.manager.folders import manager_info
 from torchkeep.manager.policies import RetentionPolicy, plain_metrics, to_delete
-from torchkeep.manager.view import CheckpointInfo, RunView, no_message
+from torchkeep.manager.view import CheckpointInfo, RunView
 from torchkeep.state.devices import MapLocation
 from torchkeep.storage.remote import RemoteStorage
 
@@ -271,21 +271,16 @@ class RemoteCheckpointManager(RunView):
                 self._check_target(step)  # rank 0's view decides; a refusal fails every rank
             return plan_distributed(request, info=info)
 
-        def register() -> CheckpointInfo:
-            return self._register(step, 0, plain, now)
+        def register(used: Group, _: int) -> CheckpointInfo:
+            return self._register_across_ranks(used, step, url, plain, now, lambda: self._register(step, 0, plain, now))
 
         store = objects.objects_store(url, self.storage_options) if self.incremental else None
+        staging = self._staging if self.async_save else None
+        job = save_job(url, make_plan, group, register, staging=staging, storage_options=self.storage_options,
+                       objects_store=store)  # fmt: skip
         if not self.async_save:
-            save_distributed(url, make_plan, group, self.storage_options, objects_store=store)
-            return self._register_across_ranks(group, step, url, plain, now, register)
-        staged, _ = group.step(url, "planning the checkpoint", lambda: snapshot(self._staging, make_plan()), no_message)
-        background = group.background()
-
-        def write() -> CheckpointInfo:
-            save_distributed(url, lambda: staged, background, self.storage_options, objects_store=store)
-            return self._register_across_ranks(background, step, url, plain, now, register)
-
-        self._pending = self._writer.submit(step, Path(name), write)
+            return job()
+        self._pending = self._writer.submit(step, Path(name), job)
         return self._pending
 
     def _upload(self, step: int, url: str, plan: CheckpointPlan, plain: dict[str, Any], now: float) -> CheckpointInfo:

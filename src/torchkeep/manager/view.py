@@ -11,12 +11,10 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from torchkeep.distributed.group import Group, no_message
 from torchkeep.errors import CheckpointNotFoundError
-
-if TYPE_CHECKING:
-    from torchkeep.distributed.group import Group
 from torchkeep.manager.policies import (
     Candidate,
     KeepBest,
@@ -170,11 +168,6 @@ class RunView:
 
 def _nothing() -> None:
     return None
-
-
-def no_message(_: Any) -> dict[str, Any]:
-    """What a rank tells the others after a step that has nothing to report but its success."""
-    return {}
 
 
 def template_pattern(template: str) -> re.Pattern[str]:
