@@ -59,6 +59,17 @@ def test_consolidate_reads_plain_dcp_folders_and_refuses_damage(tmp_path: Path) 
     assert not (tmp_path / "never.safetensors").exists()
 
 
+def test_sharded_checkpoint_saved_without_a_layout_still_loads_whole(tmp_path: Path) -> None:
+    """Version-3 checkpoints saved before the manifest recorded the DCP layout: read by the static reader."""
+    model = mlp()
+    torchkeep.save(model, tmp_path / "m.safetensors")
+    torchkeep.convert(tmp_path / "m.safetensors", tmp_path / "s", sharded=True)
+    rewrite_manifest(tmp_path / "s", lambda body: body["distributed"]["dcp"].pop("layout"))
+    assert_same_tensors(torchkeep.load(tmp_path / "s"), dict(model.state_dict()))
+    torchkeep.consolidate(tmp_path / "s", tmp_path / "whole.safetensors")
+    assert_same_tensors(torchkeep.load(tmp_path / "whole.safetensors"), dict(model.state_dict()))
+
+
 def test_cli_consolidate_and_convert_sharded(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     torchkeep.save(mlp(), tmp_path / "m.safetensors")
     assert main(["convert", str(tmp_path / "m.safetensors"), str(tmp_path / "s"), "--sharded"]) == 0

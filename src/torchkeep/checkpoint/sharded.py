@@ -217,8 +217,8 @@ def _check_description(where: str, actual: dict[str, Any], info: dict[str, Any])
 
 class FullTensors:
     """Sharded tensors reassembled whole, in one process (no process group): for inference, export,
-    consolidation. Every DCP file is verified first. In a folder the data is read by torchkeep's own reader;
-    at a URL, DCP's fsspec reader fills whole tensors from the checked JSON layout."""
+    consolidation. Every DCP file is verified first; DCP's reader (files or fsspec) then fills whole tensors
+    from the manifest's checked JSON layout (torchkeep's static DCP reader for folders saved without one)."""
 
     def __init__(self, where: Where, section: Section, manifest_path: str) -> None:
         self.where = where
@@ -240,10 +240,10 @@ class FullTensors:
         return value
 
     def _read(self) -> dict[str, Any]:
-        if not self.dcp.remote:
+        if self.section.dcp_layout is None:  # saved before the manifest recorded the layout
+            if self.dcp.remote:
+                raise CorruptCheckpointError(self.manifest_path, "a sharded checkpoint at a URL without a layout")
             return read_dcp(self.dcp.base)
-        if self.section.dcp_layout is None:
-            raise CorruptCheckpointError(self.manifest_path, "a sharded checkpoint at a URL without a layout")
         from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
         metadata = layout_metadata(self.section.dcp_layout, self.section.dcp_files, self.manifest_path)
