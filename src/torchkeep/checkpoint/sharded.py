@@ -33,8 +33,11 @@ import xxhash
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.metadata import MetadataIndex, StorageMeta
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
+from torch.futures import Future
 
 from torchkeep import _config
+from torchkeep.checkpoint.direct_reads import read_data_direct
 from torchkeep.checkpoint.layout import CHECKSUM_KEY
 from torchkeep.errors import CorruptCheckpointError
 from torchkeep.format.dtypes import CODE_TO_DTYPE, DTYPE_TO_CODE
@@ -301,7 +304,8 @@ class Where:
 
 
 class CheckedReader(FileSystemReader):
-    """DCP's file reader, given the metadata torchkeep read and checked instead of its ``pickle.load``."""
+    """DCP's file reader, given the metadata torchkeep read and checked instead of its ``pickle.load``; for
+    files already verified against the manifest, which it reads straight into the destinations."""
 
     def __init__(self, path: Path, metadata: Any) -> None:
         super().__init__(path)
@@ -311,9 +315,13 @@ class CheckedReader(FileSystemReader):
         self._checked.storage_meta = StorageMeta(load_id=self.load_id)
         return self._checked
 
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        return read_data_direct(self, plan, planner, super().read_data)
+
 
 class CheckedFsspecReader(FsspecReader):
-    """DCP's fsspec reader (object stores), given the checked metadata instead of its ``pickle.load``."""
+    """DCP's fsspec reader (object stores), given the checked metadata instead of its ``pickle.load``; for
+    objects already verified against the manifest, which it reads straight into the destinations."""
 
     def __init__(self, path: str, metadata: Any, **storage_options: Any) -> None:
         super().__init__(path, **storage_options)
@@ -322,3 +330,6 @@ class CheckedFsspecReader(FsspecReader):
     def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
         self._checked.storage_meta = StorageMeta(load_id=self.load_id)
         return self._checked
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        return read_data_direct(self, plan, planner, super().read_data)

@@ -289,7 +289,8 @@ def rebuild_tensor_v2(
     if storage.dtype in QUANTIZED_ITEMSIZE:
         raise RefusedData("quantized storage outside _rebuild_qtensor")
     _check_view(shape, strides, storage_offset, storage.numel, itemsize(storage.dtype))
-    tensor = torch.empty(0, dtype=storage.dtype).set_(storage.untyped, storage_offset, shape, strides)
+    device = storage.untyped.device  # cpu; meta when only the geometry is wanted
+    tensor = torch.empty(0, dtype=storage.dtype, device=device).set_(storage.untyped, storage_offset, shape, strides)
     if requires_grad is True and (tensor.is_floating_point() or tensor.is_complex()):
         tensor.requires_grad_(True)
     return tensor

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import zipfile
 import zlib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -86,41 +88,95 @@ def _read_zip(path: str) -> Any:
 
 def read_zip_stream(raw: Any, path: str, file_size: int, *, extra: Mapping[tuple[str, str], Any] | None = None) -> Any:
     """A torch.save archive from a seekable binary stream of ``file_size`` bytes."""
-    try:
-        archive = zipfile.ZipFile(raw)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-        raise CorruptCheckpointError(path, f"not a readable zip archive: {exc}") from exc
-    with archive:
-        members = _Members(archive, raw, path, file_size)
-        infos = {info.filename: info for info in archive.infolist()}
-        pickles = [name for name in infos if name.endswith("data.pkl") and name.count("/") <= 1]
-        if len(pickles) != 1:
-            raise CorruptCheckpointError(path, f"expected one data.pkl in the archive, found {len(pickles)}")
-        prefix = pickles[0][: -len("data.pkl")]
-        byteorder = infos.get(prefix + "byteorder")
-        if byteorder is not None and members.read(byteorder) != b"little":
-            raise CorruptCheckpointError(path, "big-endian archives are not supported")
-        data = members.read(infos[pickles[0]])
+    with _Archive(raw, path, file_size) as archive:
 
         def load_storage(kind: StorageType, key: str, location: str, numel: int) -> LoadedStorage:
             # Each key is loaded once, from its own member: storages are backed by the archive's bytes.
-            info = infos.get(f"{prefix}data/{key}")
-            if info is None:
-                raise CorruptCheckpointError(path, f"storage {key!r} is missing from the archive")
-            nbytes = numel * itemsize(kind.dtype)
-            if info.file_size < nbytes:
-                raise CorruptCheckpointError(path, f"storage {key!r} holds {info.file_size} bytes, needs {nbytes}")
+            info, nbytes = archive.storage_member(key, kind, numel)
             if info.compress_type == zipfile.ZIP_STORED and info.file_size == nbytes:
                 untyped = _new_storage(nbytes)
                 _read_stored_into(raw, info, path, file_size, untyped)  # straight into the storage: one copy
             else:
-                member = members.read(info)
+                member = archive.members.read(info)
                 untyped = _new_storage(nbytes)
                 _fill(untyped, memoryview(member)[:nbytes])
             return LoadedStorage(untyped, kind.dtype, location)
 
         with rebuild.deferred_checks(path):
-            return restricted_loads(data, path=path, load_storage=load_storage, extra=extra)
+            return restricted_loads(archive.pickle, path=path, load_storage=load_storage, extra=extra)
+
+
+@dataclass(frozen=True)
+class LocatedTensor:
+    """A tensor of a torch.save archive, not read: its geometry (a tensor on the meta device) and the
+    offset in the stream of its storage's bytes, stored uncompressed."""
+
+    geometry: torch.Tensor
+    start: int
+    nbytes: int
+
+
+def locate_tensor(raw: Any, path: str, file_size: int) -> LocatedTensor | None:
+    """Where the one tensor a torch.save archive holds (as DCP saves each chunk) keeps its bytes, from
+    the archive's directory and pickle only; None when it holds something else or compressed bytes."""
+    located: list[zipfile.ZipInfo] = []
+    with _Archive(raw, path, file_size) as archive:
+
+        def load_storage(kind: StorageType, key: str, location: str, numel: int) -> LoadedStorage:
+            info, nbytes = archive.storage_member(key, kind, numel)
+            located.append(info)
+            geometry_only = torch.empty(nbytes, dtype=torch.uint8, device="meta").untyped_storage()
+            return LoadedStorage(geometry_only, kind.dtype, location)
+
+        with rebuild.deferred_checks(path):
+            geometry = restricted_loads(archive.pickle, path=path, load_storage=load_storage)
+    if not isinstance(geometry, torch.Tensor) or type(geometry) is not torch.Tensor or len(located) != 1:
+        return None
+    info = located[0]
+    if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+        return None
+    start = _data_offset(raw, info, path, file_size)
+    if start + info.file_size > file_size:
+        raise CorruptCheckpointError(path, f"zip entry {info.filename!r} runs past the end of the file")
+    return LocatedTensor(geometry, start, info.file_size)
+
+
+class _Archive(contextlib.AbstractContextManager["_Archive"]):
+    """A torch.save zip archive opened and checked: its one data.pkl read, little-endian."""
+
+    def __init__(self, raw: Any, path: str, file_size: int) -> None:
+        self.path = path
+        try:
+            self.zip = zipfile.ZipFile(raw)
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+            raise CorruptCheckpointError(path, f"not a readable zip archive: {exc}") from exc
+        try:
+            self.members = _Members(self.zip, raw, path, file_size)
+            self.infos = {info.filename: info for info in self.zip.infolist()}
+            pickles = [name for name in self.infos if name.endswith("data.pkl") and name.count("/") <= 1]
+            if len(pickles) != 1:
+                raise CorruptCheckpointError(path, f"expected one data.pkl in the archive, found {len(pickles)}")
+            self.prefix = pickles[0][: -len("data.pkl")]
+            byteorder = self.infos.get(self.prefix + "byteorder")
+            if byteorder is not None and self.members.read(byteorder) != b"little":
+                raise CorruptCheckpointError(path, "big-endian archives are not supported")
+            self.pickle = self.members.read(self.infos[pickles[0]])
+        except BaseException:
+            self.zip.close()
+            raise
+
+    def storage_member(self, key: str, kind: StorageType, numel: int) -> tuple[zipfile.ZipInfo, int]:
+        """The member holding storage ``key``, and the bytes it must hold."""
+        info = self.infos.get(f"{self.prefix}data/{key}")
+        if info is None:
+            raise CorruptCheckpointError(self.path, f"storage {key!r} is missing from the archive")
+        nbytes = numel * itemsize(kind.dtype)
+        if info.file_size < nbytes:
+            raise CorruptCheckpointError(self.path, f"storage {key!r} holds {info.file_size} bytes, needs {nbytes}")
+        return info, nbytes
+
+    def __exit__(self, *exc: object) -> None:
+        self.zip.close()
 
 
 def _read_stored_into(

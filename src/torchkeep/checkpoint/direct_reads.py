@@ -1,0 +1,116 @@
+"""DCP's ``read_data`` for files torchkeep has verified: each chunk read straight into its destination.
+
+DCP's own reader ``torch.load``s every chunk into a new tensor (allocated, and its pages faulted in),
+then copies it into the tensor the planner resolves. Once every file's checksum has been checked against
+the manifest, the same bytes can go straight into that tensor with one ``readinto``: the chunk's archive
+is read for its geometry only (directory and pickle, no data), and where the stored chunk is the
+destination exactly (same dtype and shape, both contiguous, a CPU destination) its bytes land there
+directly. Anything else (a resharded slice, a cast, a transform, a non-tensor item) takes DCP's own path.
+The zip CRC is not recomputed: the file's checksum already covered those bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable
+from typing import Any
+
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
+from torch.futures import Future
+
+from torchkeep.errors import CorruptCheckpointError
+from torchkeep.format.layout import byte_view
+from torchkeep.format.pickle.torchfile import locate_tensor
+
+
+def read_data_direct(
+    reader: Any, plan: LoadPlan, planner: LoadPlanner, fallback: Callable[[LoadPlan, LoadPlanner], Future[None]]
+) -> Future[None]:
+    """``reader``'s (a DCP FileSystemReader or FsspecReader) requests, file by file in offset order;
+    what cannot be read directly goes to ``fallback`` (DCP's own ``read_data``) in one batch."""
+    per_file: dict[str, list[tuple[int, ReadItem]]] = {}
+    for item in plan.items:
+        info = reader.storage_data[item.storage_index]
+        per_file.setdefault(info.relative_path, []).append((info.offset, item))
+    others: list[ReadItem] = []
+    for relative, items in per_file.items():
+        path = reader.fs.concat_path(reader.path, relative)
+        with reader.fs.create_stream(path, "rb") as stream:
+            for _, item in sorted(items, key=lambda pair: pair[0]):
+                info = reader.storage_data[item.storage_index]
+                if item.type == LoadItemType.BYTE_IO or info.transform_descriptors:
+                    others.append(item)
+                    continue
+                window = _Window(stream, info.offset, info.length)
+                if not _read_into_destination(window, str(path), item, planner):
+                    others.append(item)
+    if others:
+        return fallback(LoadPlan(others, plan.storage_data, plan.planner_data), planner)
+    done: Future[None] = Future()
+    done.set_result(None)
+    return done
+
+
+def _read_into_destination(window: _Window, label: str, item: ReadItem, planner: LoadPlanner) -> bool:
+    """True when ``item``'s chunk went straight into its destination; False to leave it to DCP."""
+    located = locate_tensor(window, label, window.length)
+    if located is None:
+        return False
+    stored = located.geometry
+    target = planner.resolve_tensor(item).detach()
+    whole = all(offset == 0 for offset in item.storage_offsets) and tuple(item.lengths) == tuple(stored.shape)
+    if not (
+        whole
+        and target.device.type == "cpu"
+        and target.dtype == stored.dtype
+        and tuple(target.shape) == tuple(stored.shape)
+        and target.is_contiguous()
+        and stored.is_contiguous()
+        and stored.storage_offset() == 0
+        and located.nbytes == math.prod(stored.shape) * stored.element_size()
+    ):
+        return False
+    view = byte_view(target)
+    window.seek(located.start)
+    filled = 0
+    while filled < located.nbytes:
+        got = window.readinto(view[filled:])
+        if not got:
+            raise CorruptCheckpointError(label, f"chunk of {item.dest_index.fqn!r} is truncated")
+        filled += got
+    planner.commit_tensor(item, target)
+    return True
+
+
+class _Window(io.RawIOBase):
+    """``length`` bytes of ``stream`` from ``offset``, as a seekable stream of their own."""
+
+    def __init__(self, stream: Any, offset: int, length: int) -> None:
+        super().__init__()
+        self.stream, self.offset, self.length = stream, offset, length
+        self.position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.length}[whence]
+        self.position = max(0, min(self.length, base + offset))
+        return self.position
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        wanted = min(len(view), self.length - self.position)
+        if wanted <= 0:
+            return 0
+        self.stream.seek(self.offset + self.position)
+        got = self.stream.readinto(view[:wanted]) or 0
+        self.position += got
+        return got
