@@ -61,13 +61,24 @@ def is_zip(head: bytes) -> bool:
     return head.startswith(b"PK\x03\x04")
 
 
-def read_torch_file(path: str) -> Any:
-    """The object a torch.save file holds, rebuilt from an allowlist only."""
+def read_torch_file(path: str, *, read_limit: int | None = None) -> Any:
+    """The object a torch.save file holds, rebuilt from an allowlist only.
+
+    ``read_limit``: storages of more bytes are not read: their tensors come back on the meta device (shape,
+    dtype and strides, no memory), for describing a file without reading its weights; sizes are still
+    checked against the file. None reads everything.
+    """
     with open(path, "rb") as f:
         head = f.read(4)
     if is_zip(head):
-        return _read_zip(path)
-    return _read_legacy(path)
+        with open(path, "rb", buffering=0) as raw:
+            return read_zip_stream(raw, path, os.path.getsize(path), read_limit=read_limit)
+    return _read_legacy(path, read_limit=read_limit)
+
+
+def _geometry_storage(nbytes: int) -> torch.UntypedStorage:
+    """A storage of ``nbytes`` on the meta device: tensors built on it have a shape and no memory."""
+    return torch.empty(nbytes, dtype=torch.uint8, device="meta").untyped_storage()
 
 
 def _data_offset(f: Any, info: zipfile.ZipInfo, path: str, file_size: int) -> int:
@@ -81,18 +92,23 @@ def _data_offset(f: Any, info: zipfile.ZipInfo, path: str, file_size: int) -> in
     return int(info.header_offset + 30 + name_len + extra_len)
 
 
-def _read_zip(path: str) -> Any:
-    with open(path, "rb", buffering=0) as raw:
-        return read_zip_stream(raw, path, os.path.getsize(path))
-
-
-def read_zip_stream(raw: Any, path: str, file_size: int, *, extra: Mapping[tuple[str, str], Any] | None = None) -> Any:
-    """A torch.save archive from a seekable binary stream of ``file_size`` bytes."""
+def read_zip_stream(
+    raw: Any,
+    path: str,
+    file_size: int,
+    *,
+    extra: Mapping[tuple[str, str], Any] | None = None,
+    read_limit: int | None = None,
+) -> Any:
+    """A torch.save archive from a seekable binary stream of ``file_size`` bytes (``read_limit``: as
+    read_torch_file)."""
     with _Archive(raw, path, file_size) as archive:
 
         def load_storage(kind: StorageType, key: str, location: str, numel: int) -> LoadedStorage:
             # Each key is loaded once, from its own member: storages are backed by the archive's bytes.
             info, nbytes = archive.storage_member(key, kind, numel)
+            if read_limit is not None and nbytes > read_limit:
+                return LoadedStorage(_geometry_storage(nbytes), kind.dtype, location)
             if info.compress_type == zipfile.ZIP_STORED and info.file_size == nbytes:
                 untyped = _new_storage(nbytes)
                 _read_stored_into(raw, info, path, file_size, untyped)  # straight into the storage: one copy
@@ -102,7 +118,7 @@ def read_zip_stream(raw: Any, path: str, file_size: int, *, extra: Mapping[tuple
                 _fill(untyped, memoryview(member)[:nbytes])
             return LoadedStorage(untyped, kind.dtype, location)
 
-        with rebuild.deferred_checks(path):
+        with rebuild.deferred_checks(path, run_on_exit=read_limit is None):  # sparse checks need all data
             return restricted_loads(archive.pickle, path=path, load_storage=load_storage, extra=extra)
 
 
@@ -125,8 +141,7 @@ def locate_tensor(raw: Any, path: str, file_size: int) -> LocatedTensor | None:
         def load_storage(kind: StorageType, key: str, location: str, numel: int) -> LoadedStorage:
             info, nbytes = archive.storage_member(key, kind, numel)
             located.append(info)
-            geometry_only = torch.empty(nbytes, dtype=torch.uint8, device="meta").untyped_storage()
-            return LoadedStorage(geometry_only, kind.dtype, location)
+            return LoadedStorage(_geometry_storage(nbytes), kind.dtype, location)
 
         with rebuild.deferred_checks(path):
             geometry = restricted_loads(archive.pickle, path=path, load_storage=load_storage)
@@ -239,7 +254,7 @@ class _Members:
         return bytes(data)
 
 
-def _read_legacy(path: str) -> Any:
+def _read_legacy(path: str, *, read_limit: int | None = None) -> Any:
     """The pre-1.6 format: magic, protocol, sys_info, the object, the storage keys, then raw storages.
 
     Read as a stream: each pickle is unpickled straight from the file (bounded by the bytes left),
@@ -275,7 +290,10 @@ def _read_legacy(path: str) -> Any:
             claimed += nbytes
             if claimed > file_size:
                 raise CorruptCheckpointError(path, f"storage {key!r} claims {nbytes} bytes, more than the file holds")
-            storage = LoadedStorage(_new_storage(nbytes), kind.dtype, location)
+            skipped = read_limit is not None and nbytes > read_limit
+            storage = LoadedStorage(
+                _geometry_storage(nbytes) if skipped else _new_storage(nbytes), kind.dtype, location
+            )
             storages[key] = storage
             return storage
 
@@ -286,7 +304,8 @@ def _read_legacy(path: str) -> Any:
             raise CorruptCheckpointError(path, "legacy file: storage keys do not match the object's storages")
         for key in keys:
             _read_legacy_storage(f, path, key, storages[key], file_size)
-    checks.run()
+    if read_limit is None:
+        checks.run()  # sparse tensors' indices need their data
     return obj
 
 
@@ -299,7 +318,9 @@ def _read_legacy_storage(f: Any, path: str, key: str, storage: LoadedStorage, fi
     nbytes = storage.untyped.nbytes()
     if numel * itemsize(storage.dtype) != nbytes or f.tell() + nbytes > file_size:
         raise CorruptCheckpointError(path, f"legacy file: storage {key!r} is truncated or mis-sized")
-    if nbytes:
+    if storage.untyped.device.type == "meta":  # not wanted: only its size was checked
+        f.seek(nbytes, os.SEEK_CUR)
+    elif nbytes:
         view = byte_view(torch.empty(0, dtype=torch.uint8).set_(storage.untyped))
         filled = 0
         while filled < nbytes:
