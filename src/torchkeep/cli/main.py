@@ -41,7 +41,7 @@ def _inspect(args: argparse.Namespace) -> int:
         print(info)
         if spec:
             print(_spec_summary(spec))
-    return 0
+    return 0 if info.scan is None else int(info.scan["exit_code"])  # a pickle's verdict, as `torchkeep scan`
 
 
 def _export_spec(path: Path) -> dict[str, Any] | None:
@@ -173,7 +173,9 @@ def _verify(args: argparse.Namespace) -> int:
         return 0
     checked = verify(args.path, storage_options=args.storage_options)
     if checked is None:
-        print(f"{args.path}: no checksums recorded (not written by torchkeep); structure is valid")
+        print(
+            f"{args.path}: readable, every byte read as load reads it; no checksums recorded (not written by torchkeep)"
+        )
     else:
         print(f"{args.path}: OK, {checked} tensors verified")
     return 0

@@ -13,14 +13,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from torchkeep import _config
 from torchkeep._gc import gc_paused
 from torchkeep.format import deploy
 from torchkeep.format.dtypes import dtype_name
 from torchkeep.format.layout import Header
+from torchkeep.format.pickle.dcp import is_dcp_dir, read_dcp
+from torchkeep.format.pickle.torchfile import is_zip, read_torch_file
 from torchkeep.storage.remote import is_url
+from torchkeep.weights.contents import READ_LIMIT, Contents, classify
 from torchkeep.weights.files import resolve
-from torchkeep.weights.legacy import detect_kind
+from torchkeep.weights.legacy import detect_kind, extract_state_dict, numpy_structure
 from torchkeep.weights.load import open_header, open_weights_file
 
 
@@ -56,6 +61,8 @@ class Inspection:
     inputs: tuple[deploy.Port, ...] | None = None
     outputs: tuple[deploy.Port, ...] | None = None
     notes: tuple[str, ...] = ()
+    contents: Contents | None = None  # pickled checkpoints, DCP folders, NumPy files: what each part is
+    scan: dict[str, Any] | None = None  # pickle-based files: the static scanner's verdict
 
     @property
     def total_bytes(self) -> int:
@@ -83,8 +90,13 @@ class Inspection:
             "outputs": None if self.outputs is None else [p.to_dict() for p in self.outputs],
             "notes": list(self.notes),
         }  # fmt: skip
+        described = {
+            **({"contents": self.contents.to_dict()} if self.contents is not None else {}),
+            **({"scan": self.scan} if self.scan is not None else {}),
+        }
         return {
             **ports,
+            **described,
             "path": self.path,
             "format": self.format,
             "files": self.files,
@@ -154,9 +166,14 @@ class Inspection:
         check = "xxh3-64 per tensor" if self.checksummed else "none (not written by torchkeep: cannot verify)"
         if self.kind is not None:
             check = "none in the format (zip entries are CRC-checked)" if self.kind != "onnx" else "none in the format"
+        if self.contents is not None:
+            check = "none in the format" + (" (zip entries are CRC-checked)" if "zip" in self.format else "")
+        scan = [f"scan: {self.scan['status']} ({self.scan['summary']})"] if self.scan is not None else []
         lines = [
             f"{self.path}: {self.format}, {len(self.files)} file(s), {_human(self.file_bytes)} on disk",
             *(self.ports() if self.kind is not None else []),
+            *scan,
+            *(self.contents.lines() if self.contents is not None else []),
             f"checksums: {check}",
             self.table(),
             f"total: {len(self.tensors)} tensors, {self.total_params:,} elements, {_human(self.total_bytes)}",
@@ -198,7 +215,14 @@ def inspect(path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] 
         detected = detect_kind(os.fspath(path))
         if detected in deploy.DEPLOY_KINDS:
             return _inspect_deployed(os.fspath(path), detected)
+        if detected in ("torch", "npy", "npz"):
+            return _inspect_structure(os.fspath(path), [Path(path).name], Path(path).parent)
+    if is_dcp_dir(path):
+        return _inspect_structure(os.fspath(path), sorted(p.name for p in Path(path).iterdir() if p.is_file()),
+                                  Path(path))  # fmt: skip
     files = resolve(path)
+    if all(detect_kind(files.path(name)) == "torch" for name in files.files):  # pytorch_model.bin folders
+        return _inspect_structure(os.fspath(path), list(files.files), files.root)
     found = []
     for name in files.files:
         file_path = files.path(name)
@@ -261,3 +285,64 @@ def _inspect_deployed(path: str, kind: deploy.DeployKind) -> Inspection:
         outputs=described.outputs,
         notes=described.notes,
     )
+
+
+FORMAT_NAMES = {"npy": "NumPy .npy", "npz": "NumPy .npz archive"}
+
+
+def _inspect_structure(path: str, names: list[str], root: Path) -> Inspection:
+    """A pickle-based or NumPy file, a folder of them, or a DCP folder: the structure alone (weights are not
+    read, scalars are) classified part by part, and for pickles the static scanner's verdict."""
+    from torchkeep.format.pickle.scan import scan
+
+    dcp = is_dcp_dir(path)
+    kinds: set[str] = {"dcp"} if dcp else {detect_kind(str(root / name)) for name in names}
+    pickled = bool(kinds & {"torch", "dcp"})
+    report = scan(path) if pickled else None
+    verdict = None if report is None else {"status": report.status, "exit_code": report.exit_code,
+                                           "summary": _scan_summary(report)}  # fmt: skip
+    file_bytes = sum((root / name).stat().st_size for name in names)
+    if report is not None and report.exit_code == 1:  # never unpickled, not even by the restricted reader
+        return Inspection(path, names, [], {}, False, _format_name(kinds, root, names), file_bytes, scan=verdict)
+    if dcp:
+        obj: Any = read_dcp(path, read_limit=READ_LIMIT)
+    elif len(names) == 1:
+        kind = detect_kind(str(root / names[0]))
+        obj = read_torch_file(str(root / names[0]), read_limit=READ_LIMIT) if kind == "torch" else numpy_structure(
+            str(root / names[0])
+        )  # fmt: skip
+    else:
+        obj = {}
+        for name in names:  # the shards of one state dict
+            shard = read_torch_file(str(root / name), read_limit=READ_LIMIT)
+            obj.update(extract_state_dict(shard, str(root / name)))
+    contents = classify(obj)
+    tensors: list[TensorInfo] = []
+    if contents.weights_key is not None:
+        weights = obj if contents.weights_key == "" else obj[contents.weights_key]
+        for name, tensor in weights.items():
+            if isinstance(tensor, torch.Tensor):
+                numel = tensor.numel()
+                file = names[0] if len(names) == 1 else ""
+                tensors.append(TensorInfo(name, dtype_name(tensor.dtype), tuple(tensor.shape), numel,
+                                          numel * tensor.element_size(), file))  # fmt: skip
+    return Inspection(path, names, tensors, {}, False, _format_name(kinds, root, names), file_bytes,
+                      contents=contents, scan=verdict)  # fmt: skip
+
+
+def _format_name(kinds: set[str], root: Path, names: list[str]) -> str:
+    if kinds == {"dcp"}:
+        return "torch.distributed.checkpoint (DCP) folder"
+    if kinds <= set(FORMAT_NAMES):
+        return FORMAT_NAMES[next(iter(kinds))]
+    with open(root / names[0], "rb") as f:
+        zipped = is_zip(f.read(4))
+    what = "torch.save zip archive" if zipped else "torch.save legacy file (or a plain pickle)"
+    return what + (f", {len(names)} shards" if len(names) > 1 else "")
+
+
+def _scan_summary(report: Any) -> str:
+    if report.exit_code == 0:
+        return f"{len(report.pickles)} pickle(s), only allowlisted globals"
+    problems = [*report.refused(), *(str(p) for p in report.problems)][:3]
+    return "; ".join(problems) or report.status

@@ -146,11 +146,33 @@ def _numpy(path: str) -> Any:
             raise UnsafeCheckpointError(path, "holds NumPy object arrays, which are pickles; refused") from exc
 
 
-def _check_npy_header(f: Any, size: int, path: str, what: str) -> None:
-    """NumPy allocates an array from its header before reading it: the header must fit the bytes behind it."""
+def numpy_structure(path: str) -> Any:
+    """An .npy or .npz file's arrays as tensors on the meta device, from their headers alone."""
+    if detect_kind(path) == "npy":
+        with open(path, "rb") as f:
+            return _check_npy_header(f, os.path.getsize(path), path, "the array")
+    out = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.file_size > MAX_DEFLATE_RATIO * max(info.compress_size, 1):
+                    raise CorruptCheckpointError(path, f"{info.filename!r} declares an impossible size")
+                with archive.open(info) as member:
+                    out[info.filename.removesuffix(".npy")] = _check_npy_header(
+                        member, info.file_size, path, repr(info.filename)
+                    )
+    except PARSE_ERRORS as exc:
+        raise CorruptCheckpointError(path, f"unreadable NumPy file: {type(exc).__name__}: {exc}") from exc
+    return out
+
+
+def _check_npy_header(f: Any, size: int, path: str, what: str) -> torch.Tensor | None:
+    """NumPy allocates an array from its header before reading it: the header must fit the bytes behind it.
+    Returns the array's shape and dtype as a tensor on the meta device (None when not an array, or of a
+    dtype torch lacks)."""
     head = f.read(8)
     if len(head) != 8 or not head.startswith(b"\x93NUMPY"):
-        return  # not an array: np.load reports it
+        return None  # not an array: np.load reports it
     read_header = np.lib.format.read_array_header_1_0 if head[6] == 1 else np.lib.format.read_array_header_2_0
     shape, _, dtype = read_header(f)
     if dtype.hasobject:
@@ -158,6 +180,11 @@ def _check_npy_header(f: Any, size: int, path: str, what: str) -> None:
     if math.prod(shape) * dtype.itemsize > size:
         raise CorruptCheckpointError(path, f"{what} claims {math.prod(shape) * dtype.itemsize} bytes of data, "
                                      f"more than the {size} bytes that hold it")  # fmt: skip
+    try:
+        dtype_as_torch = torch.from_numpy(np.empty(0, dtype=dtype.newbyteorder("="))).dtype
+    except TypeError:
+        return None  # strings, dates...: no tensor can hold them
+    return torch.empty(shape, dtype=dtype_as_torch, device="meta")
 
 
 def _tensors_only(mapping: Mapping[Any, Any], path: str) -> dict[str, torch.Tensor]:

@@ -9,18 +9,20 @@ from typing import Any
 
 from torchkeep.format import deploy
 from torchkeep.format.io import verify_tensors
+from torchkeep.format.pickle.dcp import is_dcp_dir, read_dcp
 from torchkeep.storage.remote import is_url
 from torchkeep.weights.files import resolve
-from torchkeep.weights.legacy import detect_kind
+from torchkeep.weights.legacy import detect_kind, read_raw
 from torchkeep.weights.load import open_header, open_weights_file
 
 
 def verify(path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None) -> int | None:
     """Read everything once and check it; returns the number of tensors checked.
 
-    Returns None when no file has checksums (written by another tool): only the structure was
-    checked then. Deployment files (TorchScript, .pt2, ONNX) have none: their weights are read
-    whole (zip entries CRC-checked), nothing in them run.
+    Returns None when no file has checksums (written by another tool): everything was read then, as
+    ``load`` reads it (pickles through the allowlist, zip CRCs and sizes checked), so damage still fails.
+    Deployment files (TorchScript, .pt2, ONNX) have none: their weights are read whole (zip entries
+    CRC-checked), nothing in them run.
 
     Raises:
         CheckpointNotFoundError: nothing at ``path``.
@@ -37,7 +39,17 @@ def verify(path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] |
         if kind in deploy.DEPLOY_KINDS:
             deploy.read_weights(os.fspath(path), kind)
             return None
+        if kind in ("torch", "npy", "npz"):  # read whole, safely: the allowlist, zip CRCs, sizes
+            read_raw(os.fspath(path))
+            return None
+    if is_dcp_dir(path):
+        read_dcp(path)
+        return None
     files = resolve(path)
+    if all(detect_kind(files.path(name)) == "torch" for name in files.files):  # pytorch_model.bin shards
+        for name in files.files:
+            read_raw(files.path(name))
+        return None
     checked = 0
     any_checksums = False
     for name in files.files:

@@ -93,8 +93,11 @@ def is_dcp_dir(path: str | os.PathLike[str]) -> bool:
     return (Path(path) / METADATA_FILE).is_file()
 
 
-def read_dcp(directory: str | os.PathLike[str]) -> dict[str, Any]:
+def read_dcp(directory: str | os.PathLike[str], *, read_limit: int | None = None) -> dict[str, Any]:
     """The state a DCP directory holds, nested as it was saved (flat keys if no nesting is recorded).
+
+    ``read_limit``: tensors and objects of more bytes are not read (tensors come back on the meta device,
+    objects as None), for describing a folder; None reads everything.
 
     Raises:
         CorruptCheckpointError: damaged or inconsistent metadata (a tensor its chunks do not cover
@@ -103,7 +106,7 @@ def read_dcp(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """
     try:
         with _DataFiles(Path(directory)) as files:
-            return _read_dcp(files)
+            return _read_dcp(files, read_limit)
     except TorchkeepError:
         raise
     except PARSE_ERRORS as exc:
@@ -232,14 +235,17 @@ def _plan_dcp(files: _DataFiles) -> _Planned:
     return _Planned(metadata, storage, plans)
 
 
-def _read_dcp(files: _DataFiles) -> dict[str, Any]:
+def _read_dcp(files: _DataFiles, read_limit: int | None) -> dict[str, Any]:
     planned = _plan_dcp(files)
     flat: dict[str, Any] = {}
     for fqn, plan in planned.plans.items():
         if isinstance(plan, _Item):
-            flat[fqn] = files.load(plan)
+            flat[fqn] = files.load(plan) if read_limit is None or plan.length <= read_limit else None
             continue
         dtype, size, chunks = plan
+        if read_limit is not None and math.prod(size) * itemsize(dtype) > read_limit:
+            flat[fqn] = torch.empty(size, dtype=dtype, device="meta")
+            continue
         tensor = torch.empty(size, dtype=dtype)
         for chunk in chunks:
             piece = files.load(chunk.item)

@@ -1,0 +1,199 @@
+"""What a pickled checkpoint holds, told from its structure alone: the one classifier of its parts.
+
+A file is read by :func:`read_torch_file` with ``read_limit`` (weights stay on the meta device; scalars such
+as a loss saved as a tensor are read), then each top-level entry is given a role by these rules, first
+match wins:
+
+1. the whole object is a state dict (names -> tensors): ``weights``;
+2. a mapping with ``state`` and ``param_groups``: ``optimizer``;
+3. a state dict: ``weights`` (the model's weights are the first under ``STATE_DICT_KEYS``' order);
+4. a mapping with ``last_epoch`` / ``base_lrs`` / ``_last_lr``: ``scheduler``;
+5. a mapping with ``scale`` and ``growth_factor`` (or ``_growth_tracker``): ``scaler`` (GradScaler);
+6. a key naming RNG state (``rng`` in it), or a uint8 tensor of 5056 bytes (a CPU generator): ``rng``;
+7. a list whose items are optimizers or schedulers (Lightning's ``optimizer_states``, ``lr_schedulers``):
+   each item as in 2 and 4;
+8. a number, string, bool, None or a one-element tensor: ``value``; anything else: ``other``.
+
+The file's layout: ``Lightning checkpoint`` when it has ``state_dict`` and ``pytorch-lightning_version`` or
+``global_step``; ``optimizer state`` when the whole object is one; ``state dict``; ``training checkpoint``
+when it holds weights or an optimizer beside other entries; else ``object``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from torchkeep.format.dtypes import dtype_name
+from torchkeep.weights.legacy import STATE_DICT_KEYS, _is_state_dict
+
+READ_LIMIT = 64  # bytes: a storage up to this size is read (scalars, steps); larger ones stay meta
+CPU_RNG_STATE_BYTES = 5056  # torch.get_rng_state()'s size
+_SCHEDULER_KEYS = ("last_epoch", "base_lrs", "_last_lr")
+
+
+@dataclass(frozen=True)
+class Part:
+    """One top-level entry of a checkpoint: where it is, what it is, and its description."""
+
+    key: str
+    role: str  # weights | optimizer | scheduler | scaler | rng | value | other
+    summary: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "role": self.role, "summary": self.summary, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class Contents:
+    layout: str
+    weights_key: str | None  # where the model's weights are ("" for the whole object); None: no weights
+    parts: list[Part]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layout": self.layout, "weights_key": self.weights_key, "parts": [p.to_dict() for p in self.parts]}
+
+    def lines(self) -> list[str]:
+        head = f"holds: {self.layout}" + (
+            f", model weights under {self.weights_key!r}" if self.weights_key else
+            (", model weights at the top level" if self.weights_key == "" else "")
+        )  # fmt: skip
+        out = [head]
+        for part in self.parts:
+            out.append(f"  {part.key} [{part.role}]: {part.summary}")
+            for group in part.detail.get("param_groups", []):
+                hyper = ", ".join(f"{k}={_plain(v)}" for k, v in group.items() if k != "params")
+                out.append(f"    param group: {group.get('params')} params; {hyper}")
+        return out
+
+
+def classify(obj: Any) -> Contents:
+    """The layout of ``obj`` (a file's object, tensors possibly on the meta device) and each part's role."""
+    if _is_state_dict(obj):
+        return Contents("state dict", "", [_weights("(all)", obj)])
+    if not isinstance(obj, Mapping):
+        return Contents("object", None, [Part("(all)", "other", _short(obj))])
+    if _is_optimizer(obj):
+        return Contents("optimizer state", None, [_optimizer("(all)", obj)])
+    parts = [_part(str(key), value) for key, value in obj.items()]
+    weights_key = next((k for k in STATE_DICT_KEYS if _is_state_dict(obj.get(k))), None)
+    if weights_key is None:
+        weights_key = next((p.key for p in parts if p.role == "weights"), None)
+    if "state_dict" in obj and ("pytorch-lightning_version" in obj or "global_step" in obj):
+        layout = "Lightning checkpoint"
+    elif any(p.role in ("weights", "optimizer") for p in parts):
+        layout = "training checkpoint"
+    else:
+        layout = "object"
+    return Contents(layout, weights_key, parts)
+
+
+def _part(key: str, value: Any) -> Part:
+    if _is_optimizer(value):
+        return _optimizer(key, value)
+    if _is_state_dict(value):
+        return _weights(key, value)
+    if isinstance(value, Mapping) and any(k in value for k in _SCHEDULER_KEYS):
+        return _scheduler(key, value)
+    if isinstance(value, Mapping) and "scale" in value and ("growth_factor" in value or "_growth_tracker" in value):
+        return Part(key, "scaler", ", ".join(f"{k}={_plain(v)}" for k, v in value.items()))
+    if "rng" in key.lower() or _is_cpu_rng(value):
+        return Part(key, "rng", _short(value))
+    if isinstance(value, (list, tuple)) and value and all(_is_optimizer(v) for v in value):
+        parts = [_optimizer(f"{key}[{i}]", v) for i, v in enumerate(value)]
+        groups = [g for p in parts for g in p.detail["param_groups"]]
+        return Part(key, "optimizer", "; ".join(p.summary for p in parts), {"param_groups": groups})
+    if (
+        isinstance(value, (list, tuple))
+        and value
+        and all(isinstance(v, Mapping) and any(k in v for k in _SCHEDULER_KEYS) for v in value)
+    ):
+        return Part(key, "scheduler", "; ".join(_scheduler(key, v).summary for v in value))
+    plain = _plain(value)
+    if plain is not None:
+        return Part(key, "value", repr(plain) if isinstance(plain, str) else str(plain))
+    return Part(key, "other", _short(value))
+
+
+def _weights(key: str, tensors: Mapping[str, Any]) -> Part:
+    values = [torch.as_tensor(v) if isinstance(v, np.ndarray) else v for v in tensors.values()]
+    values = [v for v in values if isinstance(v, torch.Tensor)]
+    numel = sum(v.numel() for v in values)
+    nbytes = sum(v.numel() * v.element_size() for v in values)
+    dtypes: dict[str, int] = {}
+    for v in values:
+        dtypes[dtype_name(v.dtype)] = dtypes.get(dtype_name(v.dtype), 0) + v.numel()
+    mix = ", ".join(f"{d} {n:,}" for d, n in sorted(dtypes.items(), key=lambda kv: -kv[1]))
+    summary = f"{len(values)} tensors, {numel:,} elements, {nbytes:,} bytes ({mix})"
+    return Part(key, "weights", summary, {"tensors": len(values), "elements": numel, "bytes": nbytes, "dtypes": dtypes})
+
+
+def _optimizer(key: str, value: Mapping[str, Any]) -> Part:
+    groups = []
+    for group in value.get("param_groups") or []:
+        if isinstance(group, Mapping):
+            params = group.get("params")
+            hyper = {str(k): _plain(v) for k, v in group.items() if k != "params"}
+            groups.append({"params": len(params) if isinstance(params, (list, tuple)) else None, **hyper})
+    raw_state = value.get("state")
+    state: Mapping[Any, Any] = raw_state if isinstance(raw_state, Mapping) else {}
+    slots: dict[str, int] = {}
+    nbytes = 0
+    for per_param in state.values():
+        if isinstance(per_param, Mapping):
+            for slot, tensor in per_param.items():
+                if isinstance(tensor, torch.Tensor):
+                    slots[str(slot)] = slots.get(str(slot), 0) + 1
+                    nbytes += tensor.numel() * tensor.element_size()
+    summary = f"{len(groups)} param group(s), state for {len(state)} params" + (
+        f" ({', '.join(sorted(slots))}; {nbytes:,} bytes)" if slots else ""
+    )
+    detail = {"param_groups": groups, "params_with_state": len(state), "slots": slots, "state_bytes": nbytes}
+    return Part(key, "optimizer", summary, detail)
+
+
+def _scheduler(key: str, value: Mapping[str, Any]) -> Part:
+    shown = {k: _plain(value[k]) for k in ("last_epoch", "_last_lr", "base_lrs", "_step_count") if k in value}
+    return Part(key, "scheduler", ", ".join(f"{k}={v}" for k, v in shown.items()), {k: v for k, v in shown.items()})
+
+
+def _is_optimizer(value: Any) -> bool:
+    return isinstance(value, Mapping) and "state" in value and "param_groups" in value
+
+
+def _is_cpu_rng(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.numel() == CPU_RNG_STATE_BYTES
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-able form of a small value (numbers, strings, short lists, one-element tensors); else None."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.device.type != "meta":
+        return _plain(value.item())
+    if isinstance(value, (list, tuple)) and len(value) <= 8:
+        items = [_plain(v) for v in value]
+        return None if any(i is None and v is not None for i, v in zip(items, value, strict=True)) else items
+    return None
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor {dtype_name(value.dtype)}{list(value.shape)}"
+    if isinstance(value, np.ndarray):
+        return f"array {value.dtype}{list(value.shape)}"
+    if isinstance(value, Mapping):
+        return f"dict of {len(value)}: " + ", ".join(repr(k) for k in list(value)[:6]) + (
+            ", ..." if len(value) > 6 else ""
+        )  # fmt: skip
+    if isinstance(value, (list, tuple)):
+        return f"{type(value).__name__} of {len(value)}"
+    return type(value).__name__
