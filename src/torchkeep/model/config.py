@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import typing
 from collections.abc import Mapping
 from typing import Any
@@ -32,10 +33,18 @@ def to_json(value: Any, where: str = "config") -> Any:
     )
 
 
+TRANSFORMERS = "transformers"  # the config_source of a Hugging Face transformers model
+
+
 def config_of(model: nn.Module, explicit: Any = None) -> tuple[Any, str]:
     """The config to save and where it came from: the argument, the model's protocol, or recorded."""
     if explicit is not None:
         return to_json(explicit), "argument"
+    if is_transformers_model(model):  # its own JSON, as save_pretrained writes config.json
+        hf_config: Any = model.config
+        config = json.loads(hf_config.to_json_string(use_diff=False))
+        config["architectures"] = config.get("architectures") or [type(model).__name__]
+        return config, TRANSFORMERS
     get_config = getattr(model, "get_config", None)
     if callable(get_config):
         return to_json(get_config()), "get_config"
@@ -66,8 +75,20 @@ def _rebuild(value: Any, annotation: Any) -> Any:
     return value
 
 
+def is_transformers_model(model: nn.Module) -> bool:
+    """A Hugging Face ``transformers`` model: a ``PreTrainedModel`` with its ``PretrainedConfig``."""
+    config = getattr(model, "config", None)
+    return getattr(type(model), "config_class", None) is not None and callable(getattr(config, "to_json_string", None))
+
+
 def build(cls: type[nn.Module], config: Any, source: str) -> nn.Module:
     """Construct ``cls`` from its saved config, following the protocol it was saved with."""
+    config_class = getattr(cls, "config_class", None)
+    if (source == TRANSFORMERS or "model_type" in (config or {})) and callable(
+        getattr(config_class, "from_dict", None)
+    ):
+        # transformers: the class takes its config object (a config.json from save_pretrained or torchkeep)
+        return cls(config_class.from_dict(config))  # type: ignore[union-attr]
     if source == "get_config" and callable(getattr(cls, "from_config", None)):
         return cls.from_config(config)  # type: ignore[attr-defined, no-any-return]
     try:
