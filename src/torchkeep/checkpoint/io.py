@@ -17,6 +17,7 @@ from torch import nn
 from torchkeep import _config
 from torchkeep._gc import gc_paused
 from torchkeep.checkpoint import objects
+from torchkeep.checkpoint.accelerate import is_accelerate_state, read_accelerate_state
 from torchkeep.checkpoint.background import PendingSave, StagingBuffers, submit
 from torchkeep.checkpoint.layout import (
     MANIFEST_FILE,
@@ -463,10 +464,11 @@ def load_checkpoint(
 
     ``path`` is a torchkeep checkpoint directory, or a file written by ``torch.save`` the way the
     tutorials do (``{'epoch', 'model_state_dict', 'optimizer_state_dict', ...}``) or by
-    Lightning (``state_dict``, ``optimizer_states``, ``lr_schedulers``...), a
-    torch.distributed.checkpoint directory, or weights alone (safetensors, Hugging Face folders),
-    read without running code unless ``trusted=True``; or a checkpoint at a URL written by
-    :func:`save_checkpoint` (``s3://...``, ``storage_options`` for fsspec).
+    Lightning (``state_dict``, ``optimizer_states``, ``lr_schedulers``...), a folder written by
+    Accelerate's ``save_state`` (its model, optimizer, scheduler, scaler and this rank's generators; the
+    ``step`` and registered objects are returned), a torch.distributed.checkpoint directory, or weights
+    alone (safetensors, Hugging Face folders), read without running code unless ``trusted=True``; or a
+    checkpoint at a URL written by :func:`save_checkpoint` (``s3://...``, ``storage_options`` for fsspec).
 
     Everything is read, verified and matched before any object is modified: with
     ``strict=True`` a mismatch raises and leaves every object as it was.
@@ -489,6 +491,7 @@ def load_checkpoint(
     """
     source = os.fspath(path)
     saved_rng: SavedState | None = None
+    foreign_rng: dict[str, Any] | None = None  # generators saved by another library, in torchkeep's form
     loaded: LoadedCheckpoint | None = None
     saved: dict[str, Any]
     user_state: dict[str, Any]
@@ -498,6 +501,13 @@ def load_checkpoint(
         saved, user_state = _legacy_objects(source, trusted=trusted)
     elif is_dcp_dir(path) and not is_checkpoint_dir(path):
         saved, user_state = split_legacy(read_dcp(path))
+    elif Path(path).is_dir() and not is_checkpoint_dir(path) and is_accelerate_state(path):
+        from torchkeep.distributed.group import active_group
+
+        group = active_group(process_group)
+        saved, user_state, foreign_rng = read_accelerate_state(
+            Path(path), rank=group.rank if group is not None else 0, trusted=trusted
+        )
     elif Path(path).is_dir() and not is_checkpoint_dir(path) and not (Path(path) / TENSORS_FILE).exists():
         # a weights folder (Hugging Face layouts); a tensor file without a manifest is a damaged checkpoint
         saved, user_state = {"model": load(source, trusted=trusted)}, {}
@@ -526,7 +536,8 @@ def load_checkpoint(
     if per_rank:
         raise ValueError(f"{source} was saved by one process: it holds no per_rank state; pass per_rank=None")
     restore = prepare_restore(source, saved, wanted_objects(model, optimizer, scheduler, scaler, components), strict)
-    rng_state = saved_rng.decode() if rng and saved_rng is not None else None
+    rng_state = saved_rng.decode() if saved_rng is not None else foreign_rng
+    rng_state = rng_state if rng else None
     if rng_state is not None:
         check_rng(rng_state, source=source)
     restore.apply()

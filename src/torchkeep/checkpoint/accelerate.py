@@ -1,0 +1,78 @@
+"""Folders written by Hugging Face Accelerate's ``Accelerator.save_state``, read without running code.
+
+Accelerate writes, for its first prepared model, optimizer, scheduler and scaler: ``model.safetensors``
+(or ``pytorch_model.bin``), ``optimizer.bin``, ``scheduler.bin``, ``scaler.pt`` (torch.save files), and
+each process's generators in ``random_states_<process>.pkl`` (a plain pickle: ``step``, ``random_state``,
+``numpy_random_seed``, ``torch_manual_seed``, ``torch_cuda_manual_seed``). Objects registered with
+``register_for_checkpointing`` are ``custom_checkpoint_<i>.pkl``: they come back as plain values under
+that name. Further models and optimizers (``model_1.safetensors``, ``optimizer_1.bin``...) as well.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from torchkeep.weights.legacy import read_raw
+from torchkeep.weights.load import load
+
+RNG_PREFIX = "random_states_"
+_OBJECT_FILES = {"optimizer": "optimizer", "scheduler": "scheduler"}
+
+
+def is_accelerate_state(folder: str | os.PathLike[str]) -> bool:
+    """A ``save_state`` folder: its model weights beside an optimizer, a scheduler or RNG files."""
+    root = Path(folder)
+    has_model = (root / "model.safetensors").is_file() or (root / "pytorch_model.bin").is_file()
+    markers = ("optimizer.bin", "scheduler.bin", f"{RNG_PREFIX}0.pkl")
+    return has_model and any((root / name).is_file() for name in markers)
+
+
+def read_accelerate_state(
+    folder: Path, *, rank: int, trusted: bool
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+    """The objects by torchkeep's keys (``model``, ``optimizer``, ``scheduler``, ``scaler``; further ones as
+    ``components.model_1``...), the plain values (``step``, registered objects), and this rank's RNG state
+    in torchkeep's form (None when the folder holds none for it)."""
+    objects: dict[str, Any] = {}
+    for index in range(64):
+        suffix = "" if index == 0 else f"_{index}"
+        model = _weights_file(folder, f"model{suffix}")
+        if model is None:
+            break
+        objects["model" if index == 0 else f"components.model{suffix}"] = load(model, trusted=trusted)
+    for index in range(64):
+        suffix = "" if index == 0 else f"_{index}"
+        found = False
+        for key, stem in _OBJECT_FILES.items():
+            file = folder / f"{stem}{suffix}.bin"
+            if file.is_file():
+                objects[key if index == 0 else f"components.{key}{suffix}"] = read_raw(str(file), trusted=trusted)
+                found = True
+        if not found:
+            break
+    if (folder / "scaler.pt").is_file():
+        objects["scaler"] = read_raw(str(folder / "scaler.pt"), trusted=trusted)
+    plain: dict[str, Any] = {}
+    for file in sorted(folder.glob("custom_checkpoint_*.pkl")):
+        plain[file.stem] = read_raw(str(file), trusted=trusted)
+    rng_file = folder / f"{RNG_PREFIX}{rank}.pkl"
+    rng: dict[str, Any] | None = None
+    if rng_file.is_file():
+        saved = read_raw(str(rng_file), trusted=trusted)
+        if isinstance(saved, dict):
+            if "step" in saved:
+                plain["step"] = saved["step"]
+            names = {"random_state": "python", "numpy_random_seed": "numpy", "torch_manual_seed": "torch"}
+            rng = {ours: saved[theirs] for theirs, ours in names.items() if theirs in saved}
+            if saved.get("torch_cuda_manual_seed"):
+                rng["cuda"] = list(saved["torch_cuda_manual_seed"])
+    return objects, plain, rng
+
+
+def _weights_file(folder: Path, stem: str) -> Path | None:
+    for name in (f"{stem}.safetensors", f"pytorch_{stem}.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    return None

@@ -1,0 +1,61 @@
+"""A real Accelerate save_state folder resumes through load_checkpoint, as Accelerator.load_state would."""
+
+from __future__ import annotations
+
+import random
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import torchkeep
+from tests.conftest import assert_same_tensors
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    accelerate = pytest.importorskip("accelerate")
+
+
+def _objects(seed: int) -> tuple[nn.Module, Any, Any]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    return model, opt, torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+
+
+def test_save_state_folder_restores_objects_step_and_generators(tmp_path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        accelerator = accelerate.Accelerator(cpu=True)
+        model, opt, sched = accelerator.prepare(*_objects(0))
+        for _ in range(3):
+            model(torch.randn(5, 4)).pow(2).sum().backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            accelerator.step += 1
+        accelerator.save_state(str(tmp_path / "state"))
+    after_save = (torch.rand(3), np.random.rand(2), random.random())
+    assert torchkeep.scan(tmp_path / "state").verdict == "safe"
+
+    fresh_model, fresh_opt, fresh_sched = _objects(1)
+    values = torchkeep.load_checkpoint(
+        tmp_path / "state", model=fresh_model, optimizer=fresh_opt, scheduler=fresh_sched
+    )
+    assert values["step"] == 3
+    again = (torch.rand(3), np.random.rand(2), random.random())  # generators restored: the same draws
+    assert torch.equal(again[0], after_save[0]) and np.array_equal(again[1], after_save[1])
+    assert again[2] == after_save[2]
+    assert_same_tensors(dict(model.state_dict()), dict(fresh_model.state_dict()))
+    assert fresh_sched.state_dict() == sched.state_dict()
+    assert fresh_opt.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
+    for saved, restored in zip(
+        opt.state_dict()["state"].values(), fresh_opt.state_dict()["state"].values(), strict=True
+    ):
+        assert all(torch.equal(saved[k], restored[k]) for k in saved)
+    with pytest.raises(torchkeep.LoadMismatchError):
+        torchkeep.load_checkpoint(tmp_path / "state", model=nn.Linear(4, 2))
