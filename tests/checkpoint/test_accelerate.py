@@ -41,6 +41,15 @@ def test_save_state_folder_restores_objects_step_and_generators(tmp_path: Path) 
         accelerator.save_state(str(tmp_path / "state"))
     after_save = (torch.rand(3), np.random.rand(2), random.random())
     assert torchkeep.scan(tmp_path / "state").verdict == "safe"
+    layouts = {
+        name: torchkeep.inspect(tmp_path / "state" / name).contents
+        for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl")
+    }
+    assert {name: c.layout for name, c in layouts.items() if c is not None} == {
+        "optimizer.bin": "optimizer state",
+        "scheduler.bin": "scheduler state",
+        "random_states_0.pkl": "RNG state",
+    }
 
     fresh_model, fresh_opt, fresh_sched = _objects(1)
     values = torchkeep.load_checkpoint(

@@ -9,14 +9,16 @@ match wins:
 3. a state dict: ``weights`` (the model's weights are the first under ``STATE_DICT_KEYS``' order);
 4. a mapping with ``last_epoch`` / ``base_lrs`` / ``_last_lr``: ``scheduler``;
 5. a mapping with ``scale`` and ``growth_factor`` (or ``_growth_tracker``): ``scaler`` (GradScaler);
-6. a key naming RNG state (``rng`` in it), or a uint8 tensor of 5056 bytes (a CPU generator): ``rng``;
+6. a uint8 tensor of 5056 bytes (a CPU generator), or a key naming RNG state (``rng``, ``random`` or ``seed``
+   in it) whose value is not a plain number (a seed saved as an int is a value): ``rng``;
 7. a list whose items are optimizers or schedulers (Lightning's ``optimizer_states``, ``lr_schedulers``):
    each item as in 2 and 4;
 8. a number, string, bool, None or a one-element tensor: ``value``; anything else: ``other``.
 
-The file's layout: ``Lightning checkpoint`` when it has ``state_dict`` and ``pytorch-lightning_version`` or
-``global_step``; ``optimizer state`` when the whole object is one; ``state dict``; ``training checkpoint``
-when it holds weights or an optimizer beside other entries; else ``object``.
+The file's layout: ``state dict``, ``optimizer state`` or ``scheduler state`` when the whole object is one;
+``Lightning checkpoint`` when it has ``state_dict`` and ``pytorch-lightning_version`` or ``global_step``;
+``training checkpoint`` when it holds weights or an optimizer beside other entries; ``RNG state`` when it
+holds generators and plain values only (Accelerate's ``random_states_0.pkl``); else ``object``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from torchkeep.weights.legacy import STATE_DICT_KEYS, _is_state_dict
 READ_LIMIT = 64  # bytes: a storage up to this size is read (scalars, steps); larger ones stay meta
 CPU_RNG_STATE_BYTES = 5056  # torch.get_rng_state()'s size
 _SCHEDULER_KEYS = ("last_epoch", "base_lrs", "_last_lr")
+_RNG_WORDS = ("rng", "random", "seed")  # rng_state, random_state, torch_manual_seed (Accelerate)
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,8 @@ def classify(obj: Any) -> Contents:
         return Contents("object", None, [Part("(all)", "other", _short(obj))])
     if _is_optimizer(obj):
         return Contents("optimizer state", None, [_optimizer("(all)", obj)])
+    if any(k in obj for k in _SCHEDULER_KEYS):
+        return Contents("scheduler state", None, [_scheduler("(all)", obj)])
     parts = [_part(str(key), value) for key, value in obj.items()]
     weights_key = next((k for k in STATE_DICT_KEYS if _is_state_dict(obj.get(k))), None)
     if weights_key is None:
@@ -89,6 +94,8 @@ def classify(obj: Any) -> Contents:
         layout = "Lightning checkpoint"
     elif any(p.role in ("weights", "optimizer") for p in parts):
         layout = "training checkpoint"
+    elif any(p.role == "rng" for p in parts) and all(p.role in ("rng", "value") for p in parts):
+        layout = "RNG state"
     else:
         layout = "object"
     return Contents(layout, weights_key, parts)
@@ -103,7 +110,7 @@ def _part(key: str, value: Any) -> Part:
         return _scheduler(key, value)
     if isinstance(value, Mapping) and "scale" in value and ("growth_factor" in value or "_growth_tracker" in value):
         return Part(key, "scaler", ", ".join(f"{k}={_plain(v)}" for k, v in value.items()))
-    if "rng" in key.lower() or _is_cpu_rng(value):
+    if _is_cpu_rng(value) or (any(w in key.lower() for w in _RNG_WORDS) and _plain(value) is None):
         return Part(key, "rng", _short(value))
     if isinstance(value, (list, tuple)) and value and all(_is_optimizer(v) for v in value):
         parts = [_optimizer(f"{key}[{i}]", v) for i, v in enumerate(value)]
