@@ -11,9 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchkeep.checkpoint.io import LEGACY_KEYS, read_checkpoint, save_checkpoint, split_legacy
+from torchkeep.checkpoint.io import read_checkpoint, save_checkpoint, split_legacy
 from torchkeep.checkpoint.layout import SaveRequest
 from torchkeep.errors import CorruptCheckpointError
+from torchkeep.weights.contents import classify
 from torchkeep.weights.legacy import detect_kind, extract_state_dict, read_raw
 from torchkeep.weights.load import load
 from torchkeep.weights.save import save
@@ -75,10 +76,10 @@ def _check(
 
 
 def _is_training_checkpoint(raw: Any) -> bool:
+    """A dict holding an optimizer, scheduler or scaler beside its weights (the one classifier decides)."""
     if not isinstance(raw, dict):
         return False
-    keys = {k for names in (LEGACY_KEYS["optimizer"], LEGACY_KEYS["scheduler"], LEGACY_KEYS["scaler"]) for k in names}
-    return any(k in raw for k in keys)
+    return any(p.role in ("optimizer", "scheduler", "scaler") for p in classify(raw).parts)
 
 
 def convert(

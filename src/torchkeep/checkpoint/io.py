@@ -47,6 +47,7 @@ from torchkeep.state.values import Decoder
 from torchkeep.storage.base import Storage
 from torchkeep.storage.local import LocalStorage, commit_dir, fsync_dir, temporary_sibling, write_errors
 from torchkeep.storage.remote import is_url
+from torchkeep.weights.contents import classify, split_objects
 from torchkeep.weights.legacy import detect_kind, read_raw
 from torchkeep.weights.load import load, read_file
 from torchkeep.weights.load_into import PendingLoad, match_model
@@ -622,15 +623,6 @@ class SavedState:
         return self.loaded.decode(self.node, into_model=into_model)
 
 
-# Where dict checkpoints written by hand (the tutorials' idiom) and by Lightning keep each object.
-LEGACY_KEYS: dict[str, tuple[str, ...]] = {
-    "model": ("model_state_dict", "state_dict", "model_state", "model", "net", "module"),
-    "optimizer": ("optimizer_state_dict", "optimizer", "optimizer_states", "optim"),
-    "scheduler": ("scheduler_state_dict", "scheduler", "lr_scheduler", "lr_schedulers"),
-    "scaler": ("scaler_state_dict", "scaler", "grad_scaler", "amp_scaling_state", "amp_scaler", "amp"),
-}
-
-
 def _legacy_objects(path: str, *, trusted: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """Split a torch.save'd checkpoint dict into the objects it holds and the remaining values."""
     raw = read_raw(path, trusted=trusted)
@@ -640,20 +632,9 @@ def _legacy_objects(path: str, *, trusted: bool) -> tuple[dict[str, Any], dict[s
 
 
 def split_legacy(raw: Mapping[Any, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``{'model_state_dict': ..., 'optimizer_state_dict': ..., 'epoch': 3}`` -> objects, plain values."""
-    if raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
-        return {"model": dict(raw)}, {}
-    rest = dict(raw)
-    objects: dict[str, Any] = {}
-    for name, keys in LEGACY_KEYS.items():
-        for key in keys:
-            if key in rest:
-                value = rest.pop(key)
-                if isinstance(value, list) and len(value) == 1:  # Lightning keeps lists of one
-                    value = value[0]
-                objects[name] = value
-                break
-    return objects, rest
+    """``{'model_state_dict': ..., 'optimizer_state_dict': ..., 'epoch': 3}`` -> objects, plain values, by the
+    one classifier (weights/contents.py)."""
+    return split_objects(raw, classify(raw))
 
 
 def checkpoint_size(path: str | os.PathLike[str]) -> int:

@@ -1,24 +1,29 @@
-"""What a pickled checkpoint holds, told from its structure alone: the one classifier of its parts.
+"""What a pickled checkpoint holds, told from its structure alone: the one classifier of its parts, shared by
+``load``, ``load_raw``, ``inspect``, ``convert`` and ``load_checkpoint``; FORMAT.md states the same rules.
 
-A file is read by :func:`read_torch_file` with ``read_limit`` (weights stay on the meta device; scalars such
-as a loss saved as a tensor are read), then each top-level entry is given a role by these rules, first
-match wins:
+``inspect`` reads a file with :func:`read_torch_file`'s ``read_limit`` (weights stay on the meta device;
+scalars such as a loss saved as a tensor are read). Each top-level entry gets a role, first match wins:
 
-1. the whole object is a state dict (names -> tensors): ``weights``;
-2. a mapping with ``state`` and ``param_groups``: ``optimizer``;
-3. a state dict: ``weights`` (the model's weights are the first under ``STATE_DICT_KEYS``' order);
-4. a mapping with ``last_epoch`` / ``base_lrs`` / ``_last_lr``: ``scheduler``;
-5. a mapping with ``scale`` and ``growth_factor`` (or ``_growth_tracker``): ``scaler`` (GradScaler);
-6. a uint8 tensor of 5056 bytes (a CPU generator), or a key naming RNG state (``rng``, ``random`` or ``seed``
+1. a mapping with ``state`` and ``param_groups``: ``optimizer``;
+2. weights (:func:`is_weights`: string keys to tensors or arrays, not a lone generator state): ``weights``;
+   also a mapping that holds weights under one of ``STATE_DICT_KEYS`` (nested one level: ``key/inner``);
+3. a mapping with ``last_epoch`` / ``base_lrs`` / ``_last_lr``: ``scheduler``;
+4. a mapping with ``scale`` and ``growth_factor`` (or ``_growth_tracker``): ``scaler`` (GradScaler);
+5. a uint8 tensor of 5056 bytes (a CPU generator), or a key naming RNG state (``rng``, ``random`` or ``seed``
    in it) whose value is not a plain number (a seed saved as an int is a value): ``rng``;
-7. a list whose items are optimizers or schedulers (Lightning's ``optimizer_states``, ``lr_schedulers``):
-   each item as in 2 and 4;
-8. a number, string, bool, None or a one-element tensor: ``value``; anything else: ``other``.
+6. an empty mapping under one of ``OBJECT_KEYS``' names: that object (a disabled GradScaler saves ``{}``);
+7. a list of optimizers or of schedulers (Lightning's ``optimizer_states``, ``lr_schedulers``): that role;
+8. a number, string, bool, None or a one-element tensor: ``value``; another tensor: ``tensor``; else ``other``.
 
-The file's layout: ``state dict``, ``optimizer state`` or ``scheduler state`` when the whole object is one;
-``Lightning checkpoint`` when it has ``state_dict`` and ``pytorch-lightning_version`` or ``global_step``;
-``training checkpoint`` when it holds weights or an optimizer beside other entries; ``RNG state`` when it
-holds generators and plain values only (Accelerate's ``random_states_0.pkl``); else ``object``.
+The model's weights are the ``weights`` part whose key comes first in ``STATE_DICT_KEYS`` (then file order);
+``load`` says which it took when there are several, and ``key=`` picks another. With no weights part, loose
+top-level tensors are the weights. Two parts of one role (two optimizers): the name first in ``OBJECT_KEYS``.
+
+The file's layout: ``state dict``, ``optimizer state``, ``scheduler state`` or ``RNG state`` when the whole
+object is one; ``Lightning checkpoint`` when it has ``state_dict`` and ``pytorch-lightning_version`` or
+``global_step``; ``training checkpoint`` when it holds weights or an optimizer beside other entries; ``RNG
+state`` when it holds generators and plain values only (Accelerate's ``random_states_0.pkl``); ``state dict
+with other values`` for loose tensors beside values; else ``object``.
 """
 
 from __future__ import annotations
@@ -32,12 +37,36 @@ import numpy as np
 import torch
 
 from torchkeep.format.dtypes import dtype_name
-from torchkeep.weights.legacy import STATE_DICT_KEYS, _is_state_dict
+from torchkeep.state import torch_ao
 
 READ_LIMIT = 64  # bytes: a storage up to this size is read (scalars, steps); larger ones stay meta
 CPU_RNG_STATE_BYTES = 5056  # torch.get_rng_state()'s size
 _SCHEDULER_KEYS = ("last_epoch", "base_lrs", "_last_lr")
 _RNG_WORDS = ("rng", "random", "seed")  # rng_state, random_state, torch_manual_seed (Accelerate)
+# Where checkpoint layouts keep the model's weights, in order of preference: the tutorials', Lightning's and
+# timm's (state_dict), accelerate/DeepSpeed (module), common variants; EMA weights last (a file with both
+# is read for its trained weights unless key= asks for the EMA).
+STATE_DICT_KEYS = (
+    "state_dict",
+    "model_state_dict",
+    "model_state",
+    "model",
+    "module",
+    "net",
+    "network",
+    "weights",
+    "params",
+    "state_dict_ema",
+    "model_ema",
+    "ema",
+)
+# The names under which dict checkpoints (the tutorials', Lightning's, timm's) keep each training object:
+# a tie-breaker between parts of the same role, and the role of an empty state (a disabled GradScaler's {}).
+OBJECT_KEYS: dict[str, tuple[str, ...]] = {
+    "optimizer": ("optimizer_state_dict", "optimizer", "optimizer_states", "optim"),
+    "scheduler": ("scheduler_state_dict", "scheduler", "lr_scheduler", "lr_schedulers"),
+    "scaler": ("scaler_state_dict", "scaler", "grad_scaler", "amp_scaling_state", "amp_scaler", "amp"),
+}
 
 
 @dataclass(frozen=True)
@@ -76,10 +105,27 @@ class Contents:
         return out
 
 
+def is_weights(value: Any) -> bool:
+    """Named tensors (a state dict): string keys, tensor or array values; not a lone generator state."""
+    if not isinstance(value, Mapping) or not value:
+        return False
+    if not all(
+        isinstance(k, str) and (isinstance(v, (torch.Tensor, np.ndarray)) or torch_ao.is_entry(k, v))
+        for k, v in value.items()
+    ):
+        return False
+    if len(value) == 1:
+        ((key, only),) = value.items()
+        return not (_is_cpu_rng(only) or any(w in key.lower() for w in _RNG_WORDS))
+    return True
+
+
 def classify(obj: Any) -> Contents:
     """The layout of ``obj`` (a file's object, tensors possibly on the meta device) and each part's role."""
-    if _is_state_dict(obj):
+    if is_weights(obj):
         return Contents("state dict", "", [_weights("(all)", obj)])
+    if _is_cpu_rng(obj):
+        return Contents("RNG state", None, [Part("(all)", "rng", _short(obj))])
     if not isinstance(obj, Mapping):
         return Contents("object", None, [Part("(all)", "other", _short(obj))])
     if _is_optimizer(obj):
@@ -87,31 +133,87 @@ def classify(obj: Any) -> Contents:
     if any(k in obj for k in _SCHEDULER_KEYS):
         return Contents("scheduler state", None, [_scheduler("(all)", obj)])
     parts = [_part(str(key), value) for key, value in obj.items()]
-    weights_key = next((k for k in STATE_DICT_KEYS if _is_state_dict(obj.get(k))), None)
-    if weights_key is None:
-        weights_key = next((p.key for p in parts if p.role == "weights"), None)
+    candidates = weights_candidates(obj, parts)
+    weights_key = candidates[0] if candidates else ("" if any(p.role == "tensor" for p in parts) else None)
     if "state_dict" in obj and ("pytorch-lightning_version" in obj or "global_step" in obj):
         layout = "Lightning checkpoint"
     elif any(p.role in ("weights", "optimizer") for p in parts):
         layout = "training checkpoint"
     elif any(p.role == "rng" for p in parts) and all(p.role in ("rng", "value") for p in parts):
         layout = "RNG state"
+    elif weights_key == "":
+        layout = "state dict with other values"
     else:
         layout = "object"
     return Contents(layout, weights_key, parts)
 
 
+def weights_candidates(obj: Mapping[Any, Any], parts: list[Part]) -> list[str]:
+    """Every place ``obj`` holds weights (``key``, or ``key/inner`` one level down), the preferred first."""
+    found = [p.detail.get("path", p.key) for p in parts if p.role == "weights"]
+    rank = {key: i for i, key in enumerate(STATE_DICT_KEYS)}
+    return sorted(found, key=lambda path: (rank.get(path.split("/")[-1], len(rank)), found.index(path)))
+
+
+def weights_at(obj: Any, contents: Contents, key: str | None = None) -> Mapping[str, Any] | None:
+    """The weights at ``key`` (``outer/inner`` one level down), or where ``contents`` found them; None if none."""
+    where = contents.weights_key if key is None else key
+    if where is None:
+        return None
+    if where == "":
+        if contents.layout == "state dict":
+            return dict(obj)
+        return {p.key: obj[p.key] for p in contents.parts if p.role == "tensor"}
+    node: Any = obj
+    for step in where.split("/"):
+        node = node.get(step) if isinstance(node, Mapping) else None
+    return node if is_weights(node) else None
+
+
+def split_objects(obj: Mapping[Any, Any], contents: Contents) -> tuple[dict[str, Any], dict[Any, Any]]:
+    """A checkpoint dict's training objects by torchkeep's names (model, optimizer, scheduler, scaler) and
+    the remaining entries. Lightning keeps lists of one optimizer or scheduler: the one is taken."""
+    rest = dict(obj)
+    objects: dict[str, Any] = {}
+    if contents.weights_key is not None:
+        objects["model"] = weights_at(obj, contents)
+        if contents.weights_key == "":
+            for part in contents.parts:
+                if part.role == "tensor":
+                    rest.pop(part.key)
+        else:
+            rest.pop(contents.weights_key.split("/")[0])
+    for role, names in OBJECT_KEYS.items():
+        keys = [p.key for p in contents.parts if p.role == role and p.key in rest]
+        if not keys:
+            continue
+        order = {name: i for i, name in enumerate(names)}
+        chosen = min(keys, key=lambda k: (order.get(k, len(order)), keys.index(k)))
+        value = rest.pop(chosen)
+        objects[role] = value[0] if isinstance(value, list) and len(value) == 1 else value
+    return objects, rest
+
+
 def _part(key: str, value: Any) -> Part:
     if _is_optimizer(value):
         return _optimizer(key, value)
-    if _is_state_dict(value):
+    if is_weights(value):
         return _weights(key, value)
+    if isinstance(value, Mapping) and not any(k in value for k in _SCHEDULER_KEYS):
+        inner = next((k for k in STATE_DICT_KEYS if is_weights(value.get(k))), None)
+        if inner is not None:  # nested one level: {"model": {"state_dict": ...}}
+            found = _weights(key, value[inner])
+            return Part(key, "weights", f"under {inner!r}: {found.summary}", {**found.detail, "path": f"{key}/{inner}"})
     if isinstance(value, Mapping) and any(k in value for k in _SCHEDULER_KEYS):
         return _scheduler(key, value)
     if isinstance(value, Mapping) and "scale" in value and ("growth_factor" in value or "_growth_tracker" in value):
         return Part(key, "scaler", ", ".join(f"{k}={_plain(v)}" for k, v in value.items()))
     if _is_cpu_rng(value) or (any(w in key.lower() for w in _RNG_WORDS) and _plain(value) is None):
         return Part(key, "rng", _short(value))
+    if isinstance(value, Mapping) and not value:  # an empty state: its name says what it is (a disabled scaler)
+        role = next((r for r, names in OBJECT_KEYS.items() if key in names), None)
+        if role is not None:
+            return Part(key, role, "empty state")
     if isinstance(value, (list, tuple)) and value and all(_is_optimizer(v) for v in value):
         parts = [_optimizer(f"{key}[{i}]", v) for i, v in enumerate(value)]
         groups = [g for p in parts for g in p.detail["param_groups"]]
@@ -125,6 +227,8 @@ def _part(key: str, value: Any) -> Part:
     plain = _plain(value)
     if plain is not None:
         return Part(key, "value", repr(plain) if isinstance(plain, str) else str(plain))
+    if isinstance(value, (torch.Tensor, np.ndarray)):  # a tensor beside other values, not in a state dict
+        return Part(key, "tensor", _short(value))
     return Part(key, "other", _short(value))
 
 

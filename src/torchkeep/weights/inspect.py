@@ -23,7 +23,7 @@ from torchkeep.format.layout import Header
 from torchkeep.format.pickle.dcp import is_dcp_dir, read_dcp
 from torchkeep.format.pickle.torchfile import is_zip, read_torch_file
 from torchkeep.storage.remote import is_url
-from torchkeep.weights.contents import READ_LIMIT, Contents, classify
+from torchkeep.weights.contents import READ_LIMIT, Contents, classify, weights_at
 from torchkeep.weights.files import resolve
 from torchkeep.weights.legacy import detect_kind, extract_state_dict, numpy_structure
 from torchkeep.weights.load import open_header, open_weights_file
@@ -318,8 +318,8 @@ def _inspect_structure(path: str, names: list[str], root: Path) -> Inspection:
             obj.update(extract_state_dict(shard, str(root / name)))
     contents = classify(obj)
     tensors: list[TensorInfo] = []
-    if contents.weights_key is not None:
-        weights = obj if contents.weights_key == "" else obj[contents.weights_key]
+    weights = weights_at(obj, contents)
+    if weights is not None:
         for name, tensor in weights.items():
             if isinstance(tensor, torch.Tensor):
                 numel = tensor.numel()

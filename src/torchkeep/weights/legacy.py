@@ -22,27 +22,13 @@ from torchkeep.errors import CorruptCheckpointError, TorchkeepError, TorchkeepWa
 from torchkeep.format import deploy
 from torchkeep.format.pickle.torchfile import MAX_DEFLATE_RATIO, PARSE_ERRORS, read_torch_file
 from torchkeep.state import torch_ao
+from torchkeep.weights.contents import classify, weights_at
 
 Kind = Literal["safetensors", "torch", "npy", "npz", "torchscript", "exported_program", "onnx", "unknown"]
 
 # First bytes of a pickle: PROTO (protocols 2-5), or what protocols 0-1 begin with (MARK, containers,
 # GLOBAL, numbers and strings; torch.save's legacy format begins with the LONG of its magic number).
 _PICKLE_STARTS = frozenset(bytes([c]) for c in b"\x80(}])cLIJKMFGNSVXTU")
-# Where common checkpoint layouts keep the model's weights, in the order they are tried.
-# In order of preference; EMA weights come last (a file with both is read for its trained weights).
-STATE_DICT_KEYS = (
-    "state_dict",
-    "model_state_dict",
-    "model_state",
-    "model",
-    "module",
-    "net",
-    "network",
-    "weights",
-    "state_dict_ema",
-    "model_ema",
-    "ema",
-)
 
 
 def detect_kind(path: str) -> Kind:
@@ -199,33 +185,32 @@ def _tensors_only(mapping: Mapping[Any, Any], path: str) -> dict[str, torch.Tens
     return out
 
 
-def _is_state_dict(value: Any) -> bool:
-    return (
-        isinstance(value, Mapping)
-        and bool(value)
-        and all(
-            isinstance(k, str) and (isinstance(v, (torch.Tensor, np.ndarray)) or torch_ao.is_entry(k, v))
-            for k, v in value.items()
-        )
-    )
-
-
-def extract_state_dict(obj: Any, path: str) -> dict[str, torch.Tensor]:
-    """The model state dict inside what a file holds: itself, or under a usual key."""
+def extract_state_dict(obj: Any, path: str, key: str | None = None) -> dict[str, torch.Tensor]:
+    """The model state dict inside what a file holds, found by the one classifier (weights/contents.py):
+    itself, under a usual key (nested one level), or at ``key`` (``outer/inner`` one level down)."""
     if isinstance(obj, np.ndarray):
         raise CorruptCheckpointError(path, "holds a single NumPy array, not named weights; use load_raw")
-    if _is_state_dict(obj):
-        return _tensors_only(obj, path)
-    if isinstance(obj, Mapping):
-        for key in STATE_DICT_KEYS:
-            if _is_state_dict(obj.get(key)):
-                return _tensors_only(obj[key], path)
-        tensors = _tensors_only(obj, path)
-        if tensors:
-            return tensors
-    if isinstance(obj, torch.nn.Module):
+    if isinstance(obj, torch.nn.Module):  # a whole pickled model (trusted=True only)
         return dict(obj.state_dict())
-    raise CorruptCheckpointError(path, f"found no weights in it: it holds {describe_top(obj)}; {_which_call(obj)}")
+    contents = classify(obj)
+    if key is not None:
+        chosen = weights_at(obj, contents, key)
+        if chosen is None:
+            raise CorruptCheckpointError(path, f"holds no weights at key={key!r}; it holds {describe_top(obj)}")
+        return _tensors_only(chosen, path)
+    weights = weights_at(obj, contents)
+    if weights is None:
+        raise CorruptCheckpointError(
+            path, f"found no weights in it: it holds {describe_top(obj)}; {_which_call(obj, contents.layout)}"
+        )
+    candidates = [p.detail.get("path", p.key) for p in contents.parts if p.role == "weights"]
+    if len(candidates) > 1:
+        warnings.warn(
+            f"{path}: holds weights under {candidates}; loaded {contents.weights_key!r} (pass key= to pick another)",
+            TorchkeepWarning,
+            stacklevel=3,
+        )
+    return _tensors_only(weights, path)
 
 
 def _short_type(value: Any) -> str:
@@ -248,12 +233,16 @@ def describe_top(obj: Any, limit: int = 12) -> str:
     return f"a dict of {len(obj)}: " + ", ".join(items) + more
 
 
-def _which_call(obj: Any) -> str:
-    if isinstance(obj, Mapping) and "param_groups" in obj and "state" in obj:
+def _which_call(obj: Any, layout: str) -> str:
+    if layout == "optimizer state":
         return "it is an optimizer's state: load_checkpoint(path, optimizer=...) restores it, load_raw returns it"
+    if layout == "scheduler state":
+        return "it is a scheduler's state: load_checkpoint(path, scheduler=...) restores it, load_raw returns it"
+    if layout == "RNG state":
+        return "it is a random generator state, not weights: load_raw returns it"
     if isinstance(obj, Mapping) and any(isinstance(v, Mapping) for v in obj.values()):
         return (
             "load_checkpoint(path, model=..., optimizer=...) restores a training checkpoint's objects, load_raw "
-            "returns the whole structure, torchkeep inspect shows it"
+            "returns the whole structure, torchkeep inspect shows it; key= names where the weights are"
         )
-    return "torchkeep.load_raw returns the whole object"
+    return "torchkeep.load_raw returns the whole object, torchkeep inspect shows it"

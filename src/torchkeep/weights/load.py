@@ -83,8 +83,11 @@ def _advise_sequential(f: Any) -> None:
         advise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
 
 
-def read_weights(files: WeightFiles, *, mmap: bool, verify: bool, trusted: bool = False) -> dict[str, torch.Tensor]:
-    """All tensors of a resolved set of files, checked against the index if there is one."""
+def read_weights(
+    files: WeightFiles, *, mmap: bool, verify: bool, trusted: bool = False, key: str | None = None
+) -> dict[str, torch.Tensor]:
+    """All tensors of a resolved set of files, checked against the index if there is one (``key``: where a
+    pickled checkpoint dict keeps the weights, as :func:`load` takes it)."""
     out: dict[str, torch.Tensor] = {}
     for name in files.files:
         path = files.path(name)
@@ -94,7 +97,7 @@ def read_weights(files: WeightFiles, *, mmap: bool, verify: bool, trusted: bool 
             aliases = dict(header.aliases)
         else:
             raw = read_raw(path, trusted=trusted)
-            tensors = raw if kind in DEPLOY_KINDS else extract_state_dict(raw, path)
+            tensors = raw if kind in DEPLOY_KINDS else extract_state_dict(raw, path, key)
             aliases = {}
         add_file(out, tensors, aliases, files.expected, name, path)
     return out
@@ -135,6 +138,7 @@ def load(
     verify: bool = True,
     trusted: bool = False,
     storage_options: Mapping[str, Any] | None = None,
+    key: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Load weights from any file users have, without running any code from it.
 
@@ -163,6 +167,10 @@ def load(
             writers have none and are loaded unchecked; zip archives are CRC-checked).
         trusted: for pickle-based files only: allow full unpickling, which runs any code the file
             holds. Only for files you vouch for; a warning says so.
+        key: for a checkpoint dict (torch.save, Lightning, DCP), where its weights are: a top-level key, or
+            ``outer/inner`` one level down (``key="state_dict_ema"``). Without it the weights are found
+            by the rules in FORMAT.md ("What a pickled file holds"), and a warning names the one taken
+            when there are several.
         storage_options: for a URL (``s3://...``, ``gs://...``, ``memory://...``) of safetensors weights
             (a file, an index or a folder): passed to fsspec. Read into memory, verified.
 
@@ -186,10 +194,10 @@ def load(
 
         tensors = load_url(str(path), storage_options=storage_options, verify=verify)
     elif is_dcp_dir(path):
-        tensors = extract_state_dict(read_dcp(path), os.fspath(path))
+        tensors = extract_state_dict(read_dcp(path), os.fspath(path), key)
     else:
         mapped = mmap if mmap is not None else dtype is None and _on_cpu(map_location)
-        tensors = read_weights(resolve(path), mmap=mapped, verify=verify and mmap is not True, trusted=trusted)
+        tensors = read_weights(resolve(path), mmap=mapped, verify=verify and mmap is not True, trusted=trusted, key=key)
     if dtype is None and isinstance(map_location, str) and map_location == "cpu":
         return tensors  # already where and what they should be
     place = placer(map_location)
