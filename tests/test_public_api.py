@@ -11,6 +11,7 @@ EXPECTED = {
     "TorchkeepWarning", "__version__", "load_raw", "scan", "ScanReport", "convert", "consolidate", "ConvertReport",
     "save_model", "load_model", "register_model", "export", "ExportReport", "ExportError", "ExportVerificationError",
     "quantize", "PendingSave", "StateMismatchError", "diff", "DiffReport",
+    "report",
 }  # fmt: skip
 
 

@@ -31,6 +31,7 @@ from torchkeep.manager.policies import KeepBest, KeepEvery, KeepLast, SaveEvery
 from torchkeep.model.io import load_model, save_model
 from torchkeep.model.quantize import quantize
 from torchkeep.model.registry import register_model
+from torchkeep.report import report
 from torchkeep.weights.diff import DiffReport, diff
 from torchkeep.weights.inspect import Inspection, TensorInfo, inspect
 from torchkeep.weights.load import load, load_raw
@@ -85,6 +86,7 @@ __all__ = [
     "load_raw",
     "quantize",
     "register_model",
+    "report",
     "save",
     "save_checkpoint",
     "save_model",

@@ -270,6 +270,19 @@ def _diff(args: argparse.Namespace) -> int:
     return 0 if report.same(args.threshold) else 1
 
 
+def _report(args: argparse.Namespace) -> int:
+    from torchkeep.report import report
+
+    policies = {"keep_last": args.keep_last, "keep_best": args.keep_best, "keep_every": args.keep_every}
+    try:
+        written = report(args.run_dir, args.output, monitor=args.monitor, mode=args.mode, **policies)
+    except ValueError as exc:  # a usage error (--keep-best without --monitor, --keep-last 0), not a bug
+        print(f"torchkeep: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"report written to {written}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     if args.distributed:
         from torchkeep.cli.demo_distributed import run as run_distributed
@@ -374,6 +387,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="min", choices=["min", "max"])
     p.add_argument("--storage-options", type=json.loads, default=None, help=storage_help)
     p.set_defaults(func=_ls)
+    p = sub.add_parser(
+        "report",
+        help="one self-contained HTML page about a CheckpointManager run: checkpoints, metric curves, sizes, changes",
+        description="A run does not record its manager's retention options: pass them to see which policy keeps "
+        "each checkpoint, and --monitor to mark the best.",
+    )
+    p.add_argument("run_dir")
+    p.add_argument("-o", "--output", default="report.html", help="the HTML file to write (default report.html)")
+    p.add_argument("--monitor", help="metric that marks the best checkpoint")
+    p.add_argument("--mode", default="min", choices=["min", "max"])
+    p.add_argument("--keep-last", type=int, help="the run's keep_last, to show what it keeps")
+    p.add_argument("--keep-best", type=int, help="the run's keep_best (needs --monitor)")
+    p.add_argument("--keep-every", type=int, help="the run's keep_every")
+    p.set_defaults(func=_report)
     p = sub.add_parser("demo", help="train the Iris classifier, save, load and partially load it")
     p.add_argument("--dir", default=None, help="folder to write into (default ./torchkeep-demo[-distributed])")
     p.add_argument(
