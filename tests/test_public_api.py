@@ -11,7 +11,7 @@ EXPECTED = {
     "TorchkeepWarning", "__version__", "load_raw", "scan", "ScanReport", "convert", "consolidate", "ConvertReport",
     "save_model", "load_model", "register_model", "export", "ExportReport", "ExportError", "ExportVerificationError",
     "quantize", "PendingSave", "StateMismatchError", "diff", "DiffReport",
-    "report",
+    "report", "average", "AverageReport",
 }  # fmt: skip
 
 

@@ -32,6 +32,7 @@ from torchkeep.model.io import load_model, save_model
 from torchkeep.model.quantize import quantize
 from torchkeep.model.registry import register_model
 from torchkeep.report import report
+from torchkeep.weights.average import AverageReport, average
 from torchkeep.weights.diff import DiffReport, diff
 from torchkeep.weights.inspect import Inspection, TensorInfo, inspect
 from torchkeep.weights.load import load, load_raw
@@ -43,6 +44,7 @@ from torchkeep.weights.verify import verify
 __version__ = "0.1.0"
 
 __all__ = [
+    "AverageReport",
     "CheckpointInfo",
     "CheckpointManager",
     "CheckpointNotFoundError",
@@ -74,6 +76,7 @@ __all__ = [
     "UnsupportedTensorError",
     "UnsupportedValueError",
     "__version__",
+    "average",
     "consolidate",
     "convert",
     "diff",

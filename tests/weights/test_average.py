@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,19 @@ def test_mismatched_sources_and_empty_runs_are_refused(tmp_path: Path) -> None:
         average(tmp_path / "empty", tmp_path / "out.safetensors")
     with pytest.raises(ValueError, match="ema"):
         average([tmp_path / "a.safetensors"], tmp_path / "out.safetensors", ema=1.0)
+
+
+def test_cli_average_of_a_run_and_of_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from torchkeep.cli.main import main
+
+    run = _run(tmp_path, [1.0, 3.0])
+    assert main(["average", str(run), "-o", str(tmp_path / "avg.safetensors"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["method"] == "mean" and len(report["sources"]) == 2
+    assert torch.equal(torchkeep.load(tmp_path / "avg.safetensors")["0.weight"], torch.full((4, 3), 2.0))
+    files = [str(tmp_path / "avg.safetensors"), str(tmp_path / "avg.safetensors")]
+    assert main(["average", *files, "-o", str(tmp_path / "same.safetensors"), "--ema", "0.9"]) == 0
+    assert "ema(0.9) of 2 checkpoint(s)" in capsys.readouterr().out
+    torchkeep.save(nn.Linear(2, 2), tmp_path / "other.safetensors")
+    assert main(["average", files[0], str(tmp_path / "other.safetensors"), "-o", str(tmp_path / "x.safetensors")]) == 1
+    assert "other.safetensors" in capsys.readouterr().err

@@ -283,6 +283,16 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _average(args: argparse.Namespace) -> int:
+    from torchkeep.weights.average import average
+
+    one_run = len(args.sources) == 1 and Path(args.sources[0]).is_dir() and not is_model_dir(args.sources[0])
+    sources = args.sources[0] if one_run else args.sources
+    report = average(sources, args.output, last=args.last, ema=args.ema, trusted=args.trusted)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     if args.distributed:
         from torchkeep.cli.demo_distributed import run as run_distributed
@@ -381,6 +391,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--trusted", action="store_true", help="allow full unpickling of pickle-based files (runs their code)"
     )
     p.set_defaults(func=_diff)
+    p = sub.add_parser(
+        "average",
+        help="average the weights of checkpoints (a run's last N, or files of any format) into one safetensors file",
+        description="Floating-point tensors are averaged in float64 and cast back; integer tensors (counters) "
+        "come from the newest source. Sources are oldest first; a run directory gives its checkpoints by step.",
+    )
+    p.add_argument("sources", nargs="+", help="a CheckpointManager run directory, or checkpoint/weight files")
+    p.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
+    p.add_argument("--last", type=int, default=None, help="only the newest N sources")
+    p.add_argument("--ema", type=float, default=None, help="an exponential moving average with this decay")
+    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--trusted", action="store_true", help="allow full unpickling of pickle-based files (runs their code)"
+    )
+    p.set_defaults(func=_average)
     p = sub.add_parser("ls", help="list a CheckpointManager directory or URL: steps, times, sizes, metrics")
     p.add_argument("directory")
     p.add_argument("--monitor", help="metric that marks the best checkpoint")
