@@ -19,6 +19,7 @@ def test_exported_names_are_the_documented_api() -> None:
     assert set(torchkeep.__all__) == EXPECTED
     for name in EXPECTED:
         assert hasattr(torchkeep, name), name
+    assert torchkeep.lightning.TorchkeepCheckpointIO.__name__ == "TorchkeepCheckpointIO"  # a submodule on first use
 
 
 def test_error_tree_inherits_the_builtins_callers_catch() -> None:

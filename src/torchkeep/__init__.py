@@ -3,6 +3,9 @@
 The public API is what ``__all__`` lists; everything else is private and may change.
 """
 
+import importlib
+from typing import Any
+
 from torchkeep.checkpoint.background import PendingSave
 from torchkeep.checkpoint.io import load_checkpoint, save_checkpoint
 from torchkeep.convert import ConvertReport, consolidate, convert
@@ -96,3 +99,10 @@ __all__ = [
     "scan",
     "verify",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``torchkeep.lightning`` on first use: Lightning itself is imported only when its plugin is made."""
+    if name == "lightning":
+        return importlib.import_module("torchkeep.lightning")
+    raise AttributeError(f"module 'torchkeep' has no attribute {name!r}")

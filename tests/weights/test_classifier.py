@@ -104,3 +104,17 @@ def test_a_timm_style_checkpoint_restores_its_scaler_under_its_own_key(tmp_path:
     assert values["epoch"] == 4 and values["metric"] == 0.93 and values["arch"] == "mlp"
     assert "state_dict_ema" in values  # the EMA weights are returned with the other values
     assert_same_tensors(dict(fresh.state_dict()), dict(model.state_dict()))
+
+
+def test_load_raw_of_a_torchkeep_checkpoint_is_its_whole_dict(tmp_path: Path) -> None:
+    model, opt, sched, _ = _trained()
+    torchkeep.save_checkpoint(tmp_path / "c", model=model, optimizer=opt, scheduler=sched, epoch=3, losses=[0.5])
+    raw = torchkeep.load_raw(tmp_path / "c")
+    assert {"model", "optimizer", "scheduler", "rng", "epoch", "losses"} <= set(raw)
+    assert raw["epoch"] == 3 and raw["losses"] == [0.5]
+    assert_same_tensors(raw["model"], dict(model.state_dict()))
+    assert raw["optimizer"]["param_groups"] == opt.state_dict()["param_groups"]
+    assert raw["scheduler"] == sched.state_dict()
+    torchkeep.save(model, tmp_path / "m.safetensors")
+    torchkeep.convert(tmp_path / "m.safetensors", tmp_path / "sharded", sharded=True)  # a DCP-backed checkpoint
+    assert_same_tensors(torchkeep.load_raw(tmp_path / "sharded")["model"], dict(model.state_dict()))

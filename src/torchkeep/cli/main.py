@@ -308,13 +308,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", action="store_true", help="on an error, print the traceback too")
     sub = parser.add_subparsers(dest="command", required=True)
     storage_help = "JSON options for fsspec when PATH is a URL (s3://...): credentials, client_kwargs..."
-    p = sub.add_parser("inspect", help="list the tensors, totals and metadata of a weights file, folder or URL")
+    p = sub.add_parser(
+        "inspect",
+        help="what a file, folder or URL holds, in any format load reads: its parts, tensors and totals",
+        description="Reads headers and pickle structure only (no weight bytes). Safetensors, torch.save files (zip "
+        "or legacy, .bin, Lightning .ckpt, the tutorials' dict checkpoints), pytorch_model.bin folders, DCP "
+        "folders, NumPy files, torchkeep checkpoints and model folders, TorchScript/.pt2/ONNX. A pickled file's "
+        "parts are classified (weights, optimizer per param group, scheduler, scaler, RNG, values) and it is "
+        "scanned: exit 0, or the scan's exit code (1 dangerous: never unpickled; 2 unverified). --json: the "
+        "schema in docs/CLI.md.",
+    )
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--tree", action="store_true", help="parameter counts as a module tree")
     p.add_argument("--storage-options", type=json.loads, default=None, help=storage_help)
     p.set_defaults(func=_inspect)
-    p = sub.add_parser("verify", help="check weights (a file, folder or URL) or a checkpoint against its checksums")
+    p = sub.add_parser(
+        "verify",
+        help="check weights (a file, folder or URL) or a checkpoint against its checksums",
+        description="torchkeep's files: every tensor against its checksum. Other formats have none: they are read "
+        "whole as load reads them (pickles through the allowlist, zip CRCs and sizes checked). Exit 0 when good.",
+    )
     p.add_argument("path")
     p.add_argument("--storage-options", type=json.loads, default=None, help=storage_help)
     p.set_defaults(func=_verify)

@@ -230,13 +230,21 @@ def _on_cpu(map_location: MapLocation) -> bool:
 def load_raw(path: str | os.PathLike[str], *, trusted: bool = False, map_location: MapLocation = "cpu") -> Any:
     """The whole structure a file holds (nested dicts, lists, tensors, plain values), safely.
 
-    For a torchkeep checkpoint directory, its plain state and objects; for safetensors, the
-    tensors; for pickle-based files, the unpickled object built from torchkeep's allowlist
-    (``trusted=True`` allows anything, running the file's code).
+    For a torchkeep checkpoint directory, one dict of its objects (``model``, ``optimizer``, ...,
+    sharded tensors reassembled) and its plain values, as the tutorials' checkpoint dict holds them;
+    for a DCP folder, its state with DCP's own nesting; for safetensors, the tensors; for
+    pickle-based files, the unpickled object built from torchkeep's allowlist (``trusted=True``
+    allows anything, running the file's code).
     """
     p = Path(path)
     if not p.exists():
         raise CheckpointNotFoundError(p)
+    if is_training_checkpoint(p):
+        from torchkeep.checkpoint.io import read_checkpoint
+
+        loaded = read_checkpoint(p, map_location=map_location)
+        objects = {name: loaded.decode(node) for name, node in loaded.objects.items()}
+        return {**objects, **loaded.state()}
     if is_dcp_dir(p):
         return _map_tensors(read_dcp(p), placer(map_location))
     if p.is_dir() or detect_kind(str(p)) in ("safetensors", "unknown"):
