@@ -15,6 +15,7 @@ from typing import Any
 from torchkeep.checkpoint.io import read_checkpoint
 from torchkeep.checkpoint.layout import MANIFEST_FILE
 from torchkeep.checkpoint.sharded import parse_section
+from torchkeep.cli.progress import Bar
 from torchkeep.errors import TorchkeepError
 from torchkeep.format.dtypes import ITEMSIZE
 from torchkeep.format.pickle.scan import scan
@@ -171,7 +172,7 @@ def _verify(args: argparse.Namespace) -> int:
             parts = f", and {verify_parts(loaded, args.storage_options)} rank and DCP files"
         print(f"{args.path}: OK, checkpoint with {len(loaded.decoder.tensors)} tensors verified{parts}")
         return 0
-    checked = verify(args.path, storage_options=args.storage_options)
+    checked = verify(args.path, storage_options=args.storage_options, progress=Bar("verifying", always=args.progress))
     if checked is None:
         print(
             f"{args.path}: readable, every byte read as load reads it; no checksums recorded (not written by torchkeep)"
@@ -217,18 +218,7 @@ def _scan(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from torchkeep.convert import convert
 
-    def bar(done: int, total: int) -> None:
-        if total >= 64 * 1024 * 1024 or args.progress:
-            width = 30
-            filled = width * done // max(total, 1)
-            end = "\n" if done >= total else ""
-            print(
-                f"\rverifying [{'#' * filled}{'.' * (width - filled)}] {done / 1e6:.0f}/{total / 1e6:.0f} MB",
-                end=end,
-                file=sys.stderr,
-                flush=True,
-            )
-
+    bar = Bar("verifying", always=args.progress)
     config = json.loads(args.config) if args.config else None
     if args.command == "consolidate":
         from torchkeep.convert import consolidate
@@ -265,7 +255,7 @@ def _export(args: argparse.Namespace) -> int:
 def _diff(args: argparse.Namespace) -> int:
     from torchkeep.weights.diff import diff
 
-    report = diff(args.a, args.b, trusted=args.trusted)
+    report = diff(args.a, args.b, trusted=args.trusted, progress=Bar("comparing", always=args.progress))
     print(json.dumps(report.to_dict(args.threshold), indent=2) if args.json else report.render(args.threshold))
     return 0 if report.same(args.threshold) else 1
 
@@ -288,7 +278,8 @@ def _average(args: argparse.Namespace) -> int:
 
     one_run = len(args.sources) == 1 and Path(args.sources[0]).is_dir() and not is_model_dir(args.sources[0])
     sources = args.sources[0] if one_run else args.sources
-    report = average(sources, args.output, last=args.last, ema=args.ema, trusted=args.trusted)
+    bar = Bar("averaging", always=args.progress)
+    report = average(sources, args.output, last=args.last, ema=args.ema, trusted=args.trusted, progress=bar)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
     return 0
 
@@ -331,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("path")
     p.add_argument("--storage-options", type=json.loads, default=None, help=storage_help)
+    p.add_argument("--progress", action="store_true", help="a progress bar even when small or not on a terminal")
     p.set_defaults(func=_verify)
     p = sub.add_parser(
         "scan",
@@ -404,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--trusted", action="store_true", help="allow full unpickling of pickle-based files (runs their code)"
     )
+    p.add_argument("--progress", action="store_true", help="a progress bar even when small or not on a terminal")
     p.set_defaults(func=_diff)
     p = sub.add_parser(
         "average",
@@ -419,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--trusted", action="store_true", help="allow full unpickling of pickle-based files (runs their code)"
     )
+    p.add_argument("--progress", action="store_true", help="a progress bar even when small or not on a terminal")
     p.set_defaults(func=_average)
     p = sub.add_parser("ls", help="list a CheckpointManager directory or URL: steps, times, sizes, metrics")
     p.add_argument("directory")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -158,8 +159,9 @@ def verify_mapped(header: Header, tensors: dict[str, torch.Tensor], path: str) -
             future.result()
 
 
-def verify_tensors(f: Any, header: Header, path: str) -> int:
-    """Check every tensor's checksum by streaming the file; returns the number checked."""
+def verify_tensors(f: Any, header: Header, path: str, checked: Callable[[int], None] | None = None) -> int:
+    """Check every tensor's checksum by streaming the file; returns the number checked. ``checked(nbytes)``
+    is called after each tensor."""
     if header.checksums is None:
         return 0
     entries = header.by_offset()
@@ -169,4 +171,6 @@ def verify_tensors(f: Any, header: Header, path: str) -> int:
         view = buffer[: entry.nbytes]
         _readinto_exact(f, view, path, entry)
         _check(header, entry, view, path)
+        if checked is not None:
+            checked(entry.nbytes)
     return len(entries)

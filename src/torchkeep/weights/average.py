@@ -9,7 +9,7 @@ they come from the newest checkpoint. Every checkpoint must hold the same names,
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,7 @@ def average(
     last: int | None = None,
     ema: float | None = None,
     trusted: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> AverageReport:
     """Average the weights of several checkpoints into one safetensors file.
 
@@ -68,6 +69,7 @@ def average(
         ema: instead of the mean, an exponential moving average in order: ``avg = ema * avg + (1 - ema) * w``,
             starting from the oldest.
         trusted: for pickle-based sources, allow full unpickling (runs their code).
+        progress: called with (bytes of sources read, total bytes) after each source.
 
     Raises:
         CheckpointNotFoundError: no sources (or an empty run).
@@ -83,6 +85,7 @@ def average(
     totals: dict[str, torch.Tensor] = {}
     newest: dict[str, torch.Tensor] = {}
     reference: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    sizes = [_size(path) for path in paths]
     for index, path in enumerate(paths):
         weights = load(path, trusted=trusted)
         _check_same(reference, weights, path, paths[0])
@@ -98,6 +101,8 @@ def average(
             else:
                 totals[name].mul_(ema).add_(wide, alpha=1.0 - ema)
         reference = reference or {n: (tuple(t.shape), t.dtype) for n, t in weights.items()}
+        if progress is not None:
+            progress(sum(sizes[: index + 1]), sum(sizes))
     out: dict[str, torch.Tensor] = {}
     for name, (_, dtype) in reference.items():
         if name in totals:
@@ -125,6 +130,13 @@ def _sources(sources: Sequence[str | os.PathLike[str]] | str | os.PathLike[str])
     if not paths:
         raise CheckpointNotFoundError(str(sources), "holds no checkpoints to average")
     return paths
+
+
+def _size(path: str) -> int:
+    where = Path(path)
+    if where.is_dir():
+        return sum(f.stat().st_size for f in where.rglob("*") if f.is_file())
+    return where.stat().st_size if where.exists() else 0
 
 
 def _check_same(

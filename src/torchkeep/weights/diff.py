@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,8 +129,11 @@ def diff(
     *,
     trusted: bool = False,
     storage_options: Mapping[str, Any] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> DiffReport:
     """Compare the weights at ``a`` and ``b`` (any formats torchkeep reads), tensor by tensor.
+
+    ``progress(bytes compared, total bytes)`` is called after each pair of tensors.
 
     Raises:
         CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError: as :func:`torchkeep.load`.
@@ -144,10 +147,16 @@ def diff(
     report = DiffReport(os.fspath(a), os.fspath(b))
     report.only_in_a.extend(sorted(set(left) - set(right)))
     report.only_in_b.extend(sorted(set(right) - set(left)))
-    for name in [k for k in left if k in right]:
+    common = [k for k in left if k in right]
+    total = sum(left[k].numel() * left[k].element_size() for k in common)
+    done = 0
+    for name in common:
         x, y = left[name], right[name]
         if x.shape != y.shape or x.dtype != y.dtype:
             report.mismatched.append((name, _describe(x), _describe(y)))
         else:
             report.tensors.append(_compare(name, x, y))
+        done += x.numel() * x.element_size()
+        if progress is not None:
+            progress(done, total)
     return report

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +16,15 @@ from torchkeep.weights.legacy import detect_kind, read_raw
 from torchkeep.weights.load import open_header, open_weights_file
 
 
-def verify(path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None) -> int | None:
+def verify(
+    path: str | os.PathLike[str],
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> int | None:
     """Read everything once and check it; returns the number of tensors checked.
+
+    ``progress(bytes checked, total bytes)`` is called as local safetensors files are checked.
 
     Returns None when no file has checksums (written by another tool): everything was read then, as
     ``load`` reads it (pickles through the allowlist, zip CRCs and sizes checked), so damage still fails.
@@ -52,10 +59,21 @@ def verify(path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] |
         return None
     checked = 0
     any_checksums = False
+    total = sum(os.path.getsize(files.path(name)) for name in files.files)
+    done = 0
+
+    def tensor_checked(nbytes: int) -> None:
+        nonlocal done
+        done += nbytes
+        if progress is not None:
+            progress(done, total)
+
     for name in files.files:
         file_path = files.path(name)
         with open_weights_file(file_path) as f:
             header = open_header(f, file_path)
             any_checksums |= header.checksums is not None
-            checked += verify_tensors(f, header, file_path)
+            checked += verify_tensors(f, header, file_path, tensor_checked)
+    if progress is not None:
+        progress(total, total)
     return checked if any_checksums else None
