@@ -92,6 +92,19 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def raw_dcp(ctx: Context, model: nn.Module, opt: Any, name: str) -> None:
+    """A plain DCP checkpoint as users write it today (get_state_dict + dcp.save), and its full parameters,
+    for the one-process comparison with dcp_to_torch_save."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(ctx.workdir / name))
+    params = full_params(model)  # a collective on FSDP2: every rank takes part
+    if ctx.rank == 0:
+        torchkeep.save(params, ctx.workdir / f"{name}-params.safetensors")
+
+
 def temporaries(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name)
 
@@ -155,6 +168,7 @@ def ddp(ctx: Context) -> None:
     other = DistributedDataParallel(nn.Sequential(nn.Linear(6, 3)))
     ctx.report["mismatch"] = ctx.fails(lambda: torchkeep.load_checkpoint(ckpt, model=other))
     ctx.report["unchanged_after_mismatch"] = same(before, full_params(model))
+    raw_dcp(ctx, model, opt, "ddp-raw-dcp")
 
 
 def fsdp(ctx: Context) -> None:
@@ -201,6 +215,7 @@ def fsdp(ctx: Context) -> None:
         async_latest=info.is_latest, async_changed=changed, async_restored=same(at_save, full_params(model))
     )
     mgr.close()
+    raw_dcp(ctx, model, opt, "fsdp-raw-dcp")
 
 
 def fsdp_save4(ctx: Context) -> None:

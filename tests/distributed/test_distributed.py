@@ -39,12 +39,51 @@ def test_ddp_resumes_bit_exactly_and_fails_together(tmp_path: Path) -> None:
         assert report["mismatch"]["type"] == "LoadMismatchError" and report["unchanged_after_mismatch"]
         assert report["async_restored"]
 
+    check_raw_dcp(tmp_path / "ddp-raw-dcp", torch.optim.Adam)
+
     # The same checkpoint in one process (inference): the shared state, without the ranks' own values.
     model = mlp()
     state = torchkeep.load_checkpoint(tmp_path / "ddp-ckpt", model=model, rng=False)
     assert state == {"epoch": 1}
     with pytest.raises(torchkeep.DistributedError, match=r"saved by 2 rank.*loaded by 1"):
         torchkeep.load_checkpoint(tmp_path / "ddp-ckpt", model=mlp(), per_rank={"counter": object()})
+
+
+def check_raw_dcp(folder: Path, optimizer_class: Any) -> None:
+    """A DCP folder written by the ranks with plain dcp.save: load_raw has dcp_to_torch_save's exact
+    structure (lists stay lists), and its optimizer state restores into a live optimizer in one process."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(str(folder), str(folder.parent / f"{folder.name}.pt"))
+    reference = torch.load(folder.parent / f"{folder.name}.pt", weights_only=True)
+    ours = torchkeep.load_raw(folder)
+
+    def same_structure(a: Any, b: Any, where: str) -> None:
+        assert type(a) is type(b), (where, type(a), type(b))
+        if isinstance(a, dict):
+            assert list(a) == list(b), where
+            for key in a:
+                same_structure(a[key], b[key], f"{where}.{key}")
+        elif isinstance(a, list):
+            assert len(a) == len(b), where
+            for i, (x, y) in enumerate(zip(a, b, strict=True)):
+                same_structure(x, y, f"{where}[{i}]")
+        elif isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), where
+        else:
+            assert a == b, where
+
+    same_structure(ours, reference, "")
+    assert isinstance(ours["optim"]["param_groups"], list)
+    assert torchkeep.inspect(folder).contents.weights_key == "model"  # type: ignore[union-attr]
+    model = mlp()
+    opt = optimizer_class(model.parameters(), lr=1e-2)
+    torchkeep.load_checkpoint(folder, model=model, optimizer=opt)
+    params = torchkeep.load(folder.parent / f"{folder.name}-params.safetensors")
+    assert all(torch.equal(params[name], p) for name, p in model.named_parameters())
+    saved_state = ours["optim"]["state"]
+    for name, param in model.named_parameters():
+        assert torch.equal(opt.state[param]["exp_avg"], saved_state[name]["exp_avg"]), name
 
 
 def test_fsdp2_resumes_bit_exactly_and_reshards_to_one_process(tmp_path: Path) -> None:
@@ -75,6 +114,8 @@ def test_fsdp2_resumes_bit_exactly_and_reshards_to_one_process(tmp_path: Path) -
     reference = torchkeep.load(tmp_path / "fsdp-after1.safetensors")
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.detach(), reference[name], rtol=1e-5, atol=1e-6)
+
+    check_raw_dcp(tmp_path / "fsdp-raw-dcp", torch.optim.AdamW)
 
     # Weights alone, consolidated in one process by torchkeep's own DCP reader.
     weights = torchkeep.load(ckpt)
