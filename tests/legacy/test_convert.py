@@ -69,3 +69,28 @@ def test_convert_refuses_unsafe_unless_trusted(tmp_path: Path) -> None:
     with pytest.warns(torchkeep.TorchkeepWarning):
         torchkeep.convert(tmp_path / "whole.pt", tmp_path / "out.safetensors", trusted=True)
     assert_same_tensors(model.state_dict(), torchkeep.load(tmp_path / "out.safetensors"))
+
+
+def test_cli_convert_of_a_whole_model_whose_class_is_gone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A pickled model whose class lived in another program's __main__: one clear line, exit 1, nothing written."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "model.pth"
+    script = (
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(2, 2)\n"
+        f"torch.save(Net(), {str(path)!r})\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    with pytest.warns(torchkeep.TorchkeepWarning, match="full pickle"):
+        code = main(["convert", str(path), str(tmp_path / "out"), "--trusted"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "cannot be unpickled in this program" in err and "Net" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    assert main(["convert", str(path), str(tmp_path / "out")]) == 1  # untrusted: refused, naming the class
+    assert "__main__.Net" in capsys.readouterr().err
