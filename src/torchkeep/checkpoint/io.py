@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -634,7 +635,13 @@ def _legacy_objects(path: str, *, trusted: bool) -> tuple[dict[str, Any], dict[s
 def split_legacy(raw: Mapping[Any, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """``{'model_state_dict': ..., 'optimizer_state_dict': ..., 'epoch': 3}`` -> objects, plain values, by the
     one classifier (weights/contents.py)."""
-    return split_objects(raw, classify(raw))
+    objects, rest = split_objects(raw, classify(raw))
+    if isinstance(objects.get("model"), Mapping):  # NumPy archives: arrays become tensors, as load gives them
+        objects["model"] = {
+            k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
+            for k, v in objects["model"].items()
+        }
+    return objects, rest
 
 
 def checkpoint_size(path: str | os.PathLike[str]) -> int:
