@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.futures import Future
 
 from torchkeep.errors import CorruptCheckpointError
-from torchkeep.format.layout import byte_view
+from torchkeep.format.layout import byte_view, fill_from
 from torchkeep.format.pickle.torchfile import locate_tensor
 
 
@@ -71,14 +71,9 @@ def _read_into_destination(window: _Window, label: str, item: ReadItem, planner:
         and located.nbytes == math.prod(stored.shape) * stored.element_size()
     ):
         return False
-    view = byte_view(target)
     window.seek(located.start)
-    filled = 0
-    while filled < located.nbytes:
-        got = window.readinto(view[filled:])
-        if not got:
-            raise CorruptCheckpointError(label, f"chunk of {item.dest_index.fqn!r} is truncated")
-        filled += got
+    if not fill_from(window, byte_view(target)):
+        raise CorruptCheckpointError(label, f"chunk of {item.dest_index.fqn!r} is truncated")
     planner.commit_tensor(item, target)
     return True
 

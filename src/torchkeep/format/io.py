@@ -13,7 +13,7 @@ import torch
 from torchkeep import _config
 from torchkeep.errors import CorruptCheckpointError
 from torchkeep.format.dtypes import CODE_TO_DTYPE, ITEMSIZE
-from torchkeep.format.layout import FilePlan, Header, TensorEntry, byte_view, digest
+from torchkeep.format.layout import FilePlan, Header, TensorEntry, byte_view, digest, fill_from
 
 
 def write_all(sink: Any, buffer: Any) -> None:
@@ -47,11 +47,8 @@ def write_plan(plan: FilePlan, sink: Any) -> None:
 
 
 def _readinto_exact(f: Any, view: memoryview, path: str, entry: TensorEntry) -> None:
-    while view.nbytes:
-        got = f.readinto(view[: _config.MAX_IO_CHUNK])
-        if not got:
-            raise CorruptCheckpointError(path, "file ended before the tensor's data (truncated?)", key=entry.name)
-        view = view[got:]
+    if not fill_from(f, view, _config.MAX_IO_CHUNK):
+        raise CorruptCheckpointError(path, "file ended before the tensor's data (truncated?)", key=entry.name)
 
 
 def _check(header: Header, entry: TensorEntry, buffer: Any, path: str) -> None:

@@ -301,6 +301,17 @@ def byte_view(raw: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_char * nbytes).from_address(raw.data_ptr())).cast("B")
 
 
+def fill_from(stream: Any, view: memoryview, chunk: int = 1 << 30) -> bool:
+    """Read from ``stream`` until ``view`` is full (``readinto`` may return less); False when the stream
+    ends first. ``chunk`` bounds each call (some platforms refuse huge single reads)."""
+    while view.nbytes:
+        got = stream.readinto(view[:chunk])
+        if not got:
+            return False
+        view = view[got:]
+    return True
+
+
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """A zero-copy buffer over a CPU, contiguous tensor's bytes."""
     return byte_view(tensor)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from torchkeep.errors import CorruptCheckpointError
-from torchkeep.format.layout import byte_view
+from torchkeep.format.layout import byte_view, fill_from
 from torchkeep.format.pickle import rebuild
 from torchkeep.format.pickle.rebuild import LoadedStorage, StorageType, itemsize
 from torchkeep.format.pickle.unpickler import BUDGET_FLOOR, RestrictedUnpickler, restricted_loads
@@ -207,12 +207,8 @@ def _read_stored_into(
         return
     view = byte_view(torch.empty(0, dtype=torch.uint8).set_(storage))
     raw.seek(start)
-    filled = 0
-    while filled < info.file_size:
-        got = raw.readinto(view[filled:])
-        if not got:
-            raise CorruptCheckpointError(path, f"zip entry {info.filename!r} is truncated")
-        filled += got
+    if not fill_from(raw, view):
+        raise CorruptCheckpointError(path, f"zip entry {info.filename!r} is truncated")
     if zlib.crc32(view) != info.CRC:
         raise CorruptCheckpointError(path, f"zip entry {info.filename!r} fails its CRC check")
 
@@ -320,11 +316,5 @@ def _read_legacy_storage(f: Any, path: str, key: str, storage: LoadedStorage, fi
         raise CorruptCheckpointError(path, f"legacy file: storage {key!r} is truncated or mis-sized")
     if storage.untyped.device.type == "meta":  # not wanted: only its size was checked
         f.seek(nbytes, os.SEEK_CUR)
-    elif nbytes:
-        view = byte_view(torch.empty(0, dtype=torch.uint8).set_(storage.untyped))
-        filled = 0
-        while filled < nbytes:
-            got = f.readinto(view[filled:])
-            if not got:
-                raise CorruptCheckpointError(path, f"legacy file: storage {key!r} is truncated")
-            filled += got
+    elif nbytes and not fill_from(f, byte_view(torch.empty(0, dtype=torch.uint8).set_(storage.untyped))):
+        raise CorruptCheckpointError(path, f"legacy file: storage {key!r} is truncated")
