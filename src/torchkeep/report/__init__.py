@@ -12,6 +12,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from torchkeep.manager.manager import CheckpointManager
 from torchkeep.manager.policies import RetentionPolicy
 from torchkeep.report.collect import collect
 from torchkeep.report.html import page
@@ -55,8 +56,9 @@ def report(
     """
     from torchkeep import __version__
 
-    summary = collect(
+    manager = CheckpointManager(
         run_dir,
+        read_only=True,
         keep_last=keep_last,
         keep_best=keep_best,
         monitor=monitor,
@@ -65,6 +67,7 @@ def report(
         policies=policies,
         template=template,
     )
+    summary = collect(manager, template)
     target = Path(output)
     with atomic_write(target) as sink:  # a reader (a browser reloading it) never sees half a page
         sink.write(page(summary, version=__version__).encode("utf-8"))

@@ -157,29 +157,10 @@ def numeric_metrics(rows: Sequence[CheckpointRow]) -> list[str]:
     return list(names)
 
 
-def collect(
-    run_dir: str | os.PathLike[str],
-    *,
-    keep_last: int | None = None,
-    keep_best: int | None = None,
-    monitor: str | None = None,
-    mode: str = "min",
-    keep_every: int | None = None,
-    policies: Sequence[RetentionPolicy] = (),
-    template: str = "step-{step:08d}",
-) -> RunSummary:
-    """Read the run (read-only: no lock taken, nothing cleaned) and everything the page needs from it."""
-    manager = CheckpointManager(
-        run_dir,
-        read_only=True,
-        keep_last=keep_last,
-        keep_best=keep_best,
-        monitor=monitor,
-        mode=mode,
-        keep_every=keep_every,
-        policies=policies,
-        template=template,
-    )
+def collect(manager: CheckpointManager, template: str = "step-{step:08d}") -> RunSummary:
+    """Everything the page needs from a run, through a read-only manager (no lock taken, nothing cleaned)
+    made with the run's retention options."""
+    run_dir = manager.directory
     infos = manager.list()
     if not infos:
         example = template.format(step=100)
