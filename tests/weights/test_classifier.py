@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import warnings
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,9 @@ def test_weights_under_any_usual_key_nested_or_chosen(tmp_path: Path) -> None:
 
 
 def test_a_timm_style_checkpoint_restores_its_scaler_under_its_own_key(tmp_path: Path) -> None:
-    """timm's CheckpointSaver layout: arch, state_dict, optimizer, amp_scaler, state_dict_ema, metric."""
+    """timm's CheckpointSaver._save layout, key for key (timm itself needs torchvision, which the pinned
+    CPU torch here cannot have): epoch, arch, state_dict, optimizer, version, args (a Namespace),
+    amp_scaler, state_dict_ema, metric."""
     model, opt, _, scaler = _trained()
     scaler_state = {**scaler.state_dict(), "scale": 512.0, "growth_factor": 2.0, "_growth_tracker": 7}
     torch.save(
@@ -80,6 +83,7 @@ def test_a_timm_style_checkpoint_restores_its_scaler_under_its_own_key(tmp_path:
             "state_dict": model.state_dict(),
             "optimizer": opt.state_dict(),
             "version": 2,
+            "args": argparse.Namespace(model="mlp", lr=0.1, epochs=4),
             "amp_scaler": scaler_state,
             "state_dict_ema": model.state_dict(),
             "metric": 0.93,
@@ -103,6 +107,7 @@ def test_a_timm_style_checkpoint_restores_its_scaler_under_its_own_key(tmp_path:
     assert restored["scale"] == 512.0 and restored["_growth_tracker"] == 7
     assert values["epoch"] == 4 and values["metric"] == 0.93 and values["arch"] == "mlp"
     assert "state_dict_ema" in values  # the EMA weights are returned with the other values
+    assert dict(values["args"]) == {"model": "mlp", "lr": 0.1, "epochs": 4}  # a Namespace comes back as its dict
     assert_same_tensors(dict(fresh.state_dict()), dict(model.state_dict()))
 
 
