@@ -62,14 +62,6 @@ def read_raw(path: str, *, trusted: bool = False) -> Any:
         return _read_raw(path, trusted=trusted)
     except TorchkeepError:
         raise
-    except (AttributeError, ImportError) as exc:
-        if not trusted:
-            raise CorruptCheckpointError(path, f"unreadable: {type(exc).__name__}: {exc}") from exc
-        raise CorruptCheckpointError(  # full pickle: a class or function the file names is not importable here
-            path,
-            f"cannot be unpickled in this program ({type(exc).__name__}: {exc}): the pickle needs that code "
-            "importable under the same module and name; import or define it before loading",
-        ) from exc
     except PARSE_ERRORS as exc:
         if trusted:
             raise
@@ -88,7 +80,14 @@ def _read_raw(path: str, *, trusted: bool) -> Any:
             TorchkeepWarning,
             stacklevel=3,
         )
-        return torch.load(path, map_location="cpu", weights_only=False)  # trusted-path
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)  # trusted-path
+        except (AttributeError, ImportError) as exc:  # a class or function the pickle names is not importable
+            raise CorruptCheckpointError(
+                path,
+                f"cannot be unpickled in this program ({type(exc).__name__}: {exc}): the pickle needs that code "
+                "importable under the same module and name; import or define it before loading",
+            ) from exc
     return read_torch_file(path)
 
 
