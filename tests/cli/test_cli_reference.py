@@ -40,6 +40,15 @@ def test_every_json_key_is_documented(tmp_path: Path, capsys: pytest.CaptureFixt
         document = json.loads(capsys.readouterr().out)
         undocumented = [key for key in document if f"`{key}`" not in JSON_SCHEMAS]
         assert not undocumented, (argv[0], undocumented)
+    assert main(["ls", str(tmp_path), "--json"]) == 0
+    files = json.loads(capsys.readouterr().out)["files"]
+    assert files and all(f"`{key}`" in JSON_SCHEMAS for entry in files for key in entry)
+    run = tmp_path / "run"
+    with torchkeep.CheckpointManager(run) as manager:
+        manager.save(1, model=model, metrics={"loss": 0.5})
+    assert main(["ls", str(run), "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert all(f"`{key}`" in JSON_SCHEMAS for key in [*listing, *listing["checkpoints"][0]])
     main(["inspect", str(tmp_path / "c.pth"), "--json"])
     parts = json.loads(capsys.readouterr().out)["contents"]["parts"]
     assert all(f"`{key}`" in JSON_SCHEMAS for part in parts for key in part)

@@ -214,3 +214,32 @@ def test_a_dangerous_pickle_is_never_unpickled(tmp_path: Path, capsys: pytest.Ca
     with pytest.raises(torchkeep.UnsafeCheckpointError):
         torchkeep.verify(path)
     assert not marker.exists()
+
+
+def test_ls_of_a_folder_that_is_not_a_run_says_what_each_entry_is(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    state, model = _tutorial_state()
+    torch.save(state, tmp_path / "checkpoint.pth")
+    torchkeep.save(model, tmp_path / "model.safetensors")
+    torchkeep.save_checkpoint(tmp_path / "ours", model=model, epoch=1)
+    np.savez(tmp_path / "arrays.npz", a=np.zeros(3))
+    with pytest.warns(UserWarning, match="single process"):
+        dcp.save({"model": dict(model.state_dict())}, checkpoint_id=str(tmp_path / "dcp"))
+    (tmp_path / "notes.txt").write_text("not weights")
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps(_Payload(tmp_path / "ran"), protocol=2))
+
+    assert main(["ls", str(tmp_path), "--json"]) == 0
+    what = {e["name"]: e["what"] for e in json.loads(capsys.readouterr().out)["files"]}
+    assert what["checkpoint.pth"] == "torch.save zip archive; training checkpoint"
+    assert what["model.safetensors"].startswith("torchkeep safetensors")
+    assert what["ours/"] == "torchkeep checkpoint"
+    assert what["arrays.npz"] == "NumPy .npz archive; state dict"
+    assert what["dcp/"] == "torch.distributed.checkpoint (DCP) folder; training checkpoint"
+    assert what["notes.txt"].startswith("not readable as weights or a checkpoint")
+    assert "scan: dangerous" in what["evil.pkl"]
+    assert not (tmp_path / "ran").exists()
+    assert main(["ls", str(tmp_path)]) == 0
+    assert "torch.save zip archive; training checkpoint" in capsys.readouterr().out

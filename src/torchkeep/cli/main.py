@@ -148,18 +148,63 @@ def _short(value: Any) -> str:
 def _ls(args: argparse.Namespace) -> int:
     remote = {"storage_options": args.storage_options} if is_url(args.directory) else {}
     manager = CheckpointManager(args.directory, read_only=True, monitor=args.monitor, mode=args.mode, **remote)
+    infos = manager.list()
+    if not infos and not manager.damaged and not remote and Path(args.directory).is_dir():
+        return _ls_files(Path(args.directory), args.json)  # not a run: what each file or folder is
+    if args.json:
+        steps = [
+            {"step": i.step, "path": str(i.path), "time": i.time, "size": i.size, "metrics": i.metrics,
+             "latest": i.is_latest, "best": i.is_best}
+            for i in infos
+        ]  # fmt: skip
+        print(json.dumps({"checkpoints": steps, "damaged": manager.damaged}, indent=2, default=str))
+        return 0
     rows = [("step", "time", "size", "metrics", "")]
-    for info in manager.list():
+    for info in infos:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.time))
         marks = " ".join(m for m, on in (("latest", info.is_latest), ("best", info.is_best)) if on)
         metrics = ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.metrics.items())
         rows.append((str(info.step), when, f"{info.size / 1e6:.2f} MB", metrics, marks))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    _print_table(rows)
     for name, why in manager.damaged.items():
         print(f"damaged: {name}: {why}")
     return 0
+
+
+def _ls_files(folder: Path, as_json: bool) -> int:
+    """Each entry of a folder that is not a CheckpointManager run: what it is, as inspect says (structure
+    only, nothing unpickled that the scanner does not pass), or why it is not readable."""
+    entries: list[dict[str, Any]] = []
+    for entry in sorted(p for p in folder.iterdir() if not p.name.startswith(".")):
+        try:
+            if is_training_checkpoint(entry):
+                what, tensors = "torchkeep checkpoint", len(read_checkpoint(entry, verify=False).decoder.tensors)
+                size = sum(f.stat().st_size for f in entry.iterdir() if f.is_file())
+            else:
+                info = inspect(entry)
+                what = info.format + (f"; {info.contents.layout}" if info.contents is not None else "")
+                if info.scan is not None and info.scan["exit_code"]:
+                    what += f"; scan: {info.scan['status']}"
+                tensors, size = len(info.tensors), info.file_bytes
+        except TorchkeepError as exc:
+            problem = getattr(exc, "problem", str(exc))
+            what, tensors = f"not readable as weights or a checkpoint: {problem}", 0
+            size = entry.stat().st_size if entry.is_file() else 0
+        entries.append({"name": entry.name + ("/" if entry.is_dir() else ""), "size": size, "tensors": tensors,
+                        "what": what})  # fmt: skip
+    if as_json:
+        print(json.dumps({"files": entries}, indent=2))
+        return 0
+    rows = [("name", "size", "tensors", "what")]
+    rows += [(e["name"], f"{e['size'] / 1e6:.2f} MB", str(e["tensors"]), e["what"]) for e in entries]
+    _print_table(rows)
+    return 0
+
+
+def _print_table(rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -414,8 +459,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--progress", action="store_true", help="a progress bar even when small or not on a terminal")
     p.set_defaults(func=_average)
-    p = sub.add_parser("ls", help="list a CheckpointManager directory or URL: steps, times, sizes, metrics")
+    p = sub.add_parser(
+        "ls",
+        help="list a CheckpointManager directory or URL (steps, times, sizes, metrics), or what each file in "
+        "any other folder is",
+    )
     p.add_argument("directory")
+    p.add_argument("--json", action="store_true")
     p.add_argument("--monitor", help="metric that marks the best checkpoint")
     p.add_argument("--mode", default="min", choices=["min", "max"])
     p.add_argument("--storage-options", type=json.loads, default=None, help=storage_help)

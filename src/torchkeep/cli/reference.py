@@ -56,6 +56,9 @@ Keys present in every case are listed plainly; `?` marks keys present only for s
 
 `torchkeep average --json`: `output`, `sources`, `method` (`mean` or `ema(decay)`), `averaged`, `copied`.
 
+`torchkeep ls --json` of a run: `checkpoints` ([{`step`, `path`, `time`, `size`, `metrics`, `latest`, `best`}]),
+`damaged` ({name: why}); of any other folder: `files` ([{`name`, `size`, `tensors`, `what`}]).
+
 `torchkeep scan --json`: a list, one per path: `path`, `status`, `exit_code`, `verdict`, `files_scanned`,
 `files`, `pickles` ([{`location`, `status`, `verdict`, `complete`, `error`, `globals`}]), `problems`.
 """
