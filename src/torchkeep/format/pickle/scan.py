@@ -6,7 +6,7 @@ file is read the ways a loader could read it:
 - a zip archive (``torch.save``, ``.npz``, or a zip with anything in front of it): every member,
   by content, whatever its name or compression;
 - any other file: the pickles from byte 0 on, in sequence (``torch.load`` of a non-zip file and
-  ``pickle.load`` / ``np.load(allow_pickle=True)`` start there; the legacy torch format holds five);
+  Python's unpickler, and NumPy's loader with pickles allowed, start there; the legacy torch format holds five);
 - a tar archive (the pre-0.4 torch format, which ``torch.load`` still opens): every member;
 - ``.npy`` (the pickle after an object array's header) and safetensors (the header is checked).
 
@@ -233,7 +233,7 @@ class _Scanner:
         return bool(found)
 
     def npy(self, f: BinaryIO, size: int, location: str) -> None:
-        """An .npy file: an object array's data is a pickle (np.load(allow_pickle=True) runs it)."""
+        """An .npy file: an object array's data is a pickle (NumPy runs it when pickles are allowed)."""
         try:
             version = np.lib.format.read_magic(f)
             shape, _, dtype = (
