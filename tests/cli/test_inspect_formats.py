@@ -243,3 +243,46 @@ def test_ls_of_a_folder_that_is_not_a_run_says_what_each_entry_is(
     assert not (tmp_path / "ran").exists()
     assert main(["ls", str(tmp_path)]) == 0
     assert "torch.save zip archive; training checkpoint" in capsys.readouterr().out
+
+
+def test_review_findings_stay_fixed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    model = nn.Linear(3, 2)
+    # a bare state dict: its tensors restore the model and are not returned again as values
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    assert torchkeep.load_checkpoint(tmp_path / "sd.pt", model=nn.Linear(3, 2)) == {}
+    # a pytorch_model.bin folder whose index names a tensor no shard holds: verify fails as load does
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    torch.save(model.state_dict(), folder / "pytorch_model-1.bin")
+    index = {"metadata": {}, "weight_map": {"weight": "pytorch_model-1.bin", "bias": "pytorch_model-1.bin",
+                                            "ghost": "pytorch_model-1.bin"}}  # fmt: skip
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    with pytest.raises(torchkeep.CorruptCheckpointError):
+        torchkeep.load(folder)
+    with pytest.raises(torchkeep.CorruptCheckpointError):
+        torchkeep.verify(folder)
+    # the scan covers the files read, not the rest of the tree; through the index too
+    (folder / "extra").mkdir()
+    (folder / "extra" / "evil.pkl").write_bytes(pickle.dumps(_Payload(tmp_path / "ran"), protocol=2))
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({**index, "weight_map": {
+        "weight": "pytorch_model-1.bin", "bias": "pytorch_model-1.bin"}}))  # fmt: skip
+    for where in (folder, folder / "pytorch_model.bin.index.json"):
+        scanned = torchkeep.inspect(where).scan
+        assert scanned is not None and scanned["status"] == "safe" and scanned["summary"].startswith("1 pickle")
+    # a damaged .npy is a typed error, and ls lists it among the rest
+    (tmp_path / "npy").mkdir()
+    np.save(tmp_path / "npy" / "good.npy", np.ones(3))
+    (tmp_path / "npy" / "bad.npy").write_bytes(b"\x93NUMPY\x01\x00\x10\x00{'descr': 'garbage")
+    with pytest.raises(torchkeep.CorruptCheckpointError):
+        torchkeep.inspect(tmp_path / "npy" / "bad.npy")
+    assert main(["ls", str(tmp_path / "npy"), "--json"]) == 0
+    listed = {e["name"]: e["what"] for e in json.loads(capsys.readouterr().out)["files"]}
+    assert listed["bad.npy"].startswith("not readable") and listed["good.npy"] == "NumPy .npy; object"
+    # a DCP folder's saved values are read by inspect (DCP stores them as small torch.save blobs)
+    with pytest.warns(UserWarning, match="single process"):
+        dcp.save({"model": dict(model.state_dict()), "step": 5}, checkpoint_id=str(tmp_path / "dcp"))
+    parts = {p.key: p for p in torchkeep.inspect(tmp_path / "dcp").contents.parts}  # type: ignore[union-attr]
+    assert parts["step"].role == "value" and parts["step"].summary == "5"
+    assert not (tmp_path / "ran").exists()

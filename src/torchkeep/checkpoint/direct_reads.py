@@ -39,7 +39,7 @@ def read_data_direct(
         with reader.fs.create_stream(path, "rb") as stream:
             for _, item in sorted(items, key=lambda pair: pair[0]):
                 info = reader.storage_data[item.storage_index]
-                if item.type == LoadItemType.BYTE_IO or info.transform_descriptors:
+                if item.type == LoadItemType.BYTE_IO or getattr(info, "transform_descriptors", None):
                     others.append(item)
                     continue
                 window = _Window(stream, info.offset, info.length)

@@ -538,8 +538,7 @@ def load_checkpoint(
     if per_rank:
         raise ValueError(f"{source} was saved by one process: it holds no per_rank state; pass per_rank=None")
     restore = prepare_restore(source, saved, wanted_objects(model, optimizer, scheduler, scaler, components), strict)
-    rng_state = saved_rng.decode() if saved_rng is not None else foreign_rng
-    rng_state = rng_state if rng else None
+    rng_state = (saved_rng.decode() if saved_rng is not None else foreign_rng) if rng else None
     if rng_state is not None:
         check_rng(rng_state, source=source)
     restore.apply()

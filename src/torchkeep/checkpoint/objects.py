@@ -22,7 +22,7 @@ from torchkeep import _config
 from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError
 from torchkeep.format.dtypes import CODE_TO_DTYPE, DTYPE_TO_CODE, ITEMSIZE
 from torchkeep.format.io import write_all
-from torchkeep.format.layout import byte_view, digest
+from torchkeep.format.layout import byte_view, digest, fill_from
 from torchkeep.storage.base import Storage
 from torchkeep.storage.local import LocalStorage, is_temporary, write_errors
 
@@ -115,12 +115,8 @@ def read(store: Storage, name: str, entry: Mapping[str, Any], *, verify: bool) -
         if store.size(key) != view.nbytes:
             raise CorruptCheckpointError(path, f"object of shared tensor {name!r} has the wrong size", key=name)
         with store.open_read(key) as f:
-            filled = 0
-            while filled < view.nbytes:
-                got = f.readinto(view[filled:])  # type: ignore[attr-defined]  # every backend reads into
-                if not got:
-                    raise CorruptCheckpointError(path, "object ended early (truncated?)", key=name)
-                filled += got
+            if not fill_from(f, view):  # every backend reads into
+                raise CorruptCheckpointError(path, "object ended early (truncated?)", key=name)
     except (OSError, CheckpointNotFoundError) as exc:
         raise CorruptCheckpointError(path, f"object of shared tensor {name!r} cannot be read: {exc}") from exc
     if verify and f"{digest(view)}-{view.nbytes}" != key:

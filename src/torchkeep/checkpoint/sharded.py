@@ -206,6 +206,9 @@ def verify_file(root: Path, name: str, info: dict[str, Any], manifest_path: str)
     path = member(root, name, manifest_path, what="checkpoint file")
     if not path.is_file():
         raise CorruptCheckpointError(path, "is missing: the checkpoint is incomplete")
+    size = path.stat().st_size
+    if size != info["size"]:  # fail fast, before hashing
+        raise CorruptCheckpointError(path, f"size {size} differs from the {info['size']} recorded in the manifest")
     _check_description(str(path), describe_stored(LocalStorage(root), name), info)
 
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from torchkeep.checkpoint.io import read_checkpoint
+from torchkeep.checkpoint.io import checkpoint_size, read_checkpoint
 from torchkeep.checkpoint.layout import MANIFEST_FILE
 from torchkeep.checkpoint.sharded import parse_section
 from torchkeep.cli.progress import Bar
@@ -179,15 +179,15 @@ def _ls_files(folder: Path, as_json: bool) -> int:
         try:
             if is_training_checkpoint(entry):
                 what, tensors = "torchkeep checkpoint", len(read_checkpoint(entry, verify=False).decoder.tensors)
-                size = sum(f.stat().st_size for f in entry.iterdir() if f.is_file())
+                size = checkpoint_size(entry)
             else:
                 info = inspect(entry)
                 what = info.format + (f"; {info.contents.layout}" if info.contents is not None else "")
                 if info.scan is not None and info.scan["exit_code"]:
                     what += f"; scan: {info.scan['status']}"
                 tensors, size = len(info.tensors), info.file_bytes
-        except TorchkeepError as exc:
-            problem = getattr(exc, "problem", str(exc))
+        except (TorchkeepError, OSError) as exc:  # one unreadable entry does not stop the listing
+            problem = getattr(exc, "problem", None) or str(exc)
             what, tensors = f"not readable as weights or a checkpoint: {problem}", 0
             size = entry.stat().st_size if entry.is_file() else 0
         entries.append({"name": entry.name + ("/" if entry.is_dir() else ""), "size": size, "tensors": tensors,
@@ -312,6 +312,8 @@ def _report(args: argparse.Namespace) -> int:
     try:
         written = report(args.run_dir, args.output, monitor=args.monitor, mode=args.mode, **policies)
     except ValueError as exc:  # a usage error (--keep-best without --monitor, --keep-last 0), not a bug
+        if isinstance(exc, TorchkeepError):
+            raise  # damage in the run: the usual error path (exit 1)
         print(f"torchkeep: error: {exc}", file=sys.stderr)
         return 2
     print(f"report written to {written}")

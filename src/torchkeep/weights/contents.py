@@ -133,7 +133,7 @@ def classify(obj: Any) -> Contents:
     if any(k in obj for k in _SCHEDULER_KEYS):
         return Contents("scheduler state", None, [_scheduler("(all)", obj)])
     parts = [_part(str(key), value) for key, value in obj.items()]
-    candidates = weights_candidates(obj, parts)
+    candidates = weights_candidates(parts)
     weights_key = candidates[0] if candidates else ("" if any(p.role == "tensor" for p in parts) else None)
     if "state_dict" in obj and ("pytorch-lightning_version" in obj or "global_step" in obj):
         layout = "Lightning checkpoint"
@@ -148,7 +148,7 @@ def classify(obj: Any) -> Contents:
     return Contents(layout, weights_key, parts)
 
 
-def weights_candidates(obj: Mapping[Any, Any], parts: list[Part]) -> list[str]:
+def weights_candidates(parts: list[Part]) -> list[str]:
     """Every place ``obj`` holds weights (``key``, or ``key/inner`` one level down), the preferred first."""
     found = [p.detail.get("path", p.key) for p in parts if p.role == "weights"]
     rank = {key: i for i, key in enumerate(STATE_DICT_KEYS)}
@@ -173,6 +173,8 @@ def weights_at(obj: Any, contents: Contents, key: str | None = None) -> Mapping[
 def split_objects(obj: Mapping[Any, Any], contents: Contents) -> tuple[dict[str, Any], dict[Any, Any]]:
     """A checkpoint dict's training objects by torchkeep's names (model, optimizer, scheduler, scaler) and
     the remaining entries. Lightning keeps lists of one optimizer or scheduler: the one is taken."""
+    if contents.layout == "state dict":  # the whole object is the model's weights
+        return {"model": dict(obj)}, {}
     rest = dict(obj)
     objects: dict[str, Any] = {}
     if contents.weights_key is not None:

@@ -298,9 +298,12 @@ def _inspect_structure(path: str, names: list[str], root: Path) -> Inspection:
     dcp = is_dcp_dir(path)
     kinds: set[str] = {"dcp"} if dcp else {detect_kind(str(root / name)) for name in names}
     pickled = bool(kinds & {"torch", "dcp"})
-    report = scan(path) if pickled else None
+    # the files read, not the whole tree (a folder may hold other things; an index names its shards)
+    reports = ([scan(path)] if dcp else [scan(root / name) for name in names]) if pickled else []
+    report = max(reports, key=lambda r: (r.exit_code == 1, r.exit_code), default=None)  # 1 outranks 2
+    pickles = sum(len(r.pickles) for r in reports)
     verdict = None if report is None else {"status": report.status, "exit_code": report.exit_code,
-                                           "summary": _scan_summary(report)}  # fmt: skip
+                                           "summary": _scan_summary(report, pickles)}  # fmt: skip
     file_bytes = sum((root / name).stat().st_size for name in names)
     if report is not None and report.exit_code == 1:  # never unpickled, not even by the restricted reader
         return Inspection(path, names, [], {}, False, _format_name(kinds, root, names), file_bytes, scan=verdict)
@@ -341,8 +344,8 @@ def _format_name(kinds: set[str], root: Path, names: list[str]) -> str:
     return what + (f", {len(names)} shards" if len(names) > 1 else "")
 
 
-def _scan_summary(report: Any) -> str:
+def _scan_summary(report: Any, pickles: int) -> str:
     if report.exit_code == 0:
-        return f"{len(report.pickles)} pickle(s), only allowlisted globals"
+        return f"{pickles} pickle(s), only allowlisted globals"
     problems = [*report.refused(), *(str(p) for p in report.problems)][:3]
     return "; ".join(problems) or report.status

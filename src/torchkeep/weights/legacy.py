@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import struct
+import tokenize
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -22,7 +23,7 @@ from torchkeep.errors import CorruptCheckpointError, TorchkeepError, TorchkeepWa
 from torchkeep.format import deploy
 from torchkeep.format.pickle.torchfile import MAX_DEFLATE_RATIO, PARSE_ERRORS, read_torch_file
 from torchkeep.state import torch_ao
-from torchkeep.weights.contents import classify, weights_at
+from torchkeep.weights.contents import classify, weights_at, weights_candidates
 
 Kind = Literal["safetensors", "torch", "npy", "npz", "torchscript", "exported_program", "onnx", "unknown"]
 
@@ -132,11 +133,11 @@ def _numpy(path: str) -> Any:
 
 def numpy_structure(path: str) -> Any:
     """An .npy or .npz file's arrays as tensors on the meta device, from their headers alone."""
-    if detect_kind(path) == "npy":
-        with open(path, "rb") as f:
-            return _check_npy_header(f, os.path.getsize(path), path, "the array")
     out = {}
     try:
+        if detect_kind(path) == "npy":
+            with open(path, "rb") as f:
+                return _check_npy_header(f, os.path.getsize(path), path, "the array")
         with zipfile.ZipFile(path) as archive:
             for info in archive.infolist():
                 if info.file_size > MAX_DEFLATE_RATIO * max(info.compress_size, 1):
@@ -145,7 +146,7 @@ def numpy_structure(path: str) -> Any:
                     out[info.filename.removesuffix(".npy")] = _check_npy_header(
                         member, info.file_size, path, repr(info.filename)
                     )
-    except PARSE_ERRORS as exc:
+    except (*PARSE_ERRORS, SyntaxError, tokenize.TokenError) as exc:  # NumPy parses the header as Python
         raise CorruptCheckpointError(path, f"unreadable NumPy file: {type(exc).__name__}: {exc}") from exc
     return out
 
@@ -201,7 +202,7 @@ def extract_state_dict(obj: Any, path: str, key: str | None = None) -> dict[str,
         raise CorruptCheckpointError(
             path, f"found no weights in it: it holds {describe_top(obj)}; {_which_call(obj, contents.layout)}"
         )
-    candidates = [p.detail.get("path", p.key) for p in contents.parts if p.role == "weights"]
+    candidates = weights_candidates(contents.parts)
     if len(candidates) > 1:
         warnings.warn(
             f"{path}: holds weights under {candidates}; loaded {contents.weights_key!r} (pass key= to pick another)",

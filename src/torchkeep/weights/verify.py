@@ -13,7 +13,7 @@ from torchkeep.format.pickle.dcp import is_dcp_dir, read_dcp
 from torchkeep.storage.remote import is_url
 from torchkeep.weights.files import resolve
 from torchkeep.weights.legacy import detect_kind, read_raw
-from torchkeep.weights.load import open_header, open_weights_file
+from torchkeep.weights.load import open_header, open_weights_file, read_weights
 
 
 def verify(
@@ -54,8 +54,7 @@ def verify(
         return None
     files = resolve(path)
     if all(detect_kind(files.path(name)) == "torch" for name in files.files):  # pytorch_model.bin shards
-        for name in files.files:
-            read_raw(files.path(name))
+        read_weights(files, mmap=False, verify=True)  # as load reads them: the index checked too
         return None
     checked = 0
     any_checksums = False

@@ -89,6 +89,9 @@ EXTRA[("pathlib", "WindowsPath")] = _path
 EXTRA[("pathlib", "PurePosixPath")] = _path
 
 
+OBJECT_READ_LIMIT = 1 << 20  # bytes: a non-tensor entry this small is read even when tensors are not
+
+
 def is_dcp_dir(path: str | os.PathLike[str]) -> bool:
     return (Path(path) / METADATA_FILE).is_file()
 
@@ -240,7 +243,9 @@ def _read_dcp(files: _DataFiles, read_limit: int | None) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for fqn, plan in planned.plans.items():
         if isinstance(plan, _Item):
-            flat[fqn] = files.load(plan) if read_limit is None or plan.length <= read_limit else None
+            # objects (a step, param groups' values) are small torch.save blobs: read unless unusually large
+            small = read_limit is None or plan.length <= max(read_limit, OBJECT_READ_LIMIT)
+            flat[fqn] = files.load(plan) if small else None
             continue
         dtype, size, chunks = plan
         if read_limit is not None and math.prod(size) * itemsize(dtype) > read_limit:
