@@ -24,6 +24,10 @@ MAX_VALUE_DEPTH = 64
 # Threads that hash mapped tensors in parallel (xxh3 releases the GIL), and the least work worth splitting.
 HASH_THREADS = 2
 PARALLEL_HASH_BYTES = 64 * 1024 * 1024
+# Threads that copy loaded tensors into a live model, the least work worth splitting, and the size of a piece.
+COPY_THREADS = 2
+PARALLEL_COPY_BYTES = 32 * 1024 * 1024
+COPY_PIECE_BYTES = 4 * 1024 * 1024
 # Threads that write (or read) the shards of a sharded folder at once.
 IO_THREADS = 2
 # Longest list a DCP folder's planner data may build (an index past it is a damaged file, not a big model).

@@ -13,6 +13,7 @@ from torch import nn
 from torchkeep.errors import LoadMismatchError
 from torchkeep.format.pickle.dcp import is_dcp_dir
 from torchkeep.state import torch_ao
+from torchkeep.state.copies import copy_into_live
 from torchkeep.state.devices import MapLocation
 from torchkeep.state.keys import Remap, compile_remap, drop_compile_segments, strip_wrapper_prefix, unwrap_model
 from torchkeep.state.wrappers import flatten_wrappers
@@ -136,12 +137,16 @@ class PendingLoad:
         self.wrapper_parts = dict(wrapper_parts or {})  # key -> the inner tensor of a torchao weight
 
     def apply(self) -> None:
-        # load_state_dict (not raw copies) so modules' own load hooks run; parts of wrapper tensors
-        # (torchao's quantized weights) have no key of their own there and are copied in place.
+        # Modules that load the default way get plain copies (state/copies.py); the others go through
+        # load_state_dict so their hooks run. Parts of wrapper tensors (torchao's quantized weights) have no
+        # key of their own there and are copied in place.
         to_load = copy.copy(self.to_load)  # keeps the _metadata torch.ao modules' load hooks read (a repack's)
         with torch.no_grad():
             for key in [k for k in to_load if k in self.wrapper_parts]:
                 self.wrapper_parts[key].copy_(to_load.pop(key))
+        to_load = copy_into_live(self.target, to_load)  # the plain parameters and buffers, on a few threads
+        if not to_load:
+            return
         result = self.target.load_state_dict(to_load, strict=False)
         if result.unexpected_keys:  # cannot happen after plan_load; guard the contract anyway
             raise RuntimeError(f"load_state_dict rejected keys {result.unexpected_keys}")

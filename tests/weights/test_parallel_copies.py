@@ -1,0 +1,91 @@
+"""load_into copies plain parameters itself, in ranges on a few threads; hooks and custom loaders still run."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import torchkeep
+from torchkeep import _config
+from torchkeep.state.copies import copy_into_live, direct_destinations, split_copies
+
+
+@pytest.fixture
+def small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the parallel path run on test-sized models: split anything over 1 KiB into 1 KiB pieces."""
+    monkeypatch.setattr(_config, "PARALLEL_COPY_BYTES", 1)
+    monkeypatch.setattr(_config, "COPY_PIECE_BYTES", 1024)
+
+
+def model() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(64, 96), nn.BatchNorm1d(96), nn.ReLU(), nn.Linear(96, 33), nn.Embedding(300, 17), nn.LayerNorm(17)
+    )
+
+
+def test_split_cuts_contiguous_tensors_in_ranges_that_cover_every_element() -> None:
+    destination, source = torch.zeros(1000), torch.arange(1000, dtype=torch.float32)
+    pieces = split_copies({"t": (destination, source)}, piece_bytes=256)
+    assert len(pieces) == 16  # 4000 bytes in 64-element pieces
+    for d, s in pieces:
+        d.copy_(s)
+    assert torch.equal(destination, source)
+
+
+@pytest.mark.usefixtures("small_pieces")
+def test_parallel_load_into_is_bit_exact_with_batchnorm_and_a_cast(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    trained = model()
+    trained.train()
+    trained[1](torch.randn(8, 96))  # BatchNorm's running stats and counter move
+    torchkeep.save(trained, tmp_path / "w.safetensors")
+    torchkeep.save(copy.deepcopy(trained).half(), tmp_path / "half.safetensors")
+
+    fresh = model()
+    report = torchkeep.load_into(fresh, tmp_path / "w.safetensors")
+    assert report.ok
+    for (key, want), got in zip(trained.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(want, got), key
+    assert fresh[1].num_batches_tracked.item() == 1
+
+    cast = model()
+    torchkeep.load_into(cast, tmp_path / "half.safetensors")
+    assert torch.equal(cast[0].weight, trained[0].weight.half().float())
+
+
+def test_a_custom_loader_keeps_its_subtree_and_hooks_keep_everything_on_load_state_dict() -> None:
+    net = model()
+    direct = direct_destinations(net, set(net.state_dict()))
+    assert "0.weight" in direct and "4.weight" in direct
+    assert not [k for k in direct if k.startswith("1.")]  # BatchNorm has its own _load_from_state_dict
+
+    seen: list[str] = []
+
+    def hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        seen.extend(state_dict)
+
+    net[5].register_load_state_dict_pre_hook(hook)
+    assert direct_destinations(net, set(net.state_dict())) == {}
+    source = {k: torch.ones_like(v) for k, v in net.state_dict().items()}
+    torchkeep.load_into(net, source)
+    assert sorted(seen) == ["5.bias", "5.weight"]  # the hook ran, with its keys, as load_state_dict gives them
+    assert torch.equal(net[0].weight, torch.ones(96, 64))
+
+
+@pytest.mark.usefixtures("small_pieces")
+def test_non_contiguous_destinations_and_the_rest_are_returned_with_metadata() -> None:
+    net = nn.Linear(40, 30)
+    net.weight = nn.Parameter(torch.zeros(30, 40).t().contiguous().t())  # a transposed (non-contiguous) parameter
+    source = type(net.state_dict())({"weight": torch.randn(30, 40), "bias": torch.randn(30), "extra": torch.zeros(1)})
+    source._metadata = {"": {"version": 1}}  # type: ignore[attr-defined]
+    rest = copy_into_live(net, dict(source) | {})
+    assert set(rest) == {"extra"}
+    assert torch.equal(net.weight, source["weight"]) and torch.equal(net.bias, source["bias"])
+
+    kept = copy_into_live(net, source)
+    assert getattr(kept, "_metadata", None) == {"": {"version": 1}}
