@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import shutil
 import statistics
@@ -163,26 +164,42 @@ def section_load(root: Path, mib: int, repeat: int) -> None:
     )
 
 
-def section_ttft(root: Path, gib: float) -> None:
+def section_ttft(root: Path, gib: float, repeat: int) -> None:
+    """Cold page cache before each try; one warm-up load of another file first, so that lazy imports and
+    torch's first-call setup (read from a cold disk too after a drop) are not counted as the file's latency."""
     count = 64
     per = int(gib * (1 << 30)) // count // 4
-    path = root / "big.safetensors"
+    path, warm_up = root / "big.safetensors", root / "warm_up.safetensors"
     torchkeep.save({f"t{i}": torch.full((per,), float(i)) for i in range(count)}, path)
-    drop_caches() if can_drop_caches() else None
-    start = time.perf_counter()
-    state = torchkeep.load(path, mmap=True)
-    float(state["t0"][0])
-    ms = (time.perf_counter() - start) * 1000
+    torchkeep.save({"t0": torch.ones(4)}, warm_up)
+    float(torchkeep.load(warm_up, mmap=True)["t0"][0])
+
+    def first_tensor() -> None:
+        state = torchkeep.load(path, mmap=True)
+        float(state["t0"][0])
+
+    def raw_first_element() -> None:  # the floor: read the header, map the file, touch one page
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            f.read(n)
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        float(torch.frombuffer(mapped, dtype=torch.uint8, count=1, offset=8 + n)[0])
+
+    tries = max(repeat, 9) if can_drop_caches() else 1
+    before = drop_caches if can_drop_caches() else None
+    times = [t * 1000 for t in timed(first_tensor, tries, before)]
+    floor = [t * 1000 for t in timed(raw_first_element, tries, before)]
     ROWS.append(
         (
-            f"2 time to first tensor, {gib:g} GiB file, mmap=True",
-            f"{ms:.2f} ms",
-            "",
-            f"<= 2 ms: {'met' if ms <= 2 else 'MISSED'}",
+            f"2 time to first tensor, {gib:g} GiB file, mmap=True, cold cache (raw floor: header + map + one page)",
+            f"{mm(times)} ms vs {mm(floor)}",
+            f"{min(times) / min(floor):.2f}",
+            f"<= 2 ms: {'met' if min(times) <= 2 else 'MISSED'}",
         )
     )
-    print(f"2 time to first tensor: {ms:.2f} ms", flush=True)
+    print(f"2 time to first tensor: {ROWS[-1][1]}", flush=True)
     path.unlink()
+    warm_up.unlink()
 
 
 def section_checkpoint(root: Path, gib: float, repeat: int) -> None:
@@ -333,7 +350,7 @@ def main() -> None:
     if "load" in sections:
         section_load(root, args.weights_mib, args.repeat)
     if "ttft" in sections:
-        section_ttft(root, args.ttft_gib)
+        section_ttft(root, args.ttft_gib, args.repeat)
     if "checkpoint" in sections:
         section_checkpoint(root, args.checkpoint_gib, args.repeat)
     if "async" in sections:
