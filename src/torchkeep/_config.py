@@ -28,6 +28,8 @@ PARALLEL_HASH_BYTES = 64 * 1024 * 1024
 COPY_THREADS = 2
 PARALLEL_COPY_BYTES = 32 * 1024 * 1024
 COPY_PIECE_BYTES = 4 * 1024 * 1024
+# Size of each of the two host buffers (pinned on CUDA) a load into device memory goes through.
+STAGING_PIECE_BYTES = 32 * 1024 * 1024
 # Threads that write (or read) the shards of a sharded folder at once.
 IO_THREADS = 2
 # Longest list a DCP folder's planner data may build (an index past it is a damaged file, not a big model).

@@ -12,7 +12,7 @@ from torch import nn
 
 import torchkeep
 from torchkeep import _config
-from torchkeep.state.copies import copy_into_live, direct_destinations, split_copies
+from torchkeep.state.copies import copy_into_live, copy_through_staging, direct_destinations, split_copies
 
 
 @pytest.fixture
@@ -89,3 +89,63 @@ def test_non_contiguous_destinations_and_the_rest_are_returned_with_metadata() -
 
     kept = copy_into_live(net, source)
     assert getattr(kept, "_metadata", None) == {"": {"version": 1}}
+
+
+def test_staging_moves_every_piece_through_two_small_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pipeline a CUDA load takes, run with host destinations: casts both ways, ranges, odd layouts."""
+    monkeypatch.setattr(_config, "STAGING_PIECE_BYTES", 256)
+    torch.manual_seed(0)
+    sources = [
+        torch.randn(1000),  # float32 into bfloat16: the source side sets the piece size
+        torch.randn(300).to(torch.bfloat16),  # bfloat16 into float32: the destination side does
+        torch.randn(40, 50).t(),  # a non-contiguous source, too large for one buffer
+        torch.rand(77) > 0.5,
+        torch.empty(0),
+        torch.arange(10, dtype=torch.int64),
+    ]
+    destinations = [
+        torch.zeros(1000, dtype=torch.bfloat16),
+        torch.zeros(300),
+        torch.zeros(50, 40),
+        torch.zeros(77, dtype=torch.bool),
+        torch.zeros(0),
+        torch.zeros(10, dtype=torch.int64),
+    ]
+    non_contiguous_destination = torch.zeros(40, 50).t()  # too large and not contiguous: copied directly
+    sources.append(torch.randn(50, 40))
+    destinations.append(non_contiguous_destination)
+    expected = [d.clone().copy_(s) for d, s in zip(destinations, sources, strict=True)]
+
+    sent: list[int] = []
+    from torchkeep.state import copies
+
+    monkeypatch.setattr(copies._Lane, "__init__", _recording_lane_init(copies._Lane.__init__, sent))
+    copy_through_staging(list(zip(destinations, sources, strict=True)))
+    for got, want in zip(destinations, expected, strict=True):
+        assert torch.equal(got, want)
+    assert sent == [256, 256]  # two buffers, each as large as the largest piece, never more
+
+
+def _recording_lane_init(original: Any, sizes: list[int]) -> Any:
+    def init(self: Any, nbytes: int, device: torch.device) -> None:
+        sizes.append(nbytes)
+        original(self, nbytes, device)
+
+    return init
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_load_into_a_cuda_model_goes_through_pinned_staging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_config, "STAGING_PIECE_BYTES", 4096)
+    torch.manual_seed(0)
+    trained = model()
+    trained[1](torch.randn(8, 96))
+    torchkeep.save(trained, tmp_path / "w.safetensors")
+    fresh = model().cuda()
+    fresh[0].weight.mul_(3)  # a kernel queued on the current stream, which the staged copies must wait for
+    assert torchkeep.load_into(fresh, tmp_path / "w.safetensors").ok
+    for (key, want), got in zip(trained.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert got.is_cuda and torch.equal(want, got.cpu()), key
+    half = model().cuda().half()
+    torchkeep.load_into(half, tmp_path / "w.safetensors")
+    assert torch.equal(half[0].weight.cpu(), trained[0].weight.half())
