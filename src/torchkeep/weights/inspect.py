@@ -25,7 +25,7 @@ from torchkeep.format.pickle.torchfile import is_zip, read_torch_file
 from torchkeep.storage.remote import is_url
 from torchkeep.weights.contents import READ_LIMIT, Contents, classify, weights_at
 from torchkeep.weights.files import resolve
-from torchkeep.weights.legacy import detect_kind, extract_state_dict, numpy_structure
+from torchkeep.weights.legacy import Kind, detect_once, extract_state_dict, numpy_structure
 from torchkeep.weights.load import open_header, open_weights_file
 
 
@@ -211,18 +211,19 @@ def inspect(path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] 
 
         found, indexed = remote_headers(str(path), storage_options)
         return _from_headers(str(path), found, _config.INDEX_FILE_NAME if indexed else None)
+    seen: dict[str, Kind] = {}  # each file's kind, detected once and handed on
     if Path(path).is_file():
-        detected = detect_kind(os.fspath(path))
+        detected = detect_once(os.fspath(path), seen)
         if detected in deploy.DEPLOY_KINDS:
             return _inspect_deployed(os.fspath(path), detected)
         if detected in ("torch", "npy", "npz"):
-            return _inspect_structure(os.fspath(path), [Path(path).name], Path(path).parent)
+            return _inspect_structure(os.fspath(path), [Path(path).name], Path(path).parent, detected)
     if is_dcp_dir(path):
         return _inspect_structure(os.fspath(path), sorted(p.name for p in Path(path).iterdir() if p.is_file()),
-                                  Path(path))  # fmt: skip
+                                  Path(path), "dcp")  # fmt: skip
     files = resolve(path)
-    if all(detect_kind(files.path(name)) == "torch" for name in files.files):  # pytorch_model.bin folders
-        return _inspect_structure(os.fspath(path), list(files.files), files.root)
+    if all(detect_once(files.path(name), seen) == "torch" for name in files.files):  # pytorch_model.bin folders
+        return _inspect_structure(os.fspath(path), list(files.files), files.root, "torch")
     found = []
     for name in files.files:
         file_path = files.path(name)
@@ -290,14 +291,16 @@ def _inspect_deployed(path: str, kind: deploy.DeployKind) -> Inspection:
 FORMAT_NAMES = {"npy": "NumPy .npy", "npz": "NumPy .npz archive"}
 
 
-def _inspect_structure(path: str, names: list[str], root: Path) -> Inspection:
+def _inspect_structure(path: str, names: list[str], root: Path, kind: str) -> Inspection:
     """A pickle-based or NumPy file, a folder of them, or a DCP folder: the structure alone (weights are not
-    read, scalars are) classified part by part, and for pickles the static scanner's verdict."""
+    read, scalars are) classified part by part, and for pickles the static scanner's verdict.
+
+    ``kind``: what every one of ``names`` is (``torch``, ``npy``, ``npz``), or ``dcp`` for a DCP folder, as the
+    caller detected it: no file is detected twice."""
     from torchkeep.format.pickle.scan import scan
 
-    dcp = is_dcp_dir(path)
-    kinds: set[str] = {"dcp"} if dcp else {detect_kind(str(root / name)) for name in names}
-    pickled = bool(kinds & {"torch", "dcp"})
+    dcp = kind == "dcp"
+    pickled = kind in ("torch", "dcp")
     # the files read, not the whole tree (a folder may hold other things; an index names its shards)
     reports = ([scan(path)] if dcp else [scan(root / name) for name in names]) if pickled else []
     report = max(reports, key=lambda r: (r.exit_code == 1, r.exit_code), default=None)  # 1 outranks 2
@@ -306,14 +309,13 @@ def _inspect_structure(path: str, names: list[str], root: Path) -> Inspection:
                                            "summary": _scan_summary(report, pickles)}  # fmt: skip
     file_bytes = sum((root / name).stat().st_size for name in names)
     if report is not None and report.exit_code == 1:  # never unpickled, not even by the restricted reader
-        return Inspection(path, names, [], {}, False, _format_name(kinds, root, names), file_bytes, scan=verdict)
+        return Inspection(path, names, [], {}, False, _format_name(kind, root, names), file_bytes, scan=verdict)
     if dcp:
         obj: Any = read_dcp(path, read_limit=READ_LIMIT)
+    elif kind != "torch":
+        obj = numpy_structure(str(root / names[0]), "npy" if kind == "npy" else "npz")
     elif len(names) == 1:
-        kind = detect_kind(str(root / names[0]))
-        obj = read_torch_file(str(root / names[0]), read_limit=READ_LIMIT) if kind == "torch" else numpy_structure(
-            str(root / names[0])
-        )  # fmt: skip
+        obj = read_torch_file(str(root / names[0]), read_limit=READ_LIMIT)
     else:
         obj = {}
         for name in names:  # the shards of one state dict
@@ -329,15 +331,15 @@ def _inspect_structure(path: str, names: list[str], root: Path) -> Inspection:
                 file = names[0] if len(names) == 1 else ""
                 tensors.append(TensorInfo(name, dtype_name(tensor.dtype), tuple(tensor.shape), numel,
                                           numel * tensor.element_size(), file))  # fmt: skip
-    return Inspection(path, names, tensors, {}, False, _format_name(kinds, root, names), file_bytes,
+    return Inspection(path, names, tensors, {}, False, _format_name(kind, root, names), file_bytes,
                       contents=contents, scan=verdict)  # fmt: skip
 
 
-def _format_name(kinds: set[str], root: Path, names: list[str]) -> str:
-    if kinds == {"dcp"}:
+def _format_name(kind: str, root: Path, names: list[str]) -> str:
+    if kind == "dcp":
         return "torch.distributed.checkpoint (DCP) folder"
-    if kinds <= set(FORMAT_NAMES):
-        return FORMAT_NAMES[next(iter(kinds))]
+    if kind in FORMAT_NAMES:
+        return FORMAT_NAMES[kind]
     with open(root / names[0], "rb") as f:
         zipped = is_zip(f.read(4))
     what = "torch.save zip archive" if zipped else "torch.save legacy file (or a plain pickle)"

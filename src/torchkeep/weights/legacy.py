@@ -57,10 +57,22 @@ def detect_kind(path: str) -> Kind:
     return "unknown"
 
 
-def read_raw(path: str, *, trusted: bool = False) -> Any:
-    """The whole object a non-safetensors file holds: tensors and plain values."""
+def detect_once(path: str, seen: dict[str, Kind]) -> Kind:
+    """:func:`detect_kind`, asked once per file by a caller that meets a file more than once (a file, then
+    the files it resolves to); ``seen`` holds the answers so far."""
+    key = os.path.normpath(path)
+    if key not in seen:
+        seen[key] = detect_kind(path)
+    return seen[key]
+
+
+def read_raw(path: str, *, trusted: bool = False, kind: Kind | None = None) -> Any:
+    """The whole object a non-safetensors file holds: tensors and plain values.
+
+    ``kind``: what :func:`detect_kind` said of ``path``, when the caller asked it already (not asked again).
+    """
     try:
-        return _read_raw(path, trusted=trusted)
+        return _read_raw(path, trusted=trusted, kind=kind or detect_kind(path))
     except TorchkeepError:
         raise
     except PARSE_ERRORS as exc:
@@ -69,10 +81,9 @@ def read_raw(path: str, *, trusted: bool = False) -> Any:
         raise CorruptCheckpointError(path, f"unreadable: {type(exc).__name__}: {exc}") from exc
 
 
-def _read_raw(path: str, *, trusted: bool) -> Any:
-    kind = detect_kind(path)
+def _read_raw(path: str, *, trusted: bool, kind: Kind) -> Any:
     if kind in ("npy", "npz"):
-        return _numpy(path)
+        return _numpy(path, kind)
     if kind in deploy.DEPLOY_KINDS:
         return _deployed(path, kind, trusted=trusted)
     if trusted:
@@ -111,9 +122,9 @@ def _deployed(path: str, kind: deploy.DeployKind, *, trusted: bool) -> dict[str,
     return {k: v.detach() for k, v in state.items()}
 
 
-def _numpy(path: str) -> Any:
+def _numpy(path: str, kind: Kind) -> Any:
     """An .npy or .npz file: each array's header is checked against the bytes that back it before it is read."""
-    numpy_structure(path)  # the headers alone, checked
+    numpy_structure(path, kind)  # the headers alone, checked
     try:
         loaded = np.load(path, allow_pickle=False)
     except ValueError as exc:
@@ -131,11 +142,14 @@ def _numpy(path: str) -> Any:
             raise UnsafeCheckpointError(path, "holds NumPy object arrays, which are pickles; refused") from exc
 
 
-def numpy_structure(path: str) -> Any:
-    """An .npy or .npz file's arrays as tensors on the meta device, from their headers alone."""
+def numpy_structure(path: str, kind: Kind | None = None) -> Any:
+    """An .npy or .npz file's arrays as tensors on the meta device, from their headers alone.
+
+    ``kind``: ``"npy"`` or ``"npz"`` when the caller has detected it already (else it is detected here).
+    """
     out = {}
     try:
-        if detect_kind(path) == "npy":
+        if (kind or detect_kind(path)) == "npy":
             with open(path, "rb") as f:
                 return _check_npy_header(f, os.path.getsize(path), path, "the array")
         with zipfile.ZipFile(path) as archive:

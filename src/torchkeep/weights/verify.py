@@ -12,7 +12,7 @@ from torchkeep.format.io import verify_tensors
 from torchkeep.format.pickle.dcp import is_dcp_dir, read_dcp
 from torchkeep.storage.remote import is_url
 from torchkeep.weights.files import resolve
-from torchkeep.weights.legacy import detect_kind, read_raw
+from torchkeep.weights.legacy import Kind, detect_once, read_raw
 from torchkeep.weights.load import open_header, open_weights_file, read_weights
 
 
@@ -41,19 +41,20 @@ def verify(
         found, _ = remote_headers(str(path), storage_options)
         tensors = load_url(str(path), storage_options=storage_options, verify=True)
         return len(tensors) if any(h.checksums is not None for _, h, _ in found) else None
+    seen: dict[str, Kind] = {}  # each file's kind, detected once
     if Path(path).is_file():
-        kind = detect_kind(os.fspath(path))
+        kind = detect_once(os.fspath(path), seen)
         if kind in deploy.DEPLOY_KINDS:
             deploy.read_weights(os.fspath(path), kind)
             return None
         if kind in ("torch", "npy", "npz"):  # read whole, safely: the allowlist, zip CRCs, sizes
-            read_raw(os.fspath(path))
+            read_raw(os.fspath(path), kind=kind)
             return None
     if is_dcp_dir(path):
         read_dcp(path)
         return None
     files = resolve(path)
-    if all(detect_kind(files.path(name)) == "torch" for name in files.files):  # pytorch_model.bin shards
+    if all(detect_once(files.path(name), seen) == "torch" for name in files.files):  # pytorch_model.bin shards
         read_weights(files, mmap=False, verify=True)  # as load reads them: the index checked too
         return None
     checked = 0
