@@ -644,9 +644,15 @@ def split_legacy(raw: Mapping[Any, Any]) -> tuple[dict[str, Any], dict[str, Any]
 
 
 def checkpoint_size(path: str | os.PathLike[str]) -> int:
+    """Bytes on disk of a checkpoint or weights: a file's size, or every file under a folder (subfolders
+    too, as a distributed checkpoint's parts); 0 for nothing there. A file gone meanwhile counts 0."""
     root = Path(path)
-    total = 0
-    for file in root.iterdir():
+    if not root.is_dir():
         with contextlib.suppress(OSError):
-            total += file.stat().st_size
+            return root.stat().st_size
+        return 0
+    total = 0
+    for file in root.rglob("*"):
+        with contextlib.suppress(OSError):
+            total += file.stat().st_size if file.is_file() else 0
     return total

@@ -14,6 +14,7 @@ from html import escape
 from torchkeep.report import svg
 from torchkeep.report.collect import CheckpointRow, RunSummary, Weights, is_finite_number
 from torchkeep.weights.diff import DiffReport
+from torchkeep.weights.inspect import human_bytes
 
 CSP = "default-src 'none'; style-src 'unsafe-inline'"
 
@@ -86,7 +87,7 @@ def checkpoints_section(summary: RunSummary) -> str:
         )
         lines.append(
             f'<tr data-step="{row.step}"><td class="num">{row.step}</td><td>{_e(_when(row.time))}</td>'
-            f'<td class="num">{_e(svg.human_bytes(row.size))}</td>{metrics}<td>{_marks(row)}</td>'
+            f'<td class="num">{_e(human_bytes(row.size))}</td>{metrics}<td>{_marks(row)}</td>'
             f'<td class="why">{_kept(row, known)}</td></tr>'
         )
     lines.append("</tbody></table>")
@@ -120,12 +121,12 @@ def weights_sections(weights: Weights) -> str:
     total = sum(d.nbytes for d in weights.dtypes)
     params = sum(d.params for d in weights.dtypes)
     summary = (
-        f'<p class="note">{params:,} parameters, {_e(svg.human_bytes(total))} in {len(weights.modules)} modules; '
+        f'<p class="note">{params:,} parameters, {_e(human_bytes(total))} in {len(weights.modules)} modules; '
         "area is bytes, hover for each module.</p>"
     )
     rows = "".join(
         f'<tr data-dtype="{_e(d.dtype)}"><td>{_e(d.dtype)}</td><td class="num">{d.tensors}</td>'
-        f'<td class="num">{d.params:,}</td><td class="num">{_e(svg.human_bytes(d.nbytes))}</td>'
+        f'<td class="num">{d.params:,}</td><td class="num">{_e(human_bytes(d.nbytes))}</td>'
         f'<td class="num">{d.nbytes / total if total else 0:.1%}</td>'
         f"<td>{svg.share_bar(d.nbytes / total if total else 0.0)}</td></tr>"
         for d in weights.dtypes

@@ -14,6 +14,7 @@ from html import escape
 
 from torchkeep.report.collect import ModuleSize
 from torchkeep.weights.diff import DiffReport
+from torchkeep.weights.inspect import human_bytes
 
 # Tableau 10: distinct hues for the treemap's top-level modules, repeated past ten.
 PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac")
@@ -86,14 +87,6 @@ def fit(text: str, width: float) -> str:
 def natural_key(text: str) -> list[tuple[int, int | str]]:
     """Sorts "layers.2" before "layers.10"."""
     return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", text)]
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _num(value: float) -> str:

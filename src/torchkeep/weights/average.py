@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from torchkeep.checkpoint.io import checkpoint_size
 from torchkeep.errors import CheckpointNotFoundError, StateMismatchError
 from torchkeep.weights.load import load
 from torchkeep.weights.save import save
@@ -85,7 +86,7 @@ def average(
     totals: dict[str, torch.Tensor] = {}
     newest: dict[str, torch.Tensor] = {}
     reference: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-    sizes = [_size(path) for path in paths]
+    sizes = [checkpoint_size(path) for path in paths]
     for index, path in enumerate(paths):
         weights = load(path, trusted=trusted)
         _check_same(reference, weights, path, paths[0])
@@ -130,13 +131,6 @@ def _sources(sources: Sequence[str | os.PathLike[str]] | str | os.PathLike[str])
     if not paths:
         raise CheckpointNotFoundError(str(sources), "holds no checkpoints to average")
     return paths
-
-
-def _size(path: str) -> int:
-    where = Path(path)
-    if where.is_dir():
-        return sum(f.stat().st_size for f in where.rglob("*") if f.is_file())
-    return where.stat().st_size if where.exists() else 0
 
 
 def _check_same(

@@ -6,7 +6,6 @@ Deployment files (TorchScript, ExportedProgram .pt2, ONNX) are described by
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -129,7 +128,7 @@ class Inspection:
             if t.alias_of is not None:
                 rows.append((t.name, t.dtype, shape, "-", f"= {t.alias_of}"))
             else:
-                rows.append((t.name, t.dtype, shape, f"{t.numel:,}", _human(t.nbytes)))
+                rows.append((t.name, t.dtype, shape, f"{t.numel:,}", human_bytes(t.nbytes)))
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
         lines = [
             f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d:>{widths[3]}}  {e:>{widths[4]}}"
@@ -170,13 +169,13 @@ class Inspection:
             check = "none in the format" + (" (zip entries are CRC-checked)" if "zip" in self.format else "")
         scan = [f"scan: {self.scan['status']} ({self.scan['summary']})"] if self.scan is not None else []
         lines = [
-            f"{self.path}: {self.format}, {len(self.files)} file(s), {_human(self.file_bytes)} on disk",
+            f"{self.path}: {self.format}, {len(self.files)} file(s), {human_bytes(self.file_bytes)} on disk",
             *(self.ports() if self.kind is not None else []),
             *scan,
             *(self.contents.lines() if self.contents is not None else []),
             f"checksums: {check}",
             self.table(),
-            f"total: {len(self.tensors)} tensors, {self.total_params:,} elements, {_human(self.total_bytes)}",
+            f"total: {len(self.tensors)} tensors, {self.total_params:,} elements, {human_bytes(self.total_bytes)}",
             "by module: " + ", ".join(f"{k} {v:,}" for k, v in self.params_by_prefix().items()),
         ]
         if self.metadata:
@@ -185,11 +184,14 @@ class Inspection:
         return "\n".join(lines)
 
 
-def _human(n: int) -> str:
-    if n < 1024:
-        return f"{n} B"
-    exp = min(int(math.log(n, 1024)), 4)
-    return f"{n / 1024**exp:.1f} {['B', 'KiB', 'MiB', 'GiB', 'TiB'][exp]}"
+def human_bytes(n: float) -> str:
+    """``1536`` -> ``"1.5 KiB"``: a byte count for people (binary units, up to TiB). The one formatter: the
+    run report (a higher layer) shows sizes with it too."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 @gc_paused
