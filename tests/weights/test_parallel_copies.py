@@ -12,7 +12,8 @@ from torch import nn
 
 import torchkeep
 from torchkeep import _config
-from torchkeep.state.copies import copy_into_live, copy_through_staging, direct_destinations, split_copies
+from torchkeep.format.staging import copy_through_staging, split_copies
+from torchkeep.state.copies import copy_into_live, direct_destinations
 
 
 @pytest.fixture
@@ -30,7 +31,7 @@ def model() -> nn.Module:
 
 def test_split_cuts_contiguous_tensors_in_ranges_that_cover_every_element() -> None:
     destination, source = torch.zeros(1000), torch.arange(1000, dtype=torch.float32)
-    pieces = split_copies({"t": (destination, source)}, piece_bytes=256)
+    pieces = split_copies([(destination, source)], 256)
     assert len(pieces) == 16  # 4000 bytes in 64-element pieces
     for d, s in pieces:
         d.copy_(s)
@@ -117,9 +118,9 @@ def test_staging_moves_every_piece_through_two_small_buffers(monkeypatch: pytest
     expected = [d.clone().copy_(s) for d, s in zip(destinations, sources, strict=True)]
 
     sent: list[int] = []
-    from torchkeep.state import copies
+    from torchkeep.format import staging
 
-    monkeypatch.setattr(copies._Lane, "__init__", _recording_lane_init(copies._Lane.__init__, sent))
+    monkeypatch.setattr(staging._Lane, "__init__", _recording_lane_init(staging._Lane.__init__, sent))
     copy_through_staging(list(zip(destinations, sources, strict=True)))
     for got, want in zip(destinations, expected, strict=True):
         assert torch.equal(got, want)

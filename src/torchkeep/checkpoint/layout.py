@@ -118,7 +118,7 @@ def plan_checkpoint(
         "objects": objects,
         "state": user_state,
     }
-    return CheckpointPlan(manifest=manifest, tensors=prepare(encoder.tensors))
+    return CheckpointPlan(manifest=manifest, tensors=prepare(encoder.tensors, keep_devices=True))
 
 
 def _canonical(manifest: Mapping[str, Any]) -> bytes:

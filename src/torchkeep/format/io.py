@@ -14,6 +14,7 @@ from torchkeep import _config
 from torchkeep.errors import CorruptCheckpointError
 from torchkeep.format.dtypes import CODE_TO_DTYPE, ITEMSIZE
 from torchkeep.format.layout import FilePlan, Header, TensorEntry, byte_view, digest, fill_from
+from torchkeep.format.staging import host_pieces, is_staged
 
 
 def write_all(sink: Any, buffer: Any) -> None:
@@ -30,7 +31,19 @@ def write_plan(plan: FilePlan, sink: Any) -> None:
     """Write a planned file: header, then tensors; small tensors go out in batches."""
     write_all(sink, plan.header)
     batch = bytearray()
-    for item in plan.items:
+    items = list(plan.items)
+    while items:
+        item = items.pop(0)
+        if is_staged(item.tensor):  # on a GPU: this and the following tensors of its device, through staging
+            run = [item]
+            while items and is_staged(items[0].tensor) and items[0].tensor.device == item.tensor.device:
+                run.append(items.pop(0))
+            if batch:
+                write_all(sink, batch)
+                batch.clear()
+            for _, view in host_pieces([i.tensor for i in run]):
+                write_all(sink, view)
+            continue
         data = item.data
         if item.nbytes < _config.SMALL_TENSOR_BYTES:
             batch += data

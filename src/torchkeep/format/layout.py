@@ -264,11 +264,15 @@ def _check_coverage(entries: tuple[TensorEntry, ...], data_size: int, path: str)
 # Planning a write
 
 
+_NO_HOST_BYTES = memoryview(b"")
+
+
 @dataclass(frozen=True)
 class WriteItem:
     """One tensor to write: a zero-copy view of its bytes and its place in the data region.
 
-    ``data`` borrows the memory of ``tensor``, which the item keeps alive.
+    ``data`` borrows the memory of ``tensor``, which the item keeps alive; it is empty for a tensor on a
+    device, whose bytes are copied out piece by piece as they are written.
     """
 
     name: str
@@ -322,28 +326,37 @@ def plan_file(
     *,
     aliases: Mapping[str, str] | None = None,
     metadata: Mapping[str, str] | None = None,
+    digests: Mapping[str, str] | None = None,
 ) -> FilePlan:
-    """Lay out ``tensors`` (CPU, contiguous, safetensors dtypes) in a file.
+    """Lay out ``tensors`` (contiguous, safetensors dtypes) in a file.
 
     Data is ordered by element size, largest first, so every tensor starts on its natural
     alignment, as safetensors does; the header keeps the caller's order. Output is deterministic.
+    A tensor on a device (GPU) needs its checksum in ``digests`` (format/staging.py's ``staged_digests``
+    hashes it through small host buffers); its bytes are written the same way, never held on the host whole.
     """
-    views = {name: tensor_bytes(tensor) for name, tensor in tensors.items()}
+    known = dict(digests or {})
+    views = {name: tensor_bytes(tensor) for name, tensor in tensors.items() if tensor.device.type == "cpu"}
+    on_device = [name for name in tensors if name not in views and name not in known]
+    if on_device:
+        raise ValueError(f"tensors on a device need their checksums given: {on_device[:5]}")
+    known.update((name, digest(data)) for name, data in views.items() if name not in known)
     codes = {name: DTYPE_TO_CODE[tensor.dtype] for name, tensor in tensors.items()}
     order = sorted(tensors, key=lambda name: -ITEMSIZE[codes[name]])
     offsets: dict[str, list[int]] = {}
     items: list[WriteItem] = []
     position = 0
     for name in order:
-        data = views[name]
-        nbytes = data.nbytes
+        tensor = tensors[name]
+        nbytes = tensor.numel() * tensor.element_size()
+        data = views.get(name, _NO_HOST_BYTES)
         offsets[name] = [position, position + nbytes]
-        items.append(WriteItem(name=name, tensor=tensors[name], data=data, start=position, nbytes=nbytes))
+        items.append(WriteItem(name=name, tensor=tensor, data=data, start=position, nbytes=nbytes))
         position += nbytes
 
     meta: dict[str, str] = dict(metadata or {})
     meta[META_FORMAT] = FORMAT_VERSION
-    meta[META_CHECKSUMS] = json.dumps({name: digest(data) for name, data in views.items()}, separators=(",", ":"))
+    meta[META_CHECKSUMS] = json.dumps({name: known[name] for name in tensors}, separators=(",", ":"))
     if aliases:
         meta[META_ALIASES] = json.dumps(dict(aliases), separators=(",", ":"))
     meta[META_HEADER] = _HEADER_PLACEHOLDER

@@ -118,7 +118,7 @@ def save_model(
 
             limit = parse_size(max_shard_size)
         # "format": "pt" is what safetensors' torch writer records; transformers' from_pretrained requires it.
-        save_folder(LocalStorage(temp), prepare(state), {"format": "pt"}, limit)
+        save_folder(LocalStorage(temp), prepare(state, keep_devices=True), {"format": "pt"}, limit)
         with atomic_write(temp / CONFIG_FILE) as sink:
             sink.write((json.dumps(cfg if cfg is not None else {}, indent=2) + "\n").encode())
         with atomic_write(temp / MODEL_MANIFEST) as sink:

@@ -90,24 +90,27 @@ def _view_key(tensor: torch.Tensor) -> tuple[object, ...]:
     return (tensor.device, tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype)
 
 
-def _plain(tensor: torch.Tensor) -> torch.Tensor:
-    """CPU and contiguous, with lazy conj/neg bits resolved; no copy when already so.
+def _plain(tensor: torch.Tensor, keep_devices: bool) -> torch.Tensor:
+    """Contiguous (and on the CPU unless ``keep_devices``), with lazy conj/neg bits resolved; no copy when
+    already so.
 
     Autograd flags do not matter: bytes are read through the data pointer.
     """
     if tensor.is_complex():
         tensor = tensor.detach().resolve_conj().resolve_neg()
-    if not tensor.is_cpu:
+    if not tensor.is_cpu and not keep_devices:
         tensor = tensor.detach().cpu()
     if not tensor.is_contiguous():
         tensor = tensor.detach().contiguous()
     return tensor
 
 
-def prepare(state: Mapping[str, torch.Tensor]) -> PreparedTensors:
+def prepare(state: Mapping[str, torch.Tensor], *, keep_devices: bool = False) -> PreparedTensors:
     """Validate every tensor and collapse identical views of one storage to a single entry.
 
-    Views that overlap without being identical are stored as their values, each in full.
+    Views that overlap without being identical are stored as their values, each in full. With
+    ``keep_devices`` GPU tensors stay where they are (the writer stages their bytes through small host
+    buffers); otherwise every tensor is brought to the CPU here.
     """
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
@@ -128,5 +131,5 @@ def prepare(state: Mapping[str, torch.Tensor]) -> PreparedTensors:
                 aliases[key] = first_of_view[view]
                 continue
             first_of_view[view] = key
-        tensors[key] = _plain(tensor)
+        tensors[key] = _plain(tensor, keep_devices)
     return PreparedTensors(tensors=tensors, aliases=aliases)

@@ -15,7 +15,10 @@ from typing import Any, BinaryIO, Protocol, runtime_checkable
 
 
 class Sink(Protocol):
-    """Where a write's bytes go: ``write`` takes all of ``data`` (or raises) and returns its length."""
+    """Where a write's bytes go: ``write`` takes all of ``data`` (or raises) and returns its length.
+
+    It must not keep a reference to ``data``: the caller may reuse that memory at once (staging buffers).
+    """
 
     def write(self, data: Any, /) -> int: ...
 

@@ -19,6 +19,7 @@ from torchkeep.errors import CheckpointNotFoundError, CheckpointWriteError, Torc
 from torchkeep.format.io import write_plan
 from torchkeep.format.layout import RESERVED_PREFIX, plan_file
 from torchkeep.format.sharding import SHARD_NAME, index_document, parse_index, parse_size, shard_names, split_shards
+from torchkeep.format.staging import staged_digests
 from torchkeep.state.tensors import PreparedTensors, prepare, state_and_metadata
 from torchkeep.storage.base import Storage
 from torchkeep.storage.local import LocalStorage, write_errors
@@ -57,7 +58,7 @@ def save(
     """
     meta = _check_metadata(metadata)
     state, reserved = state_and_metadata(obj)  # reserved: how torch.ao quantized entries were stored, if any
-    prepared = prepare(state)
+    prepared = prepare(state, keep_devices=True)  # GPU tensors are staged piece by piece as they are written
     meta.update(reserved)
     if is_url(path):
         url = str(path)
@@ -110,7 +111,8 @@ def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
 
 def write_weights(storage: Storage, name: str, prepared: PreparedTensors, metadata: Mapping[str, str]) -> int:
     """Write one file through ``storage``; returns its size."""
-    plan = plan_file(prepared.tensors, aliases=prepared.aliases, metadata=metadata)
+    digests = staged_digests(prepared.tensors)  # tensors on a GPU: hashed through small pinned buffers
+    plan = plan_file(prepared.tensors, aliases=prepared.aliases, metadata=metadata, digests=digests)
     with storage.open_write(name) as sink:
         write_plan(plan, sink)
     return plan.size
