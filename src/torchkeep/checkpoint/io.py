@@ -7,6 +7,7 @@ import os
 import shutil
 import warnings
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,9 @@ def share_tensors(plan: CheckpointPlan, store: Storage) -> tuple[CheckpointPlan,
     if not large:
         return plan, 0
     keys = objects.keys_of(large)
-    written = sum(objects.put(store, keys[n], t) for n, t in large.items())
+    # New objects are written by a few threads: each is its own atomic file with an fsync, whose waits overlap.
+    with ThreadPoolExecutor(max_workers=max(1, _config.IO_THREADS)) as pool:
+        written = sum(pool.map(lambda n: objects.put(store, keys[n], large[n]), large))
     entries = {n: objects.describe(t, keys[n]) for n, t in large.items()}
     entries.update({alias: entries[target] for alias, target in aliases.items() if target in large})
     kept = PreparedTensors(
