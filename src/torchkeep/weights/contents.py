@@ -5,7 +5,8 @@
 scalars such as a loss saved as a tensor are read). Each top-level entry gets a role, first match wins:
 
 1. a mapping with ``state`` and ``param_groups``: ``optimizer``;
-2. weights (:func:`is_weights`: string keys to tensors or arrays, not a lone generator state): ``weights``;
+2. weights (:func:`is_weights`: string keys to tensors or arrays of numbers, not a lone generator state):
+   ``weights``;
    also a mapping that holds weights under one of ``STATE_DICT_KEYS`` (nested one level: ``key/inner``);
 3. a mapping with ``last_epoch`` / ``base_lrs`` / ``_last_lr``: ``scheduler``;
 4. a mapping with ``scale`` and ``growth_factor`` (or ``_growth_tracker``): ``scaler`` (GradScaler);
@@ -13,7 +14,8 @@ scalars such as a loss saved as a tensor are read). Each top-level entry gets a 
    in it) whose value is not a plain number (a seed saved as an int is a value): ``rng``;
 6. an empty mapping under one of ``OBJECT_KEYS``' names: that object (a disabled GradScaler saves ``{}``);
 7. a list of optimizers or of schedulers (Lightning's ``optimizer_states``, ``lr_schedulers``): that role;
-8. a number, string, bool, None or a one-element tensor: ``value``; another tensor: ``tensor``; else ``other``.
+8. a number, string, bool, None or a one-element tensor: ``value``; another tensor or array of numbers:
+   ``tensor``; else ``other`` (an array of strings, objects or dates: no tensor can hold it).
 
 The model's weights are the ``weights`` part whose key comes first in ``STATE_DICT_KEYS`` (then file order);
 ``load`` says which it took when there are several, and ``key=`` picks another. With no weights part, loose
@@ -28,6 +30,7 @@ with other values`` for loose tensors beside values; else ``object``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -105,14 +108,31 @@ class Contents:
         return out
 
 
+def holds_numbers(value: Any) -> bool:
+    """A tensor, or a NumPy array of a dtype torch holds (numbers, bool); not strings, objects or dates."""
+    return isinstance(value, torch.Tensor) or (isinstance(value, np.ndarray) and _torch_holds(value.dtype))
+
+
+@functools.lru_cache(maxsize=256)  # bounded: a hostile file may name many record dtypes
+def _torch_holds(dtype: np.dtype[Any]) -> bool:
+    try:
+        torch.from_numpy(np.empty(0, dtype=dtype.newbyteorder("=")))
+    except TypeError:  # strings, bytes, objects, dates, structured records, float128...
+        return False
+    return True
+
+
+def array_tensor(array: np.ndarray[Any, Any]) -> torch.Tensor:
+    """An array that :func:`holds_numbers` as a tensor: its memory when contiguous and in native byte order,
+    else a copy (torch converts no byte order)."""
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("=")))
+
+
 def is_weights(value: Any) -> bool:
-    """Named tensors (a state dict): string keys, tensor or array values; not a lone generator state."""
+    """Named tensors (a state dict): string keys, tensors or arrays of numbers; not a lone generator state."""
     if not isinstance(value, Mapping) or not value:
         return False
-    if not all(
-        isinstance(k, str) and (isinstance(v, (torch.Tensor, np.ndarray)) or torch_ao.is_entry(k, v))
-        for k, v in value.items()
-    ):
+    if not all(isinstance(k, str) and (holds_numbers(v) or torch_ao.is_entry(k, v)) for k, v in value.items()):
         return False
     if len(value) == 1:
         ((key, only),) = value.items()
@@ -229,13 +249,13 @@ def _part(key: str, value: Any) -> Part:
     plain = _plain(value)
     if plain is not None:
         return Part(key, "value", repr(plain) if isinstance(plain, str) else str(plain))
-    if isinstance(value, (torch.Tensor, np.ndarray)):  # a tensor beside other values, not in a state dict
+    if holds_numbers(value):  # a tensor beside other values, not in a state dict
         return Part(key, "tensor", _short(value))
     return Part(key, "other", _short(value))
 
 
 def _weights(key: str, tensors: Mapping[str, Any]) -> Part:
-    values = [torch.as_tensor(v) if isinstance(v, np.ndarray) else v for v in tensors.values()]
+    values = [array_tensor(v) if isinstance(v, np.ndarray) else v for v in tensors.values()]
     values = [v for v in values if isinstance(v, torch.Tensor)]
     numel = sum(v.numel() for v in values)
     nbytes = sum(v.numel() * v.element_size() for v in values)

@@ -23,7 +23,7 @@ from torchkeep.errors import CorruptCheckpointError, TorchkeepError, TorchkeepWa
 from torchkeep.format import deploy
 from torchkeep.format.pickle.torchfile import MAX_DEFLATE_RATIO, PARSE_ERRORS, read_torch_file
 from torchkeep.state import torch_ao
-from torchkeep.weights.contents import classify, weights_at, weights_candidates
+from torchkeep.weights.contents import array_tensor, classify, holds_numbers, weights_at, weights_candidates
 
 Kind = Literal["safetensors", "torch", "npy", "npz", "torchscript", "exported_program", "onnx", "unknown"]
 
@@ -191,8 +191,8 @@ def _tensors_only(mapping: Mapping[Any, Any], path: str) -> dict[str, torch.Tens
         mapping = torch_ao.flatten(mapping, torch_ao.reading_error(path)).tensors
     out: dict[str, torch.Tensor] = {}
     for key, value in mapping.items():
-        if isinstance(value, np.ndarray) and not value.dtype.hasobject:
-            value = torch.from_numpy(np.ascontiguousarray(value))
+        if isinstance(value, np.ndarray) and holds_numbers(value):  # strings, dates...: left out, as classified
+            value = array_tensor(value)
         if isinstance(key, str) and isinstance(value, torch.Tensor):
             out[key] = value.detach() if value.requires_grad else value
     return out
@@ -229,6 +229,8 @@ def extract_state_dict(obj: Any, path: str, key: str | None = None) -> dict[str,
 def _short_type(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"tensor {str(value.dtype).removeprefix('torch.')}{list(value.shape)}"
+    if isinstance(value, np.ndarray):
+        return f"array {value.dtype}{list(value.shape)}"
     if isinstance(value, Mapping):
         tensors = sum(isinstance(v, torch.Tensor) for v in value.values())
         return f"dict of {len(value)}" + (f" ({tensors} tensors)" if tensors else "")
