@@ -144,26 +144,38 @@ def map_tensors(path: str, header: Header) -> dict[str, torch.Tensor]:
 
 def verify_mapped(header: Header, tensors: dict[str, torch.Tensor], path: str) -> None:
     """Check mapped tensors against their checksums by hashing the mapped pages (page cache, no copy)."""
-    checksums = header.checksums
-    if checksums is None:
-        return
-    entries = [e for e in header.by_offset() if e.nbytes]
+    verify_mapped_files([(header, tensors, path)])
 
-    def check(part: list[TensorEntry]) -> None:
-        for entry in part:
+
+def verify_mapped_files(files: list[tuple[Header, dict[str, torch.Tensor], str]]) -> None:
+    """Check the mapped tensors of several files (a sharded folder's) with one pool of hashing threads.
+
+    The work is split into runs of about equal bytes across all files; xxh3 releases the GIL, so the runs
+    (and the page faults that read a cold file) proceed in parallel.
+    """
+    work = [
+        (entry, tensors, path, header.checksums)
+        for header, tensors, path in files
+        if header.checksums is not None
+        for entry in header.by_offset()
+        if entry.nbytes
+    ]
+
+    def check(part: list[tuple[TensorEntry, dict[str, torch.Tensor], str, Any]]) -> None:
+        for entry, tensors, path, checksums in part:
             if digest(byte_view(tensors[entry.name])) != checksums[entry.name]:
                 raise CorruptCheckpointError(path, "checksum mismatch: the tensor's bytes are damaged", key=entry.name)
 
+    total = sum(item[0].nbytes for item in work)
     threads = _config.HASH_THREADS
-    if threads < 2 or header.data_size < _config.PARALLEL_HASH_BYTES:
-        check(entries)
+    if threads < 2 or total < _config.PARALLEL_HASH_BYTES:
+        check(work)
         return
-    # Split into runs of about equal bytes; xxh3 releases the GIL, so the runs hash in parallel.
-    parts: list[list[TensorEntry]] = [[] for _ in range(threads)]
-    share, done = header.data_size / threads, 0
-    for entry in entries:
-        parts[min(int(done / share), threads - 1)].append(entry)
-        done += entry.nbytes
+    parts: list[list[tuple[TensorEntry, dict[str, torch.Tensor], str, Any]]] = [[] for _ in range(threads)]
+    share, done = total / threads, 0
+    for item in work:
+        parts[min(int(done / share), threads - 1)].append(item)
+        done += item[0].nbytes
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="torchkeep-hash") as pool:
         for future in [pool.submit(check, part) for part in parts]:
             future.result()

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
 
+from torchkeep import _config
 from torchkeep._gc import gc_paused
 from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError
 from torchkeep.format.deploy import DEPLOY_KINDS
-from torchkeep.format.io import map_tensors, read_tensors, verify_mapped
+from torchkeep.format.io import map_tensors, read_tensors, verify_mapped, verify_mapped_files
 from torchkeep.format.layout import Header, read_header
 from torchkeep.format.pickle.dcp import is_dcp_dir, read_dcp
 from torchkeep.state.devices import MapLocation, placer
@@ -66,15 +68,20 @@ def read_file(path: str, *, mmap: bool, verify: bool) -> tuple[Header, dict[str,
 
     Mapped tensors are verified (when ``verify``) by hashing the mapped pages: nothing is copied.
     """
+    header, tensors = _read_unverified(path, mmap=mmap, verify=verify)
+    if mmap and verify:
+        verify_mapped(header, tensors, path)
+    return header, tensors
+
+
+def _read_unverified(path: str, *, mmap: bool, verify: bool) -> tuple[Header, dict[str, torch.Tensor]]:
+    """Mapped tensors not yet verified, or (``mmap=False``) tensors read into memory and verified as read."""
     with open_weights_file(path) as f:
         header = open_header(f, path)
         _advise_sequential(f)
         if not mmap:
             return header, read_tensors(f, header, path, verify=verify)
-        tensors = map_tensors(path, header)
-    if verify:
-        verify_mapped(header, tensors, path)
-    return header, tensors
+        return header, map_tensors(path, header)
 
 
 def _advise_sequential(f: Any) -> None:
@@ -88,15 +95,22 @@ def read_weights(
 ) -> dict[str, torch.Tensor]:
     """All tensors of a resolved set of files, checked against the index if there is one (``key``: where a
     pickled checkpoint dict keeps the weights, as :func:`load` takes it)."""
+    paths = [files.path(name) for name in files.files]
+    kinds = [detect_kind(path) for path in paths]
+    ours = [path for path, kind in zip(paths, kinds, strict=True) if kind in ("safetensors", "unknown")]
+    # The safetensors files (a sharded folder's shards) are read by a few threads; mapped ones are then
+    # verified together, by one pool of hashing threads, before anything is returned.
+    with ThreadPoolExecutor(max_workers=max(1, min(_config.IO_THREADS, len(ours)))) as pool:
+        read = dict(zip(ours, pool.map(lambda p: _read_unverified(p, mmap=mmap, verify=verify), ours), strict=True))
+    if mmap and verify:
+        verify_mapped_files([(header, tensors, path) for path, (header, tensors) in read.items()])
     out: dict[str, torch.Tensor] = {}
-    for name in files.files:
-        path = files.path(name)
-        kind = detect_kind(path)
-        if kind in ("safetensors", "unknown"):
-            header, tensors = read_file(path, mmap=mmap, verify=verify)
+    for name, path, kind in zip(files.files, paths, kinds, strict=True):
+        if path in read:
+            header, tensors = read[path]
             aliases = dict(header.aliases)
         else:
-            raw = read_raw(path, trusted=trusted)
+            raw = read_raw(path, trusted=trusted, kind=kind)
             tensors = raw if kind in DEPLOY_KINDS else extract_state_dict(raw, path, key)
             aliases = {}
         add_file(out, tensors, aliases, files.expected, name, path)
