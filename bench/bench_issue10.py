@@ -163,6 +163,19 @@ def section_load(root: Path, mib: int, repeat: int) -> None:
         1.1,
     )
 
+    def read_all(d: dict[str, torch.Tensor]) -> None:
+        for v in d.values():
+            v.sum()  # every byte, as a forward pass reads its weights
+
+    verified = timed(lambda: read_all(torchkeep.load(tk)), repeat)
+    anchor = timed(lambda: read_all(st.load_file(sf)), repeat)
+    row(
+        "2 load (verified), every byte read / safetensors.load_file",
+        f"{mm(verified)} vs {mm(anchor)}",
+        min(verified) / min(anchor),
+        1.5,
+    )
+
 
 def section_ttft(root: Path, gib: float, repeat: int) -> None:
     """Cold page cache before each try; one warm-up load of another file first, so that lazy imports and
