@@ -19,6 +19,7 @@ from torchkeep.cli.progress import Bar
 from torchkeep.errors import TorchkeepError
 from torchkeep.format.dtypes import ITEMSIZE
 from torchkeep.format.pickle.scan import scan
+from torchkeep.manager.folders import is_run
 from torchkeep.manager.manager import CheckpointManager
 from torchkeep.model.io import is_model_dir, read_config, read_model_manifest
 from torchkeep.storage.remote import is_url
@@ -147,10 +148,10 @@ def _short(value: Any) -> str:
 
 def _ls(args: argparse.Namespace) -> int:
     remote = {"storage_options": args.storage_options} if is_url(args.directory) else {}
+    if not remote and Path(args.directory).is_dir() and not is_run(args.directory):
+        return _ls_files(Path(args.directory), args.json)  # not a run: what each file or folder is
     manager = CheckpointManager(args.directory, read_only=True, monitor=args.monitor, mode=args.mode, **remote)
     infos = manager.list()
-    if not infos and not manager.damaged and not remote and Path(args.directory).is_dir():
-        return _ls_files(Path(args.directory), args.json)  # not a run: what each file or folder is
     if args.json:
         steps = [
             {"step": i.step, "path": str(i.path), "time": i.time, "size": i.size, "metrics": i.metrics,
@@ -323,8 +324,7 @@ def _report(args: argparse.Namespace) -> int:
 def _average(args: argparse.Namespace) -> int:
     from torchkeep.weights.average import average
 
-    one_run = len(args.sources) == 1 and Path(args.sources[0]).is_dir() and not is_model_dir(args.sources[0])
-    sources = args.sources[0] if one_run else args.sources
+    sources = args.sources[0] if len(args.sources) == 1 and is_run(args.sources[0]) else args.sources
     bar = Bar("averaging", always=args.progress)
     report = average(sources, args.output, last=args.last, ema=args.ema, trusted=args.trusted, progress=bar)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)

@@ -13,6 +13,7 @@ from typing import Any
 
 from torchkeep.checkpoint.layout import MANIFEST_FILE, TENSORS_FILE, parse_manifest
 from torchkeep.errors import CorruptCheckpointError
+from torchkeep.manager.view import DEFAULT_TEMPLATE, template_pattern
 from torchkeep.storage.local import TEMP_MARKER
 
 # The only files a manager writes into a checkpoint folder; retention deletes nothing else. Saves from
@@ -95,6 +96,34 @@ def foreign_files(folder: Path, *, temporaries: bool) -> list[str]:
         for entry in os.scandir(folder)
         if not (own_name(entry.name, temporaries=temporaries) and entry.is_file(follow_symlinks=False))
     )
+
+
+def is_run(path: str | os.PathLike[str], template: str = DEFAULT_TEMPLATE) -> bool:
+    """Whether ``path`` is a CheckpointManager run: a local folder holding a step folder (named by
+    ``template``) that a manager wrote, or one a manager would report damaged (a link, or an unreadable
+    manifest). The one test, for ``torchkeep ls`` (a run, or a folder of files?) and ``average`` (a run's
+    checkpoints, or one source?). A folder of step-named checkpoints no manager wrote is not a run."""
+    folder = Path(path)
+    pattern = template_pattern(template)
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:  # not a folder, or not listable
+        return False
+    for entry in entries:
+        if not pattern.match(entry.name):
+            continue
+        if entry.is_symlink():
+            return True  # damaged, to a manager
+        if not entry.is_dir():
+            continue
+        step = Path(entry.path)
+        try:
+            manifest = parse_manifest((step / MANIFEST_FILE).read_bytes(), str(step / MANIFEST_FILE))
+        except (OSError, CorruptCheckpointError):
+            return True  # damaged, or not committed
+        if manager_info(manifest, step, template) is not None:
+            return True
+    return False
 
 
 def not_ours(path: Path, step: int, template: str) -> str | None:

@@ -170,6 +170,9 @@ def _nothing() -> None:
     return None
 
 
+DEFAULT_TEMPLATE = "step-{step:08d}"  # CheckpointManager's default name for a step's folder
+
+
 def template_pattern(template: str) -> re.Pattern[str]:
     if template.count("{step") != 1:
         raise ValueError(f"template must contain {{step}} exactly once, got {template!r}")

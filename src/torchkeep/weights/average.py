@@ -73,7 +73,8 @@ def average(
         progress: called with (bytes of sources read, total bytes) after each source.
 
     Raises:
-        CheckpointNotFoundError: no sources (or an empty run).
+        CheckpointNotFoundError: no sources, an empty run, or a single path that is not a run
+            (:func:`torchkeep.manager.folders.is_run`).
         StateMismatchError: sources whose names, shapes or dtypes differ (naming the file and the key).
     """
     paths = _sources(sources)
@@ -119,10 +120,11 @@ def average(
 
 def _sources(sources: Sequence[str | os.PathLike[str]] | str | os.PathLike[str]) -> list[str]:
     if isinstance(sources, (str, os.PathLike)):
+        from torchkeep.manager.folders import is_run
         from torchkeep.manager.manager import CheckpointManager
 
         run = Path(sources)
-        if not run.is_dir():
+        if not is_run(run):
             raise CheckpointNotFoundError(run, "is not a CheckpointManager run directory; pass the files to average")
         infos = CheckpointManager(run, read_only=True).list()
         paths = [str(info.path) for info in sorted(infos, key=lambda info: info.step)]
