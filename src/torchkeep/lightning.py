@@ -4,7 +4,8 @@ Every checkpoint Lightning saves (``ModelCheckpoint``, ``trainer.save_checkpoint
 checkpoint *directory* at the path Lightning chose (``.../epoch=0-step=4.ckpt/``): tensors in safetensors,
 everything else in checksummed JSON, committed atomically, never a pickle. ``trainer.fit(ckpt_path=...)``
 (a path, or ``"last"``) reads them back through the same plugin. Temporaries a killed run left behind are
-removed at the first save of the next run.
+removed at the first save of the next run, by the manager's rule: only the files a save writes (a leftover
+that also holds something else is left, with a warning).
 
 Lightning's checkpoint dict is stored as it is, with four exceptions that have a faithful plain form and
 come back as their own type: ``argparse.Namespace`` (as its attributes), Lightning's ``AttributeDict`` and
@@ -20,10 +21,12 @@ Both ``pytorch_lightning`` and the unified ``lightning`` package are supported.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import shutil
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from functools import cache
@@ -36,8 +39,8 @@ import torch
 from torchkeep import _config
 from torchkeep.checkpoint.io import is_checkpoint_dir, read_checkpoint, write_checkpoint_dir
 from torchkeep.checkpoint.layout import CheckpointPlan, SaveRequest, plan_checkpoint
-from torchkeep.errors import CorruptCheckpointError
-from torchkeep.manager.folders import TEMPORARY
+from torchkeep.errors import CorruptCheckpointError, TorchkeepWarning
+from torchkeep.manager.folders import TEMPORARY, foreign_files, remove_own
 from torchkeep.state.devices import MapLocation
 from torchkeep.storage.local import temporary_sibling
 from torchkeep.storage.remote import is_url
@@ -343,7 +346,9 @@ class TorchkeepCheckpointIO:
 
     def _sweep(self, folder: Path) -> None:
         """Remove what a killed run left half-written in ``folder`` (``.epoch=0-step=4.ckpt.tmp-...``), once:
-        only temporaries of ``.ckpt`` names, older than this plugin, so another live writer's are kept."""
+        only temporaries of ``.ckpt`` names, older than this plugin, so another live writer's are kept. A
+        leftover folder goes as a manager's does (``remove_own``): the files a save writes, then the folder;
+        one that also holds anything else is left, with a warning naming it."""
         if folder in self._swept:
             return
         self._swept.add(folder)
@@ -356,10 +361,20 @@ class TorchkeepCheckpointIO:
                 and entry.stat(follow_symlinks=False).st_mtime < self._created
             ]
         for path in stale:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
+            if not path.is_dir() or path.is_symlink():
                 path.unlink(missing_ok=True)
+                continue
+            with contextlib.suppress(OSError):  # gone meanwhile: nothing to do
+                foreign = foreign_files(path, temporaries=True)
+                if not foreign:
+                    remove_own(path)
+                    continue
+                warnings.warn(
+                    f"left {path}: a save or removal cut short left it, but it also holds {', '.join(foreign)}, "
+                    "which torchkeep does not write; move them out and delete it",
+                    TorchkeepWarning,
+                    stacklevel=3,
+                )
 
     def _remove_remote(self, url: str) -> None:
         from torchkeep.checkpoint.layout import MANIFEST_FILE

@@ -308,3 +308,32 @@ def test_importing_torchkeep_does_not_import_lightning() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_killed_runs_leftovers_go_by_the_managers_rule(tmp_path: Path) -> None:
+    """Stale temporaries of .ckpt names: a folder of only what a save writes is removed (remove_own); one that
+    also holds something torchkeep does not write is left, with a warning naming it; a newer one is kept."""
+    old = time.time() - 60
+
+    def leftover(name: str, *files: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        for file in files:
+            (folder / file).write_bytes(b"x")
+        os.utime(folder, (old, old))
+        return folder
+
+    own = leftover(".epoch=0-step=1.ckpt.tmp-0123456789ab", "manifest.json", "tensors.safetensors",
+                   ".tensors.safetensors.tmp-0123456789ab")  # fmt: skip
+    mixed = leftover(".epoch=0-step=2.ckpt.tmp-0123456789ab", "manifest.json", "notes.txt")
+    stray_file = tmp_path / ".last.ckpt.tmp-0123456789ab"
+    stray_file.write_bytes(b"x")
+    os.utime(stray_file, (old, old))
+    plugin = TorchkeepCheckpointIO()
+    fresh = tmp_path / ".epoch=0-step=3.ckpt.tmp-0123456789ab"  # another live writer's, after this plugin
+    fresh.mkdir()
+    os.utime(fresh, (time.time() + 60, time.time() + 60))  # the file clock is coarser than time.time()
+    with pytest.warns(torchkeep.TorchkeepWarning, match=r"epoch=0-step=2.*notes\.txt"):
+        plugin.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, tmp_path / "epoch=0-step=4.ckpt")
+    assert not own.exists() and not stray_file.exists() and fresh.exists()
+    assert sorted(p.name for p in mixed.iterdir()) == ["manifest.json", "notes.txt"]
