@@ -68,3 +68,31 @@ def test_save_state_folder_restores_objects_step_and_generators(tmp_path: Path) 
         assert all(torch.equal(saved[k], restored[k]) for k in saved)
     with pytest.raises(torchkeep.LoadMismatchError):
         torchkeep.load_checkpoint(tmp_path / "state", model=nn.Linear(4, 2))
+
+
+def test_numbered_objects_are_read_in_one_pass_up_to_the_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """model, model_1...: each kind numbered without gaps, read until an index has no file of any kind; at
+    most MAX_PREPARED indices. The model's safetensors file is preferred to pytorch_model.bin."""
+    from torchkeep.checkpoint import accelerate as reader
+
+    folder = tmp_path / "state"
+    folder.mkdir()
+    models = [nn.Linear(2, 2) for _ in range(3)]
+    torchkeep.save(models[0], folder / "model.safetensors")
+    torch.save({"weight": torch.zeros(1)}, folder / "pytorch_model.bin")  # not read: safetensors wins
+    torch.save(models[1].state_dict(), folder / "pytorch_model_1.bin")
+    torchkeep.save(models[2], folder / "model_3.safetensors")  # index 2 holds nothing: not read
+    for index, suffix in enumerate(("", "_1")):
+        opt = torch.optim.SGD(models[0].parameters(), lr=0.1 * (index + 1))
+        torch.save(opt.state_dict(), folder / f"optimizer{suffix}.bin")
+    torch.save(torch.optim.lr_scheduler.StepLR(opt, 1).state_dict(), folder / "scheduler.bin")
+
+    objects, _, _ = reader.read_accelerate_state(folder, rank=0, trusted=False)
+    assert list(objects) == ["model", "optimizer", "scheduler", "components.model_1", "components.optimizer_1"]
+    assert_same_tensors(objects["model"], dict(models[0].state_dict()))
+    assert_same_tensors(objects["components.model_1"], dict(models[1].state_dict()))
+    assert objects["components.optimizer_1"]["param_groups"][0]["lr"] == pytest.approx(0.2)
+
+    monkeypatch.setattr(reader, "MAX_PREPARED", 1)
+    objects, _, _ = reader.read_accelerate_state(folder, rank=0, trusted=False)
+    assert list(objects) == ["model", "optimizer", "scheduler"]

@@ -18,7 +18,15 @@ from torchkeep.weights.legacy import read_raw
 from torchkeep.weights.load import load
 
 RNG_PREFIX = "random_states_"
-_OBJECT_FILES = {"optimizer": "optimizer", "scheduler": "scheduler"}
+# Accelerate numbers the files of each prepared kind without gaps: model, model_1, model_2...; this many
+# indices are read at most.
+MAX_PREPARED = 64
+# torchkeep's key -> the names Accelerate gives the file of such an object ({n}: "", "_1", "_2"...), preferred first.
+PREPARED_FILES = {
+    "model": ("model{n}.safetensors", "pytorch_model{n}.bin"),
+    "optimizer": ("optimizer{n}.bin",),
+    "scheduler": ("scheduler{n}.bin",),
+}
 
 
 def is_accelerate_state(folder: str | os.PathLike[str]) -> bool:
@@ -36,22 +44,14 @@ def read_accelerate_state(
     ``components.model_1``...), the plain values (``step``, registered objects), and this rank's RNG state
     in torchkeep's form (None when the folder holds none for it)."""
     objects: dict[str, Any] = {}
-    for index in range(64):
-        suffix = "" if index == 0 else f"_{index}"
-        model = _weights_file(folder, f"model{suffix}")
-        if model is None:
-            break
-        objects["model" if index == 0 else f"components.model{suffix}"] = load(model, trusted=trusted)
-    for index in range(64):
-        suffix = "" if index == 0 else f"_{index}"
-        found = False
-        for key, stem in _OBJECT_FILES.items():
-            file = folder / f"{stem}{suffix}.bin"
-            if file.is_file():
-                objects[key if index == 0 else f"components.{key}{suffix}"] = read_raw(str(file), trusted=trusted)
-                found = True
+    for index in range(MAX_PREPARED):
+        n = f"_{index}" if index else ""
+        found = {key: file for key, names in PREPARED_FILES.items() if (file := _first_file(folder, names, n))}
         if not found:
-            break
+            break  # each kind numbered without gaps: an index with no file of any kind ends them all
+        for key, file in found.items():
+            read = load(file, trusted=trusted) if key == "model" else read_raw(str(file), trusted=trusted)
+            objects[f"components.{key}{n}" if index else key] = read
     if (folder / "scaler.pt").is_file():
         objects["scaler"] = read_raw(str(folder / "scaler.pt"), trusted=trusted)
     plain: dict[str, Any] = {}
@@ -71,8 +71,8 @@ def read_accelerate_state(
     return objects, plain, rng
 
 
-def _weights_file(folder: Path, stem: str) -> Path | None:
-    for name in (f"{stem}.safetensors", f"pytorch_{stem}.bin"):
-        if (folder / name).is_file():
-            return folder / name
+def _first_file(folder: Path, names: tuple[str, ...], n: str) -> Path | None:
+    for name in names:
+        if (folder / name.format(n=n)).is_file():
+            return folder / name.format(n=n)
     return None
