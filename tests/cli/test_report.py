@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 import shutil
 import struct
@@ -9,6 +10,7 @@ import subprocess
 import zlib
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -268,3 +270,21 @@ def test_the_page_renders_in_a_real_browser_offline(
     # The treemap's largest block (layer 0, 2/3 of its 960x420 px) is painted in the first palette colour.
     first_block = tuple(int(svg.PALETTE[0][i : i + 2], 16) for i in (1, 3, 5))
     assert pixels.count(first_block) > 100_000
+
+
+def test_each_checkpoint_the_page_needs_is_loaded_once(
+    run: tuple[Path, dict[int, dict[str, torch.Tensor]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    collect_module = importlib.import_module("torchkeep.report.collect")  # the package re-exports collect()
+    loads: list[str] = []
+    original = collect_module.load
+
+    def counted(path: Any, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        loads.append(Path(path).name)
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(collect_module, "load", counted)
+    monkeypatch.setattr(importlib.import_module("torchkeep.weights.diff"), "load", counted)  # diff() reads too
+    page = torchkeep.report(run[0], tmp_path / "r.html").read_text(encoding="utf-8")
+    assert sorted(loads) == ["step-00000040", "step-00000050"]  # the diff reuses the latest's weights
+    assert 'class="row"' in page

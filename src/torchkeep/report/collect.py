@@ -15,7 +15,7 @@ from torchkeep.errors import CheckpointNotFoundError
 from torchkeep.format.dtypes import dtype_name
 from torchkeep.manager.manager import CheckpointInfo, CheckpointManager
 from torchkeep.manager.policies import Candidate, KeepBest, KeepEvery, KeepLast, RetentionPolicy
-from torchkeep.weights.diff import DiffReport, diff
+from torchkeep.weights.diff import DiffReport, compare_states
 from torchkeep.weights.load import load
 
 TOP_LEVEL = "(top level)"  # tensors whose name has no module part, e.g. a bare "weight"
@@ -180,13 +180,14 @@ def collect(manager: CheckpointManager, template: str = "step-{step:08d}") -> Ru
     no_diff: str | None = None
     if len(infos) < 2:
         no_diff = f"the run has one checkpoint (step {latest.step}): a diff needs two"
-    elif weights.missing is not None:
-        no_diff = f"the latest checkpoint has no model weights to compare ({weights.missing})"
+    elif isinstance(loaded, str):
+        no_diff = f"the latest checkpoint has no model weights to compare ({loaded})"
     else:
-        try:
-            report = diff(infos[-2].path, latest.path)
-        except CheckpointNotFoundError as exc:
-            no_diff = f"step {infos[-2].step} has no model weights to compare ({exc.problem})"
+        previous = _model_weights(infos[-2])
+        if isinstance(previous, str):
+            no_diff = f"step {infos[-2].step} has no model weights to compare ({previous})"
+        else:  # the latest one's weights are the ones already loaded for the summary
+            report = compare_states(previous, loaded, a=os.fspath(infos[-2].path), b=os.fspath(latest.path))
     return RunSummary(
         run_dir=os.fspath(run_dir),
         rows=rows,

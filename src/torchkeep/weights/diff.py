@@ -141,10 +141,22 @@ def diff(
 
     def read(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         # safetensors are mapped (verified, not copied): pages are read as each pair is compared
-        return _clean(load(path, trusted=trusted, storage_options=storage_options))
+        return load(path, trusted=trusted, storage_options=storage_options)
 
-    left, right = read(a), read(b)
-    report = DiffReport(os.fspath(a), os.fspath(b))
+    return compare_states(read(a), read(b), a=os.fspath(a), b=os.fspath(b), progress=progress)
+
+
+def compare_states(
+    left: Mapping[str, torch.Tensor],
+    right: Mapping[str, torch.Tensor],
+    *,
+    a: str,
+    b: str,
+    progress: Callable[[int, int], None] | None = None,
+) -> DiffReport:
+    """Compare two state dicts already in hand (``a`` and ``b`` name them in the report), as :func:`diff` does."""
+    left, right = _clean(left), _clean(right)
+    report = DiffReport(a, b)
     report.only_in_a.extend(sorted(set(left) - set(right)))
     report.only_in_b.extend(sorted(set(right) - set(left)))
     common = [k for k in left if k in right]

@@ -261,9 +261,10 @@ def load_raw(path: str | os.PathLike[str], *, trusted: bool = False, map_locatio
         return {**objects, **loaded.state()}
     if is_dcp_dir(p):
         return _map_tensors(read_dcp(p), placer(map_location))
-    if p.is_dir() or detect_kind(str(p)) in ("safetensors", "unknown"):
+    kind = None if p.is_dir() else detect_kind(str(p))
+    if kind is None or kind in ("safetensors", "unknown"):
         return load(p, map_location=map_location)
-    obj = read_raw(str(p), trusted=trusted)
+    obj = read_raw(str(p), trusted=trusted, kind=kind)
     place = placer(map_location)
     return _map_tensors(obj, place)
 
