@@ -63,3 +63,13 @@ def test_the_classifier_asks_what_torch_holds() -> None:
     assert holds_numbers(np.zeros(2, np.float16)) and holds_numbers(np.zeros(2, bool)) and holds_numbers(torch.zeros(1))
     assert not is_weights({"w": np.zeros(2), "names": NOT_NUMBERS["str"]})
     assert is_weights({"w": np.zeros(2), "b": np.zeros(1, ">i8")})
+
+
+def test_load_checkpoint_reads_big_endian_arrays_into_a_model(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    source = torch.nn.Linear(3, 2)
+    path = tmp_path / "weights.npz"
+    np.savez(path, **{k: v.detach().numpy().astype(">f4") for k, v in source.state_dict().items()})
+    model = torch.nn.Linear(3, 2)
+    torchkeep.load_checkpoint(path, model=model)
+    assert torch.equal(model.weight, source.weight) and torch.equal(model.bias, source.bias)

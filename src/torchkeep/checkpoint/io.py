@@ -49,7 +49,7 @@ from torchkeep.state.values import Decoder
 from torchkeep.storage.base import Storage
 from torchkeep.storage.local import LocalStorage, commit_dir, fsync_dir, temporary_sibling, write_errors
 from torchkeep.storage.remote import is_url
-from torchkeep.weights.contents import classify, split_objects
+from torchkeep.weights.contents import array_tensor, classify, split_objects
 from torchkeep.weights.legacy import detect_kind, read_raw
 from torchkeep.weights.load import load, read_file
 from torchkeep.weights.load_into import PendingLoad, match_model
@@ -639,10 +639,7 @@ def split_legacy(raw: Mapping[Any, Any]) -> tuple[dict[str, Any], dict[str, Any]
     one classifier (weights/contents.py)."""
     objects, rest = split_objects(raw, classify(raw))
     if isinstance(objects.get("model"), Mapping):  # NumPy archives: arrays become tensors, as load gives them
-        objects["model"] = {
-            k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
-            for k, v in objects["model"].items()
-        }
+        objects["model"] = {k: array_tensor(v) if isinstance(v, np.ndarray) else v for k, v in objects["model"].items()}
     return objects, rest
 
 
