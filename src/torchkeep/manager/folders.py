@@ -7,7 +7,8 @@ import os
 import re
 import threading
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -98,32 +99,54 @@ def foreign_files(folder: Path, *, temporaries: bool) -> list[str]:
     )
 
 
+@dataclass(frozen=True)
+class StepFolder:
+    """An entry of a run folder named like a step folder, with its manifest read once."""
+
+    name: str
+    path: Path
+    damage: str | None = None  # why a manager reports it damaged (a link, an unreadable manifest)
+    raw: bytes = b""
+    manifest: Mapping[str, Any] | None = None
+    info: Mapping[str, Any] | None = None  # the manager's record; None: a checkpoint no manager wrote
+
+
+def step_folders(folder: Path, template: str) -> Generator[StepFolder, None, None]:
+    """The entries of ``folder`` that ``template`` names, each with its manifest read and judged once.
+
+    Raises:
+        OSError: ``folder`` cannot be listed.
+    """
+    pattern = template_pattern(template)
+    with os.scandir(folder) as entries:  # closed when a caller stops early (any())
+        for entry in entries:
+            if not pattern.match(entry.name):
+                continue
+            path = Path(entry.path)
+            if entry.is_symlink():
+                yield StepFolder(entry.name, path, damage="a symbolic link, not a folder this manager wrote")
+                continue
+            if not entry.is_dir():
+                continue
+            try:
+                raw = (path / MANIFEST_FILE).read_bytes()
+                manifest = parse_manifest(raw, str(path / MANIFEST_FILE))
+            except (OSError, CorruptCheckpointError) as exc:
+                yield StepFolder(entry.name, path, damage=str(exc))
+                continue
+            yield StepFolder(entry.name, path, raw=raw, manifest=manifest, info=manager_info(manifest, path, template))
+
+
 def is_run(path: str | os.PathLike[str], template: str = DEFAULT_TEMPLATE) -> bool:
     """Whether ``path`` is a CheckpointManager run: a local folder holding a step folder (named by
     ``template``) that a manager wrote, or one a manager would report damaged (a link, or an unreadable
     manifest). The one test, for ``torchkeep ls`` (a run, or a folder of files?) and ``average`` (a run's
     checkpoints, or one source?). A folder of step-named checkpoints no manager wrote is not a run."""
-    folder = Path(path)
-    pattern = template_pattern(template)
     try:
-        entries = list(os.scandir(folder))
+        with contextlib.closing(step_folders(Path(path), template)) as found:
+            return any(s.damage is not None or s.info is not None for s in found)
     except OSError:  # not a folder, or not listable
         return False
-    for entry in entries:
-        if not pattern.match(entry.name):
-            continue
-        if entry.is_symlink():
-            return True  # damaged, to a manager
-        if not entry.is_dir():
-            continue
-        step = Path(entry.path)
-        try:
-            manifest = parse_manifest((step / MANIFEST_FILE).read_bytes(), str(step / MANIFEST_FILE))
-        except (OSError, CorruptCheckpointError):
-            return True  # damaged, or not committed
-        if manager_info(manifest, step, template) is not None:
-            return True
-    return False
 
 
 def not_ours(path: Path, step: int, template: str) -> str | None:

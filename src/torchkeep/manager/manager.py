@@ -38,7 +38,15 @@ from torchkeep.errors import (
     TorchkeepWarning,
 )
 from torchkeep.manager import preemption
-from torchkeep.manager.folders import TEMPORARY, Deleter, foreign_files, manager_info, not_ours, remove_own
+from torchkeep.manager.folders import (
+    TEMPORARY,
+    Deleter,
+    foreign_files,
+    manager_info,
+    not_ours,
+    remove_own,
+    step_folders,
+)
 from torchkeep.manager.lock import LOCK_FILE, Lease, acquire, release
 from torchkeep.manager.policies import (
     RetentionPolicy,
@@ -239,26 +247,15 @@ class CheckpointManager(RunView):
         found: dict[int, CheckpointInfo] = {}
         self.damaged = {}
         try:
-            entries = list(os.scandir(self.directory))
+            entries = list(step_folders(self.directory, self.template))
         except OSError as exc:
             raise CheckpointNotFoundError(self.directory, f"cannot be listed: {reason(exc)}") from exc
         for entry in entries:
-            if not self._name_pattern.match(entry.name):
+            if entry.damage is not None:
+                self.damaged[entry.name] = entry.damage
                 continue
-            if entry.is_symlink():
-                self.damaged[entry.name] = "a symbolic link, not a folder this manager wrote"
-                continue
-            if not entry.is_dir():
-                continue
-            path = Path(entry.path)
-            try:
-                raw = (path / MANIFEST_FILE).read_bytes()
-                manifest = parse_manifest(raw, str(path / MANIFEST_FILE))
-            except (OSError, CorruptCheckpointError) as exc:
-                self.damaged[entry.name] = str(exc)
-                continue
-            info = manager_info(manifest, path, self.template)
-            if info is None:
+            info, manifest, raw, path = entry.info, entry.manifest, entry.raw, entry.path
+            if info is None or manifest is None:
                 continue  # a checkpoint, but not one of a manager's (save_checkpoint, a copy...)
             tensors = manifest.get("tensors_file")
             recorded = tensors.get("size") if isinstance(tensors, dict) else None
