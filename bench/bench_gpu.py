@@ -32,10 +32,12 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT))
 
 import safetensors.torch as st  # noqa: E402
 
 import torchkeep  # noqa: E402
+from bench.bench_weights import fsync_path  # noqa: E402
 
 
 def model_of(gib: float, device: str) -> nn.Module:
@@ -55,14 +57,6 @@ def timed(fn: Callable[[], Any], repeat: int) -> list[float]:
         torch.cuda.synchronize()
         out.append(time.perf_counter() - start)
     return out
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def report(name: str, times: list[float], nbytes: int, anchor: list[float] | None = None) -> dict[str, Any]:
@@ -148,11 +142,11 @@ def main() -> None:
 
     def torch_save() -> None:
         torch.save(model.state_dict(), pt)
-        fsync_file(pt)
+        fsync_path(pt)
 
     def st_save() -> None:
         st.save_file(model.state_dict(), sf)
-        fsync_file(sf)
+        fsync_path(sf)
 
     anchor_pt = timed(torch_save, args.repeat)
     anchor_st = timed(st_save, args.repeat)
