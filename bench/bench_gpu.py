@@ -35,9 +35,9 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))
 
 import safetensors.torch as st  # noqa: E402
+from bench.bench_weights import fsync_path  # noqa: E402
 
 import torchkeep  # noqa: E402
-from bench.bench_weights import fsync_path  # noqa: E402
 
 
 def model_of(gib: float, device: str) -> nn.Module:
