@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import zipfile
-import zlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -11,7 +10,7 @@ import torch
 
 from torchkeep.errors import CorruptCheckpointError
 from torchkeep.format.dtypes import dtype_name
-from torchkeep.format.pickle.torchfile import MAX_DEFLATE_RATIO
+from torchkeep.format.pickle.torchfile import MAX_DEFLATE_RATIO, ZIP_ERRORS
 
 DeployKind = Literal["torchscript", "exported_program", "onnx"]
 DEPLOY_KINDS: tuple[DeployKind, ...] = ("torchscript", "exported_program", "onnx")
@@ -23,7 +22,6 @@ KIND_TITLES: dict[DeployKind, str] = {
 # Members read into memory whole (JSON documents, code, pickles of records); tensor data is not limited by this.
 MAX_MEMBER_BYTES = 256 << 20
 # Zip errors a damaged archive makes zipfile raise.
-ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError, ValueError, RuntimeError)
 
 Dim = int | str
 
@@ -149,10 +147,3 @@ def read_member_storage(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: s
     except ZIP_ERRORS as exc:
         raise CorruptCheckpointError(path, f"zip entry {name!r} is damaged: {exc}") from exc
     return out
-
-
-def open_zip(raw: Any, path: str) -> zipfile.ZipFile:
-    try:
-        return zipfile.ZipFile(raw)
-    except ZIP_ERRORS as exc:
-        raise CorruptCheckpointError(path, f"not a readable zip archive: {exc}") from exc

@@ -35,7 +35,6 @@ from torchkeep.format.deploy.common import (
     Dim,
     Port,
     TensorMeta,
-    open_zip,
     read_member,
     read_member_storage,
     zip_prefix,
@@ -45,7 +44,7 @@ from torchkeep.format.jsondoc import parse_json
 from torchkeep.format.names import is_plain_name
 from torchkeep.format.pickle import rebuild
 from torchkeep.format.pickle.rebuild import BadData, LoadedStorage, RefusedData, describe
-from torchkeep.format.pickle.torchfile import read_zip_stream
+from torchkeep.format.pickle.torchfile import open_zip, read_zip_stream
 
 ARCHIVE_FORMAT = "pt2"
 # torch/_export/serde/schema.py ScalarType: the on-disk codes of tensor_meta["dtype"].

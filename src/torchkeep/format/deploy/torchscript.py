@@ -31,13 +31,12 @@ from torchkeep.format.deploy.common import (
     Description,
     Port,
     TensorMeta,
-    open_zip,
     read_member,
 )
 from torchkeep.format.pickle import rebuild
 from torchkeep.format.pickle.opwalk import scan_pickle_bytes
 from torchkeep.format.pickle.rebuild import LoadedStorage, RefusedData, StorageType, charge, describe, itemsize
-from torchkeep.format.pickle.torchfile import read_zip_stream
+from torchkeep.format.pickle.torchfile import open_zip, read_zip_stream
 from torchkeep.format.pickle.unpickler import RestrictedUnpickler
 
 # Code files larger than this (each), or more code than this in all, are not parsed: the weights are

@@ -57,6 +57,18 @@ def _fill(storage: torch.UntypedStorage, data: memoryview) -> None:
         target.numpy()[:] = np.frombuffer(data, dtype=np.uint8)
 
 
+# What zipfile raises on a damaged or unsupported archive (an unknown version or method: NotImplementedError).
+ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError, ValueError, RuntimeError)
+
+
+def open_zip(raw: Any, path: str) -> zipfile.ZipFile:
+    """The one way torchkeep opens a zip archive: any damage is a CorruptCheckpointError naming ``path``."""
+    try:
+        return zipfile.ZipFile(raw)
+    except ZIP_ERRORS as exc:
+        raise CorruptCheckpointError(path, f"not a readable zip archive: {exc}") from exc
+
+
 def is_zip(head: bytes) -> bool:
     return head.startswith(b"PK\x03\x04")
 
@@ -161,10 +173,7 @@ class _Archive(contextlib.AbstractContextManager["_Archive"]):
 
     def __init__(self, raw: Any, path: str, file_size: int) -> None:
         self.path = path
-        try:
-            self.zip = zipfile.ZipFile(raw)
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-            raise CorruptCheckpointError(path, f"not a readable zip archive: {exc}") from exc
+        self.zip = open_zip(raw, path)  # one opener: every error zipfile raises on damage is typed there
         try:
             self.members = _Members(self.zip, raw, path, file_size)
             self.infos = {info.filename: info for info in self.zip.infolist()}
