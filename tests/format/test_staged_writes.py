@@ -68,12 +68,33 @@ def test_a_cuda_state_saves_to_the_bytes_of_its_host_copy(tmp_path: Path, monkey
     host = state()
     on_gpu = {k: v.cuda() for k, v in host.items()}
     on_gpu["big"].mul_(1)  # queued work the staged copies must wait for
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):  # computed on a non-default stream: the writer's threads must wait for it
+        on_gpu["matrix"] = host["matrix"].cuda() * 1
+        on_gpu["conv"] = (
+            torch.arange(2 * 3 * 4 * 5.0).reshape(2, 3, 4, 5).cuda().contiguous(memory_format=torch.channels_last)
+        )  # not contiguous: comes to the host whole
+    host["conv"] = on_gpu["conv"].cpu()
     torchkeep.save(host, tmp_path / "host.safetensors")
-    torchkeep.save(on_gpu, tmp_path / "gpu.safetensors")
+    with torch.cuda.stream(side):
+        torchkeep.save(on_gpu, tmp_path / "gpu.safetensors")
+        torchkeep.save(on_gpu, tmp_path / "gpu_folder", max_shard_size=8192)  # shards written by worker threads
     assert (tmp_path / "gpu.safetensors").read_bytes() == (tmp_path / "host.safetensors").read_bytes()
+    from_folder = torchkeep.load(tmp_path / "gpu_folder")
+    assert all(torch.equal(from_folder[k], v) for k, v in host.items())
     manager = torchkeep.CheckpointManager(tmp_path / "run")
     model = torch.nn.Linear(300, 200).cuda()
     manager.save(1, model=model)
     fresh = torch.nn.Linear(300, 200).cuda()
     manager.restore(model=fresh)
     assert torch.equal(fresh.weight, model.weight)
+
+
+def test_a_real_tensor_with_the_negative_bit_is_saved_as_its_values(tmp_path: Path) -> None:
+    imaginary = torch.tensor([1 + 2j, 3 + 4j], dtype=torch.complex64).conj().imag  # a lazily negated view
+    negated = torch._neg_view(torch.tensor([1.0, 2.0]))
+    assert imaginary.is_neg() and negated.is_neg()
+    torchkeep.save({"imaginary": imaginary, "negated": negated}, tmp_path / "n.safetensors")
+    loaded = torchkeep.load(tmp_path / "n.safetensors")
+    assert torch.equal(loaded["imaginary"], torch.tensor([-2.0, -4.0]))
+    assert torch.equal(loaded["negated"], torch.tensor([-1.0, -2.0]))

@@ -150,3 +150,32 @@ def test_load_into_a_cuda_model_goes_through_pinned_staging(tmp_path: Path, monk
     half = model().cuda().half()
     torchkeep.load_into(half, tmp_path / "w.safetensors")
     assert torch.equal(half[0].weight.cpu(), trained[0].weight.half())
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(64, 64, bias=False)
+        self.b = nn.Linear(64, 64, bias=False)
+        self.b.weight = self.a.weight
+
+
+@pytest.mark.usefixtures("small_pieces")
+def test_tied_weights_get_the_last_keys_value_as_load_state_dict_gives_it() -> None:
+    source = {"a.weight": torch.zeros(64, 64), "b.weight": torch.ones(64, 64)}
+    assert direct_destinations(Tied(), set(source)) == {}  # never two threads on one memory
+    for _ in range(5):
+        model, reference = Tied(), Tied()
+        torchkeep.load_into(model, source)
+        reference.load_state_dict(source)
+        assert torch.equal(model.a.weight, reference.a.weight) and torch.equal(model.a.weight, torch.ones(64, 64))
+
+
+def test_an_overridden_load_state_dict_still_runs() -> None:
+    class Doubling(nn.Linear):
+        def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+            return super().load_state_dict({k: v * 2 for k, v in state_dict.items()}, strict=strict, assign=assign)
+
+    net = Doubling(3, 2)
+    torchkeep.load_into(net, {"weight": torch.ones(2, 3), "bias": torch.ones(2)})
+    assert torch.equal(net.weight, torch.full((2, 3), 2.0))

@@ -42,17 +42,18 @@ class StagingBuffers:
         """Copies of ``tensors`` in this object's buffers (made or reused by name and shape); buffers of
         names not given are released."""
         kept: dict[str, torch.Tensor] = {}
-        on_gpu = False
+        devices: set[torch.device] = set()
         for name, tensor in tensors.items():
             buffer = self._buffers.get(name)
             if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
                 pin = tensor.is_cuda and torch.cuda.is_available()
                 buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pin)
-            on_gpu = on_gpu or tensor.is_cuda
+            if tensor.is_cuda:
+                devices.add(tensor.device)
             buffer.copy_(tensor, non_blocking=tensor.is_cuda)
             kept[name] = buffer
-        if on_gpu:
-            torch.cuda.synchronize()
+        for device in devices:  # synchronize() alone waits for the current device only
+            torch.cuda.synchronize(device)
         self._buffers = kept
         return dict(kept)
 

@@ -31,13 +31,19 @@ def write_plan(plan: FilePlan, sink: Any) -> None:
     """Write a planned file: header, then tensors; small tensors go out in batches."""
     write_all(sink, plan.header)
     batch = bytearray()
-    items = list(plan.items)
-    while items:
-        item = items.pop(0)
+    items, index = plan.items, 0
+    while index < len(items):
+        item = items[index]
+        index += 1
         if is_staged(item.tensor):  # on a GPU: this and the following tensors of its device, through staging
             run = [item]
-            while items and is_staged(items[0].tensor) and items[0].tensor.device == item.tensor.device:
-                run.append(items.pop(0))
+            while (
+                index < len(items)
+                and is_staged(items[index].tensor)
+                and items[index].tensor.device == item.tensor.device
+            ):
+                run.append(items[index])
+                index += 1
             if batch:
                 write_all(sink, batch)
                 batch.clear()

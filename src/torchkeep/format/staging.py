@@ -20,8 +20,9 @@ from torchkeep.format.layout import byte_view
 
 
 def is_staged(tensor: torch.Tensor) -> bool:
-    """Whether a tensor's bytes must pass through host buffers to reach a file (it lives on a device)."""
-    return tensor.device.type != "cpu"
+    """Whether a tensor's bytes pass through the pinned host buffers to reach a file (it lives on a CUDA
+    device; tensors of other accelerators are brought to the host whole by ``prepare``)."""
+    return tensor.is_cuda
 
 
 class _Lane:

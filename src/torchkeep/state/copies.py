@@ -38,8 +38,13 @@ def direct_destinations(model: nn.Module, keys: set[str]) -> dict[str, torch.Ten
     ``load_state_dict``); a module with its own ``_load_from_state_dict`` (BatchNorm, quantized modules)
     keeps its whole subtree on that path too.
     """
-    if _has_load_hooks(model) or torch.__future__.get_swap_module_params_on_conversion():
+    if (
+        type(model).load_state_dict is not nn.Module.load_state_dict  # an override must run
+        or _has_load_hooks(model)
+        or torch.__future__.get_swap_module_params_on_conversion()
+    ):
         return {}
+    shared = _sharing_storage(model)
     out: dict[str, torch.Tensor] = {}
 
     def visit(module: nn.Module, prefix: str) -> None:
@@ -48,7 +53,12 @@ def direct_destinations(model: nn.Module, keys: set[str]) -> dict[str, torch.Ten
         persistent = [(n, b) for n, b in module._buffers.items() if n not in module._non_persistent_buffers_set]
         for name, tensor in [*module._parameters.items(), *persistent]:
             key = prefix + name
-            if tensor is not None and key in keys and type(tensor) in (torch.Tensor, nn.Parameter):
+            if (
+                tensor is not None
+                and type(tensor) in (torch.Tensor, nn.Parameter)
+                and key in keys
+                and key not in shared
+            ):
                 out[key] = tensor
         for name, child in module._modules.items():
             if child is not None:
@@ -56,6 +66,16 @@ def direct_destinations(model: nn.Module, keys: set[str]) -> dict[str, torch.Ten
 
     visit(model, "")
     return out
+
+
+def _sharing_storage(model: nn.Module) -> set[str]:
+    """Keys whose tensor shares memory with another key's (tied weights, views of one buffer): copied in
+    ``load_state_dict``'s order, where the last key wins, never at once on two threads."""
+    by_storage: dict[tuple[torch.device, int], list[str]] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if isinstance(tensor, torch.Tensor) and not tensor.is_meta and tensor.numel():
+            by_storage.setdefault((tensor.device, tensor.untyped_storage().data_ptr()), []).append(key)
+    return {key for keys in by_storage.values() if len(keys) > 1 for key in keys}
 
 
 def _copyable(destination: torch.Tensor, source: torch.Tensor) -> bool:

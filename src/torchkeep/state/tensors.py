@@ -96,9 +96,11 @@ def _plain(tensor: torch.Tensor, keep_devices: bool) -> torch.Tensor:
 
     Autograd flags do not matter: bytes are read through the data pointer.
     """
-    if tensor.is_complex():
+    if tensor.is_conj() or tensor.is_neg():  # lazy bits (a real tensor can carry the negative one: x.conj().imag)
         tensor = tensor.detach().resolve_conj().resolve_neg()
-    if not tensor.is_cpu and not keep_devices:
+    # Only contiguous CUDA tensors stay on their device (the writer stages their bytes); a non-contiguous
+    # one would need a contiguous copy in device memory for the whole save, so it comes to the host here.
+    if not tensor.is_cpu and not (keep_devices and tensor.is_cuda and tensor.is_contiguous()):
         tensor = tensor.detach().cpu()
     if not tensor.is_contiguous():
         tensor = tensor.detach().contiguous()
@@ -132,4 +134,8 @@ def prepare(state: Mapping[str, torch.Tensor], *, keep_devices: bool = False) ->
                 continue
             first_of_view[view] = key
         tensors[key] = _plain(tensor, keep_devices)
+    for device in {t.device for t in tensors.values() if t.is_cuda}:
+        # The writer may read them from another thread, whose current stream is not this one: wait here for
+        # the work this thread queued (the kernels that computed them).
+        torch.cuda.current_stream(device).synchronize()
     return PreparedTensors(tensors=tensors, aliases=aliases)
