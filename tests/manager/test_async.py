@@ -3,6 +3,7 @@ once the checkpoint is durable and read back; errors surface later; a SIGKILL lo
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -249,3 +250,28 @@ def test_a_python_handler_installed_before_still_runs(tmp_path: Path) -> None:
         mgr.close()
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+def test_gpu_snapshots_share_one_pinned_allocation_carved_without_overlap() -> None:
+    """The carving used for GPU tensors' host buffers, run with host tensors (no pinning without CUDA)."""
+    from torchkeep.checkpoint.background import _pinned_views
+
+    torch.manual_seed(0)
+    sources = {
+        "w": torch.randn(33, 7),
+        "half": torch.randn(5).half(),
+        "mask": torch.rand(3) > 0.5,
+        "empty": torch.empty(0, 4),
+        "ids": torch.arange(9),
+    }
+    views = _pinned_views(sources)
+    storages = {v.untyped_storage().data_ptr() for v in views.values() if v.numel()}
+    assert len(storages) == 1  # one allocation
+    spans = sorted((v.data_ptr(), v.data_ptr() + v.numel() * v.element_size()) for v in views.values() if v.numel())
+    assert all(end <= start for (_, end), (start, _) in itertools.pairwise(spans))
+    assert all(start % 64 == spans[0][0] % 64 for start, _ in spans)
+    for name, view in views.items():
+        view.copy_(sources[name])
+    for name, view in views.items():
+        assert view.shape == sources[name].shape and view.dtype == sources[name].dtype
+        assert torch.equal(view, sources[name])

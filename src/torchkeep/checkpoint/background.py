@@ -42,20 +42,41 @@ class StagingBuffers:
         """Copies of ``tensors`` in this object's buffers (made or reused by name and shape); buffers of
         names not given are released."""
         kept: dict[str, torch.Tensor] = {}
+        fresh = {
+            name: tensor
+            for name, tensor in tensors.items()
+            if (old := self._buffers.get(name)) is None or old.shape != tensor.shape or old.dtype != tensor.dtype
+        }
+        kept.update(_pinned_views({n: t for n, t in fresh.items() if t.is_cuda}))
+        kept.update({n: torch.empty(t.shape, dtype=t.dtype) for n, t in fresh.items() if not t.is_cuda})
         devices: set[torch.device] = set()
         for name, tensor in tensors.items():
-            buffer = self._buffers.get(name)
-            if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
-                pin = tensor.is_cuda and torch.cuda.is_available()
-                buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pin)
+            if name not in kept:
+                kept[name] = self._buffers[name]  # the same name and shape as last time: reused
+            buffer = kept[name]
             if tensor.is_cuda:
                 devices.add(tensor.device)
             buffer.copy_(tensor, non_blocking=tensor.is_cuda)
-            kept[name] = buffer
         for device in devices:  # synchronize() alone waits for the current device only
             torch.cuda.synchronize(device)
-        self._buffers = kept
-        return dict(kept)
+        self._buffers = {name: kept[name] for name in tensors}
+        return dict(self._buffers)
+
+
+def _pinned_views(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Host buffers for GPU tensors, carved from one pinned allocation: the pinned allocator rounds each
+    allocation up to a power of two, which per tensor could lock almost twice the state's size."""
+    align = 64
+    sizes = {n: t.numel() * t.element_size() for n, t in tensors.items()}
+    total = sum(-(-size // align) * align for size in sizes.values())
+    if not total:
+        return {n: torch.empty(t.shape, dtype=t.dtype) for n, t in tensors.items()}
+    pool = torch.empty(total, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+    out, offset = {}, 0
+    for name, tensor in tensors.items():
+        out[name] = pool[offset : offset + sizes[name]].view(tensor.dtype).view(tensor.shape)
+        offset += -(-sizes[name] // align) * align
+    return out
 
 
 class PendingSave(Generic[T]):
