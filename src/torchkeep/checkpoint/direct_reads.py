@@ -11,7 +11,6 @@ The zip CRC is not recomputed: the file's checksum already covered those bytes.
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +19,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.futures import Future
 
 from torchkeep.errors import CorruptCheckpointError
-from torchkeep.format.layout import byte_view, fill_from
+from torchkeep.format.layout import ByteRange, byte_view, fill_from
 from torchkeep.format.pickle.torchfile import locate_tensor
 
 
@@ -42,7 +41,7 @@ def read_data_direct(
                 if item.type == LoadItemType.BYTE_IO or getattr(info, "transform_descriptors", None):
                     others.append(item)
                     continue
-                window = _Window(stream, info.offset, info.length)
+                window = ByteRange(stream, info.offset, info.length)
                 if not _read_into_destination(window, str(path), item, planner):
                     others.append(item)
     if others:
@@ -52,7 +51,7 @@ def read_data_direct(
     return done
 
 
-def _read_into_destination(window: _Window, label: str, item: ReadItem, planner: LoadPlanner) -> bool:
+def _read_into_destination(window: ByteRange, label: str, item: ReadItem, planner: LoadPlanner) -> bool:
     """True when ``item``'s chunk went straight into its destination; False to leave it to DCP."""
     located = locate_tensor(window, label, window.length)
     if located is None:
@@ -72,40 +71,11 @@ def _read_into_destination(window: _Window, label: str, item: ReadItem, planner:
     ):
         return False
     window.seek(located.start)
-    if not fill_from(window, byte_view(target)):
+    try:
+        complete = fill_from(window, byte_view(target))
+    except EOFError:
+        complete = False
+    if not complete:
         raise CorruptCheckpointError(label, f"chunk of {item.dest_index.fqn!r} is truncated")
     planner.commit_tensor(item, target)
     return True
-
-
-class _Window(io.RawIOBase):
-    """``length`` bytes of ``stream`` from ``offset``, as a seekable stream of their own."""
-
-    def __init__(self, stream: Any, offset: int, length: int) -> None:
-        super().__init__()
-        self.stream, self.offset, self.length = stream, offset, length
-        self.position = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.position
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.length}[whence]
-        self.position = max(0, min(self.length, base + offset))
-        return self.position
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        wanted = min(len(view), self.length - self.position)
-        if wanted <= 0:
-            return 0
-        self.stream.seek(self.offset + self.position)
-        got = self.stream.readinto(view[:wanted]) or 0
-        self.position += got
-        return got

@@ -16,6 +16,7 @@ exactly. A damaged file therefore fails with :class:`CorruptCheckpointError`, ne
 from __future__ import annotations
 
 import ctypes
+import io
 import json
 import math
 import struct
@@ -314,6 +315,43 @@ def fill_from(stream: Any, view: memoryview, chunk: int = 1 << 30) -> bool:
             return False
         view = view[got:]
     return True
+
+
+class ByteRange(io.RawIOBase):
+    """``length`` bytes of a seekable ``stream`` from ``offset``, as a seekable stream of their own: a seek
+    costs nothing (clamped to the range) and a read goes straight to its place. zipfile's member files
+    reach a position by reading every byte before it; a DCP chunk is a range of a larger file. A stream
+    that ends inside the range raises EOFError, as zipfile's member files do."""
+
+    def __init__(self, stream: Any, offset: int, length: int) -> None:
+        super().__init__()
+        self.stream, self.offset, self.length = stream, offset, length
+        self.position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.length}[whence]
+        self.position = max(0, min(self.length, base + offset))
+        return self.position
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        wanted = min(len(view), self.length - self.position)
+        if wanted <= 0:
+            return 0
+        self.stream.seek(self.offset + self.position)
+        if not fill_from(self.stream, view[:wanted]):
+            raise EOFError("the stream ends inside the byte range")
+        self.position += wanted
+        return wanted
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:

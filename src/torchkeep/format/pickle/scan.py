@@ -35,6 +35,7 @@ from typing import Any, BinaryIO, cast
 
 import numpy as np
 
+from torchkeep.format.layout import ByteRange
 from torchkeep.format.pickle.opwalk import (
     LIMITS,
     RANK,
@@ -382,53 +383,15 @@ class _Scanner:
         self.stream(f, size, location, depth + 1, frozenset())
 
 
-class _StoredBytes(io.RawIOBase):
-    """The bytes of a stored (uncompressed) zip member, read in place from the archive's file.
-
-    zipfile's member file reaches a position by reading every byte before it, and goes back by starting
-    over: the scan's look at a member's end (a zip directory) read a tensor's storage three times. Here a
-    seek costs nothing, so a member is read only where something is looked for. The bytes are the ones
-    zipfile's reader gives (from the data after the local header, as many as both sizes allow); a member
-    that runs past the end of the archive raises EOFError as zipfile's does."""
-
-    def __init__(self, f: BinaryIO, start: int, size: int, name: str) -> None:
-        super().__init__()
-        self.f, self.start, self.size, self.name, self.pos = f, start, size, name, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        base = {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: self.size}[whence]
-        self.pos = min(max(base + offset, 0), self.size)  # clamped, as zipfile's member file does
-        return self.pos
-
-    def readinto(self, buffer: Any) -> int:
-        n = min(len(buffer), self.size - self.pos)
-        if n <= 0:
-            return 0
-        self.f.seek(self.start + self.pos)
-        data = self.f.read(n)
-        if len(data) < n:
-            raise EOFError("the member runs past the end of the archive")
-        buffer[:n] = data
-        self.pos += n
-        return n
-
-
 def _stored_member(f: BinaryIO, info: zipfile.ZipInfo) -> BinaryIO:
     """A stored member of the zip archive in ``f`` as a seekable, buffered file (its local header checked)."""
     f.seek(info.header_offset)
     local = f.read(30)
     name_length, extra_length = struct.unpack("<HH", local[26:30])
     start = info.header_offset + 30 + name_length + extra_length
-    raw = _StoredBytes(f, start, min(info.file_size, info.compress_size), info.filename)
+    # In place: zipfile's member file re-reads from the start to go back, and the scan looks at a member's
+    # end (for a zip directory), which read a tensor's storage three times.
+    raw = ByteRange(f, start, min(info.file_size, info.compress_size))
     return cast(BinaryIO, io.BufferedReader(raw))
 
 
