@@ -73,7 +73,8 @@ def _sharing_storage(model: nn.Module) -> set[str]:
     ``load_state_dict``'s order, where the last key wins, never at once on two threads."""
     by_storage: dict[tuple[torch.device, int], list[str]] = {}
     for key, tensor in model.state_dict(keep_vars=True).items():
-        if isinstance(tensor, torch.Tensor) and not tensor.is_meta and tensor.numel():
+        # plain tensors only: wrapper subclasses (torchao's) have no storage of their own and never copy here
+        if type(tensor) in (torch.Tensor, nn.Parameter) and not tensor.is_meta and tensor.numel():
             by_storage.setdefault((tensor.device, tensor.untyped_storage().data_ptr()), []).append(key)
     return {key for keys in by_storage.values() if len(keys) > 1 for key in keys}
 
