@@ -307,7 +307,7 @@ class Where:
 
 
 class CheckedReader(FileSystemReader):
-    """DCP's file reader, given the metadata torchkeep read and checked instead of its ``pickle.load``; for
+    """DCP's file reader, given the metadata torchkeep read and checked instead of unpickling it; for
     files already verified against the manifest, which it reads straight into the destinations."""
 
     def __init__(self, path: Path, metadata: Any) -> None:
@@ -323,7 +323,7 @@ class CheckedReader(FileSystemReader):
 
 
 class CheckedFsspecReader(FsspecReader):
-    """DCP's fsspec reader (object stores), given the checked metadata instead of its ``pickle.load``; for
+    """DCP's fsspec reader (object stores), given the checked metadata instead of unpickling it; for
     objects already verified against the manifest, which it reads straight into the destinations."""
 
     def __init__(self, path: str, metadata: Any, **storage_options: Any) -> None:

@@ -375,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
         "scan",
         help="statically scan every pickle in files or folders, by content (exit 0 safe, 1 dangerous, 2 unverified)",
         description="Read every file by content (never by name) and every pickle in it, without running any: "
-        "pickles from byte 0 on (torch legacy, pickle.load), every zip member (torch.save, .npz), tar members, "
+        "pickles from byte 0 on (torch legacy, a plain unpickler), every zip member (torch.save, .npz), tar members, "
         ".npy object arrays; safetensors headers are checked.",
         epilog=SCAN_EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -4,7 +4,7 @@
 - Sharded tensors go back through torch.distributed.checkpoint into the live model's and optimizer's
   own state dicts (``get_model_state_dict`` / ``get_optimizer_state_dict``), which DCP reshards to
   whatever the model is now: FSDP2 on M ranks, or a plain module in one process. DCP's metadata is
-  read by torchkeep's checked reader, never by ``pickle.load``.
+  read by torchkeep's checked reader, never by Python's own unpickler.
 - Each rank's own state: when M == N, rank r gets rank r's RNG and ``per_rank`` state back exactly.
   Otherwise those ranks no longer exist: the RNG of each generator is re-derived from the saved rank
   0 state, the world size and the new rank (deterministic: the same resume draws the same numbers),

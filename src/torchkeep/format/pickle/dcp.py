@@ -265,7 +265,7 @@ def _read_dcp(files: _DataFiles, read_limit: int | None) -> dict[str, Any]:
 def dcp_metadata(directory: str | os.PathLike[str]) -> Any:
     """A DCP folder's ``.metadata`` as torch's own ``Metadata``, read without running code and checked as
     :func:`read_dcp` checks it (chunk coverage, byte ranges inside plain files of the folder): what
-    ``torch.distributed.checkpoint.load`` needs, instead of its ``pickle.load`` of the file."""
+    ``torch.distributed.checkpoint.load`` needs, instead of unpickling the file with Python's own unpickler."""
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import (
         BytesStorageMetadata,

@@ -184,7 +184,7 @@ class _Scanner:
         """One file or archive member, by content."""
         head = f.read(512)
         f.seek(0)
-        if head.startswith(b"PK\x03\x04"):  # torch.load and np.load take the zip path; pickle.load fails at once
+        if head.startswith(b"PK\x03\x04"):  # torch.load and np.load take the zip path; a plain unpickler fails at once
             self.report.files[location] = "zip"
             self.archive(f, location, depth)
             return
