@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from torchkeep import _config
-from torchkeep.format.staging import copy_through_staging, split_copies
+from torchkeep.format.staging import copy_through_staging, is_staged, split_copies
 
 
 def _loads_the_default_way(module: nn.Module) -> bool:
@@ -84,12 +84,8 @@ def _copyable(destination: torch.Tensor, source: torch.Tensor) -> bool:
         type(source) is torch.Tensor
         and destination.shape == source.shape
         and source.device.type == "cpu"
-        and (destination.device.type == "cpu" or _staged(destination))
+        and (destination.device.type == "cpu" or is_staged(destination))
     )
-
-
-def _staged(destination: torch.Tensor) -> bool:
-    return destination.device.type == "cuda" and torch.cuda.is_available()  # format/staging.py
 
 
 def copy_into_live(model: nn.Module, to_load: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -103,7 +99,7 @@ def copy_into_live(model: nn.Module, to_load: dict[str, torch.Tensor]) -> dict[s
     for key in pairs:
         del rest[key]
     by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    for key in [k for k, (d, _) in pairs.items() if d.device.type != "cpu"]:
+    for key in [k for k, (d, _) in pairs.items() if is_staged(d)]:
         by_device.setdefault(pairs[key][0].device, []).append(pairs.pop(key))
     for device_pairs in by_device.values():
         copy_through_staging(device_pairs)
