@@ -88,3 +88,15 @@ def test_cli_average_of_a_run_and_of_files(tmp_path: Path, capsys: pytest.Captur
     torchkeep.save(nn.Linear(2, 2), tmp_path / "other.safetensors")
     assert main(["average", files[0], str(tmp_path / "other.safetensors"), "-o", str(tmp_path / "x.safetensors")]) == 1
     assert "other.safetensors" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", [["--ema", "1"], ["--last", "0"]])
+def test_cli_average_with_an_invalid_option_value_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: list[str]
+) -> None:
+    from torchkeep.cli.main import main
+
+    run = _run(tmp_path, [1.0, 3.0])
+    assert main(["average", str(run), "-o", str(tmp_path / "avg.safetensors"), *option]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("torchkeep: error:") and "internal error" not in err

@@ -310,13 +310,7 @@ def _report(args: argparse.Namespace) -> int:
     from torchkeep.report import report
 
     policies = {"keep_last": args.keep_last, "keep_best": args.keep_best, "keep_every": args.keep_every}
-    try:
-        written = report(args.run_dir, args.output, monitor=args.monitor, mode=args.mode, **policies)
-    except ValueError as exc:  # a usage error (--keep-best without --monitor, --keep-last 0), not a bug
-        if isinstance(exc, TorchkeepError):
-            raise  # damage in the run: the usual error path (exit 1)
-        print(f"torchkeep: error: {exc}", file=sys.stderr)
-        return 2
+    written = report(args.run_dir, args.output, monitor=args.monitor, mode=args.mode, **policies)
     print(f"report written to {written}")
     return 0
 
@@ -505,6 +499,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"torchkeep: error: {exc}", file=sys.stderr)
         _detail(args)
         return 1
+    except ValueError as exc:  # the API's refusal of an option's value (--keep-last 0, --ema 1): a usage error
+        print(f"torchkeep: error: {exc}", file=sys.stderr)
+        _detail(args)
+        return 2
     except KeyboardInterrupt:
         print("torchkeep: interrupted", file=sys.stderr)
         return 130
