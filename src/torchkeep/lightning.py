@@ -26,7 +26,6 @@ import importlib
 import os
 import shutil
 import time
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from functools import cache
@@ -39,8 +38,8 @@ import torch
 from torchkeep import _config
 from torchkeep.checkpoint.io import is_checkpoint_dir, read_checkpoint, write_checkpoint_dir
 from torchkeep.checkpoint.layout import CheckpointPlan, SaveRequest, plan_checkpoint
-from torchkeep.errors import CorruptCheckpointError, TorchkeepWarning
-from torchkeep.manager.folders import TEMPORARY, foreign_files, remove_own
+from torchkeep.errors import CorruptCheckpointError
+from torchkeep.manager.folders import TEMPORARY, remove_leftover
 from torchkeep.state.devices import MapLocation
 from torchkeep.storage.local import temporary_sibling
 from torchkeep.storage.remote import is_url
@@ -365,16 +364,7 @@ class TorchkeepCheckpointIO:
                 path.unlink(missing_ok=True)
                 continue
             with contextlib.suppress(OSError):  # gone meanwhile: nothing to do
-                foreign = foreign_files(path, temporaries=True)
-                if not foreign:
-                    remove_own(path)
-                    continue
-                warnings.warn(
-                    f"left {path}: a save or removal cut short left it, but it also holds {', '.join(foreign)}, "
-                    "which torchkeep does not write; move them out and delete it",
-                    TorchkeepWarning,
-                    stacklevel=3,
-                )
+                remove_leftover(path, stacklevel=4)
 
     def _remove_remote(self, url: str) -> None:
         from torchkeep.checkpoint.layout import MANIFEST_FILE

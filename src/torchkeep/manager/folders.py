@@ -6,6 +6,7 @@ import contextlib
 import os
 import re
 import threading
+import warnings
 from collections import deque
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from torchkeep.checkpoint.layout import MANIFEST_FILE, TENSORS_FILE, parse_manifest
-from torchkeep.errors import CorruptCheckpointError
+from torchkeep.errors import CorruptCheckpointError, TorchkeepWarning
 from torchkeep.manager.view import DEFAULT_TEMPLATE, template_pattern
 from torchkeep.storage.local import TEMP_MARKER
 
@@ -79,6 +80,21 @@ def remove_own(folder: Path) -> None:
                     os.unlink(entry.path)
     with contextlib.suppress(OSError):
         os.rmdir(folder)  # fails if anything else is inside: left for a person to look at
+
+
+def remove_leftover(folder: Path, *, stacklevel: int) -> None:
+    """A folder a cut-short save or deletion left: removed when it holds only what a save writes (and their
+    temporaries); else left, with a warning naming what else is in it."""
+    foreign = foreign_files(folder, temporaries=True)
+    if not foreign:
+        remove_own(folder)
+        return
+    warnings.warn(
+        f"left {folder}: torchkeep left it (a save or a deletion cut short), but it also holds "
+        f"{', '.join(foreign)}, which torchkeep does not write; move them out and delete it",
+        TorchkeepWarning,
+        stacklevel=stacklevel + 1,
+    )
 
 
 def own_name(name: str, *, temporaries: bool) -> bool:

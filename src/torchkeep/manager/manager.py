@@ -41,10 +41,9 @@ from torchkeep.manager import preemption
 from torchkeep.manager.folders import (
     TEMPORARY,
     Deleter,
-    foreign_files,
     manager_info,
     not_ours,
-    remove_own,
+    remove_leftover,
     step_folders,
 )
 from torchkeep.manager.lock import LOCK_FILE, Lease, acquire, release
@@ -231,16 +230,7 @@ class CheckpointManager(RunView):
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
             elif self._name_pattern.match(base) and entry.is_dir(follow_symlinks=False):
-                foreign = foreign_files(Path(entry.path), temporaries=True)
-                if foreign:
-                    warnings.warn(
-                        f"left {entry.path}: torchkeep left it (a save or a deletion cut short), but it also "
-                        f"holds {', '.join(foreign)}, which torchkeep does not write; move them out and delete it",
-                        TorchkeepWarning,
-                        stacklevel=3,
-                    )
-                else:
-                    remove_own(Path(entry.path))
+                remove_leftover(Path(entry.path), stacklevel=4)
 
     def _scan(self) -> dict[int, CheckpointInfo]:
         """Every checkpoint a manager wrote here, from the disk: one manifest read per folder."""
