@@ -95,13 +95,12 @@ def average(
             if not tensor.is_floating_point():
                 newest[name] = tensor
                 continue
-            wide = tensor.to(torch.float64)
             if index == 0:
-                totals[name] = wide.clone()
+                totals[name] = tensor.to(torch.float64, copy=True)  # the sum's own memory, not the mapped file's
             elif ema is None:
-                totals[name] += wide
+                totals[name].add_(tensor)  # computed in float64: in-place ops promote to the result's dtype
             else:
-                totals[name].mul_(ema).add_(wide, alpha=1.0 - ema)
+                totals[name].mul_(ema).add_(tensor, alpha=1.0 - ema)
         reference = reference or {n: (tuple(t.shape), t.dtype) for n, t in weights.items()}
         if progress is not None:
             progress(sum(sizes[: index + 1]), sum(sizes))
