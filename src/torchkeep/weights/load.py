@@ -20,7 +20,7 @@ from torchkeep.format.pickle.dcp import is_dcp_dir, read_dcp
 from torchkeep.state.devices import MapLocation, placer
 from torchkeep.storage.remote import is_url
 from torchkeep.weights.files import WeightFiles, resolve
-from torchkeep.weights.legacy import detect_kind, extract_state_dict, read_raw
+from torchkeep.weights.legacy import Kind, detect_kind, detect_once, extract_state_dict, read_raw
 
 CHECKPOINT_MANIFEST = "manifest.json"  # a torchkeep training checkpoint's folder has one
 _MAGIC_HINTS = (
@@ -91,12 +91,20 @@ def _advise_sequential(f: Any) -> None:
 
 
 def read_weights(
-    files: WeightFiles, *, mmap: bool, verify: bool, trusted: bool = False, key: str | None = None
+    files: WeightFiles,
+    *,
+    mmap: bool,
+    verify: bool,
+    trusted: bool = False,
+    key: str | None = None,
+    seen: dict[str, Kind] | None = None,
 ) -> dict[str, torch.Tensor]:
     """All tensors of a resolved set of files, checked against the index if there is one (``key``: where a
-    pickled checkpoint dict keeps the weights, as :func:`load` takes it)."""
+    pickled checkpoint dict keeps the weights, as :func:`load` takes it; ``seen``: the files' kinds, when the
+    caller detected them already, as :func:`detect_once` keeps them)."""
     paths = [files.path(name) for name in files.files]
-    kinds = [detect_kind(path) for path in paths]
+    seen = {} if seen is None else seen
+    kinds = [detect_once(path, seen) for path in paths]
     ours = [path for path, kind in zip(paths, kinds, strict=True) if kind in ("safetensors", "unknown")]
     # The safetensors files (a sharded folder's shards) are read by a few threads; mapped ones are then
     # verified together, by one pool of hashing threads, before anything is returned.

@@ -55,7 +55,7 @@ def verify(
         return None
     files = resolve(path)
     if all(detect_once(files.path(name), seen) == "torch" for name in files.files):  # pytorch_model.bin shards
-        read_weights(files, mmap=False, verify=True)  # as load reads them: the index checked too
+        read_weights(files, mmap=False, verify=True, seen=seen)  # as load reads them: the index checked too
         return None
     checked = 0
     any_checksums = False
