@@ -110,16 +110,16 @@ class Contents:
 
 def holds_numbers(value: Any) -> bool:
     """A tensor, or a NumPy array of a dtype torch holds (numbers, bool); not strings, objects or dates."""
-    return isinstance(value, torch.Tensor) or (isinstance(value, np.ndarray) and _torch_holds(value.dtype))
+    return isinstance(value, torch.Tensor) or (isinstance(value, np.ndarray) and _torch_dtype(value.dtype) is not None)
 
 
 @functools.lru_cache(maxsize=256)  # bounded: a hostile file may name many record dtypes
-def _torch_holds(dtype: np.dtype[Any]) -> bool:
+def _torch_dtype(dtype: np.dtype[Any]) -> torch.dtype | None:
+    """The torch dtype an array of ``dtype`` becomes; None for what no tensor holds."""
     try:
-        torch.from_numpy(np.empty(0, dtype=dtype.newbyteorder("=")))
+        return torch.from_numpy(np.empty(0, dtype=dtype.newbyteorder("="))).dtype
     except TypeError:  # strings, bytes, objects, dates, structured records, float128...
-        return False
-    return True
+        return None
 
 
 def array_tensor(array: np.ndarray[Any, Any]) -> torch.Tensor:
@@ -187,7 +187,7 @@ def weights_at(obj: Any, contents: Contents, key: str | None = None) -> Mapping[
     node: Any = obj
     for step in where.split("/"):
         node = node.get(step) if isinstance(node, Mapping) else None
-    return node if is_weights(node) else None
+    return node if key is None or is_weights(node) else None  # contents found weights there already
 
 
 def split_objects(obj: Mapping[Any, Any], contents: Contents) -> tuple[dict[str, Any], dict[Any, Any]]:
@@ -255,16 +255,22 @@ def _part(key: str, value: Any) -> Part:
 
 
 def _weights(key: str, tensors: Mapping[str, Any]) -> Part:
-    values = [array_tensor(v) if isinstance(v, np.ndarray) else v for v in tensors.values()]
-    values = [v for v in values if isinstance(v, torch.Tensor)]
-    numel = sum(v.numel() for v in values)
-    nbytes = sum(v.numel() * v.element_size() for v in values)
+    numel = nbytes = count = 0
     dtypes: dict[str, int] = {}
-    for v in values:
-        dtypes[dtype_name(v.dtype)] = dtypes.get(dtype_name(v.dtype), 0) + v.numel()
+    for v in tensors.values():
+        if isinstance(v, torch.Tensor):
+            dtype, size, itemsize = v.dtype, v.numel(), v.element_size()
+        elif isinstance(v, np.ndarray) and (found := _torch_dtype(v.dtype)) is not None:
+            dtype, size, itemsize = found, v.size, v.itemsize  # described as is: no tensor made of it
+        else:
+            continue
+        count += 1
+        numel += size
+        nbytes += size * itemsize
+        dtypes[dtype_name(dtype)] = dtypes.get(dtype_name(dtype), 0) + size
     mix = ", ".join(f"{d} {n:,}" for d, n in sorted(dtypes.items(), key=lambda kv: -kv[1]))
-    summary = f"{len(values)} tensors, {numel:,} elements, {nbytes:,} bytes ({mix})"
-    return Part(key, "weights", summary, {"tensors": len(values), "elements": numel, "bytes": nbytes, "dtypes": dtypes})
+    summary = f"{count} tensors, {numel:,} elements, {nbytes:,} bytes ({mix})"
+    return Part(key, "weights", summary, {"tensors": count, "elements": numel, "bytes": nbytes, "dtypes": dtypes})
 
 
 def _optimizer(key: str, value: Mapping[str, Any]) -> Part:
