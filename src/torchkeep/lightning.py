@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from torchkeep import _config
-from torchkeep.checkpoint.io import is_checkpoint_dir, read_checkpoint, write_checkpoint_dir
+from torchkeep.checkpoint.io import read_checkpoint, write_checkpoint_dir
 from torchkeep.checkpoint.layout import CheckpointPlan, SaveRequest, plan_checkpoint
 from torchkeep.errors import CorruptCheckpointError
 from torchkeep.manager.folders import TEMPORARY, remove_leftover
@@ -325,8 +325,6 @@ class TorchkeepCheckpointIO:
             if not isinstance(raw, dict):
                 raise CorruptCheckpointError(path, f"holds a {type(raw).__name__}, not a Lightning checkpoint dict")
             return raw
-        if local and Path(path).is_dir() and not is_checkpoint_dir(path):
-            raise CorruptCheckpointError(path, "is a folder without a manifest: an incomplete or foreign checkpoint")
         return read_lightning(os.fspath(path), location, self.storage_options)
 
     def remove_checkpoint(self, path: str | os.PathLike[str]) -> None:
