@@ -15,10 +15,8 @@ from torchkeep.errors import CheckpointNotFoundError
 from torchkeep.format.dtypes import dtype_name
 from torchkeep.manager.manager import CheckpointInfo, CheckpointManager
 from torchkeep.manager.policies import Candidate, KeepBest, KeepEvery, KeepLast, RetentionPolicy
-from torchkeep.weights.diff import DiffReport, compare_states
+from torchkeep.weights.diff import DiffReport, compare_states, module_of
 from torchkeep.weights.load import load
-
-TOP_LEVEL = "(top level)"  # tensors whose name has no module part, e.g. a bare "weight"
 
 
 @dataclass(frozen=True)
@@ -106,10 +104,6 @@ def kept_by(infos: Sequence[CheckpointInfo], policies: Sequence[RetentionPolicy]
             why.append("best (always kept)")
         reasons.append(tuple(why))
     return reasons
-
-
-def module_of(name: str) -> str:
-    return name.rpartition(".")[0] or TOP_LEVEL
 
 
 def weights_summary(step: int, tensors: dict[str, torch.Tensor]) -> Weights:

@@ -166,8 +166,9 @@ def diff_section(report: DiffReport | None, steps: tuple[int, int] | None, no_di
         _names(f"only in step {steps[1]}", report.only_in_b),
         _names("shape or dtype changed", [f"{n}: {a} → {b}" for n, a, b in report.mismatched]),
     ]
-    if len(report.by_module()) > svg.MAX_HEAT_ROWS:
-        parts.append(f'<p class="note">The first {svg.MAX_HEAT_ROWS} of {len(report.by_module())} modules shown.</p>')
+    modules = len(report.grouped())
+    if modules > svg.MAX_HEAT_ROWS:
+        parts.append(f'<p class="note">The first {svg.MAX_HEAT_ROWS} of {modules} modules shown.</p>')
     title = f"Change from step {steps[0]} to step {steps[1]}"
     return f'<section id="diff"><h2>{_e(title)}</h2>{"".join(parts)}</section>'
 

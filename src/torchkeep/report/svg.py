@@ -197,11 +197,10 @@ def change_colour(relative: float) -> str:
 
 def heatmap(report: DiffReport) -> str:
     """One row per module (in the model's order): a cell per tensor coloured by its relative change."""
-    by_module: dict[str, list[tuple[str, float]]] = {}
-    for t in report.tensors:
-        module, _, leaf = t.name.rpartition(".")
-        by_module.setdefault(module or "(top level)", []).append((leaf, t.relative))
-    rows = list(by_module.items())[:MAX_HEAT_ROWS]
+    rows = [
+        (module, [(t.name.rpartition(".")[2], t.relative) for t in tensors])
+        for module, tensors in list(report.grouped().items())[:MAX_HEAT_ROWS]
+    ]
     label_w, cell, row_h, top = 240.0, 26.0, 20.0, 28.0
     cells = min(max((len(tensors) for _, tensors in rows), default=1), MAX_HEAT_CELLS)
     width = label_w + max(cells * (cell + 2), 200) + 110  # room for the column headings

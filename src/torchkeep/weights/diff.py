@@ -19,6 +19,12 @@ from torchkeep.state.keys import drop_compile_segments
 from torchkeep.weights.load import load
 
 WRAPPER_PREFIX = "module."
+TOP_LEVEL = "(top level)"  # the module of a tensor whose name has no module part, e.g. a bare "weight"
+
+
+def module_of(name: str) -> str:
+    """The module a tensor belongs to: its name without the last part."""
+    return name.rpartition(".")[0] or TOP_LEVEL
 
 
 @dataclass(frozen=True)
@@ -56,13 +62,21 @@ class DiffReport:
     def identical(self) -> bool:
         return self.same(0.0) and all(t.identical for t in self.tensors)
 
+    def grouped(self) -> dict[str, list[TensorDiff]]:
+        """The compared tensors by module (:func:`module_of`), in the model's order."""
+        out: dict[str, list[TensorDiff]] = {}
+        for t in self.tensors:
+            out.setdefault(module_of(t.name), []).append(t)
+        return out
+
     def by_module(self) -> dict[str, tuple[int, int, float]]:
         """module -> (tensors, changed tensors, largest relative change)."""
         out: dict[str, tuple[int, int, float]] = {}
-        for t in self.tensors:
-            module = t.name.rpartition(".")[0] or "(top)"
-            count, changed, worst = out.get(module, (0, 0, 0.0))
-            out[module] = (count + 1, changed + (not t.identical), max(worst, t.relative))
+        for module, tensors in self.grouped().items():
+            worst = 0.0
+            for t in tensors:
+                worst = max(worst, t.relative)
+            out[module] = (len(tensors), sum(not t.identical for t in tensors), worst)
         return out
 
     def to_dict(self, threshold: float = 0.0) -> dict[str, Any]:
