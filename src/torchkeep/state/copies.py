@@ -31,8 +31,11 @@ def _has_load_hooks(model: nn.Module) -> bool:
     return any(m._load_state_dict_pre_hooks or m._load_state_dict_post_hooks for m in model.modules())
 
 
-def direct_destinations(model: nn.Module, keys: set[str]) -> dict[str, torch.Tensor]:
-    """The live tensors that ``keys`` can be copied into directly, by key (a subset of ``keys``).
+def direct_destinations(
+    model: nn.Module, keys: set[str], live_state: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The live tensors that ``keys`` can be copied into directly, by key (a subset of ``keys``);
+    ``live_state``: ``model.state_dict(keep_vars=True)`` when the caller has it.
 
     Empty when any module has load hooks (a hook may rename or rewrite any key, so all go through
     ``load_state_dict``); a module with its own ``_load_from_state_dict`` (BatchNorm, quantized modules)
@@ -44,7 +47,7 @@ def direct_destinations(model: nn.Module, keys: set[str]) -> dict[str, torch.Ten
         or torch.__future__.get_swap_module_params_on_conversion()
     ):
         return {}
-    shared = _sharing_storage(model)
+    shared = _sharing_storage(model.state_dict(keep_vars=True) if live_state is None else live_state)
     out: dict[str, torch.Tensor] = {}
 
     def visit(module: nn.Module, prefix: str) -> None:
@@ -68,11 +71,11 @@ def direct_destinations(model: nn.Module, keys: set[str]) -> dict[str, torch.Ten
     return out
 
 
-def _sharing_storage(model: nn.Module) -> set[str]:
+def _sharing_storage(live_state: Mapping[str, torch.Tensor]) -> set[str]:
     """Keys whose tensor shares memory with another key's (tied weights, views of one buffer): copied in
     ``load_state_dict``'s order, where the last key wins, never at once on two threads."""
     by_storage: dict[tuple[torch.device, int], list[str]] = {}
-    for key, tensor in model.state_dict(keep_vars=True).items():
+    for key, tensor in live_state.items():
         # plain tensors only: wrapper subclasses (torchao's) have no storage of their own and never copy here
         if type(tensor) in (torch.Tensor, nn.Parameter) and not tensor.is_meta and tensor.numel():
             by_storage.setdefault((tensor.device, tensor.untyped_storage().data_ptr()), []).append(key)
@@ -88,12 +91,15 @@ def _copyable(destination: torch.Tensor, source: torch.Tensor) -> bool:
     )
 
 
-def copy_into_live(model: nn.Module, to_load: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Copy what can be copied directly into ``model``'s tensors; returns the rest, for ``load_state_dict``.
+def copy_into_live(
+    model: nn.Module, to_load: dict[str, torch.Tensor], live_state: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """Copy what can be copied directly into ``model``'s tensors; returns the rest, for ``load_state_dict``
+    (``live_state``: ``model.state_dict(keep_vars=True)`` when the caller has it).
 
     The returned mapping is a shallow copy of ``to_load`` (its ``_metadata`` kept) without the keys done here.
     """
-    destinations = direct_destinations(model, set(to_load))
+    destinations = direct_destinations(model, set(to_load), live_state)
     pairs = {k: (d, to_load[k]) for k, d in destinations.items() if _copyable(d, to_load[k])}
     rest = copy.copy(to_load)  # keeps the _metadata that modules' own loaders read
     for key in pairs:

@@ -130,11 +130,13 @@ class PendingLoad:
         report: LoadReport,
         to_load: dict[str, torch.Tensor],
         wrapper_parts: Mapping[str, torch.Tensor] | None = None,
+        live_state: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         self.target = target
         self.report = report
         self.to_load = to_load
         self.wrapper_parts = dict(wrapper_parts or {})  # key -> the inner tensor of a torchao weight
+        self.live_state = live_state  # target.state_dict(keep_vars=True), as matched
 
     def apply(self) -> None:
         # Modules that load the default way get plain copies (state/copies.py); the others go through
@@ -144,7 +146,9 @@ class PendingLoad:
         with torch.no_grad():
             for key in [k for k in to_load if k in self.wrapper_parts]:
                 self.wrapper_parts[key].copy_(to_load.pop(key))
-        to_load = copy_into_live(self.target, to_load)  # the plain parameters and buffers, on a few threads
+        to_load = copy_into_live(
+            self.target, to_load, self.live_state
+        )  # the plain parameters and buffers, on a few threads
         if not to_load:
             return
         result = self.target.load_state_dict(to_load, strict=False)
@@ -177,7 +181,7 @@ def match_model(
     pending = {model_keys[k]: v for k, v in to_load.items()}
     if quantized_ao:
         pending = _repack_torch_ao(target, own_raw, report, pending)
-    return PendingLoad(target, report, pending, wrapper_parts)
+    return PendingLoad(target, report, pending, wrapper_parts, own_raw)
 
 
 def _repack_torch_ao(
