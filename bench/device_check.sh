@@ -12,5 +12,5 @@ python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_devic
 # -W default: another torch version may warn where the pinned one does not; the tests' assertions still hold.
 python3 -m pytest -q -p no:cacheprovider -W default -k cuda \
     tests/format/test_staged_writes.py tests/weights/test_parallel_copies.py tests/weights/test_save_load.py \
-    tests/checkpoint/test_checkpoint.py tests/manager/test_metrics.py 2>&1 | tee "$out/cuda_tests.txt"
+    tests/checkpoint/test_checkpoint.py tests/manager/test_metrics.py tests/manager/test_incremental.py 2>&1 | tee "$out/cuda_tests.txt"
 python3 bench/bench_gpu.py --gib 4 --repeat 5 2>&1 | tee "$out/bench_gpu.jsonl"

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,68 @@ def test_async_and_incremental_resume_bit_exactly(tmp_path: Path) -> None:
         train(reference[0], reference[1], step)
     assert_same_tensors(restored.state_dict(), reference[0].state_dict())
     assert_same_tensors(restored.state_dict(), model.state_dict())
+
+
+def test_objects_of_gpu_tensors_pass_through_the_staging_buffers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run here on host tensors taken as GPU ones: each object is hashed and written piece by piece, never
+    brought to the host whole, and the run holds the same objects, byte for byte, as the host path writes."""
+    from torchkeep import _config
+    from torchkeep.format import staging
+
+    model, optimizer = fine_tune()
+    train(model, optimizer, 1)
+    with torchkeep.CheckpointManager(tmp_path / "host", incremental=True) as mgr:
+        mgr.save(1, model=model, optimizer=optimizer)
+    monkeypatch.setattr(_config, "STAGING_PIECE_BYTES", 64 * 1024)
+    monkeypatch.setattr(objects, "is_staged", lambda tensor: True)
+    monkeypatch.setattr(staging, "is_staged", lambda tensor: True)
+    hashed: list[int] = []  # every staged piece (the checkpoint's own small tensors too)
+    written: list[int] = []  # the pieces written into objects
+    original = staging.host_pieces
+
+    def counting(into: list[int]) -> Callable[[list[torch.Tensor]], Iterator[tuple[int, memoryview]]]:
+        def counted(tensors: list[torch.Tensor]) -> Iterator[tuple[int, memoryview]]:
+            for index, view in original(tensors):
+                assert view.nbytes <= 64 * 1024
+                into.append(view.nbytes)
+                yield index, view
+
+        return counted
+
+    monkeypatch.setattr(staging, "host_pieces", counting(hashed))
+    monkeypatch.setattr(objects, "host_pieces", counting(written))
+    with torchkeep.CheckpointManager(tmp_path / "staged", incremental=True) as mgr:
+        mgr.save(1, model=model, optimizer=optimizer)
+    host, staged = tmp_path / "host" / objects.OBJECTS_DIR, tmp_path / "staged" / objects.OBJECTS_DIR
+    names = sorted(p.name for p in host.iterdir())
+    assert names and names == sorted(p.name for p in staged.iterdir())
+    for name in names:
+        assert (staged / name).read_bytes() == (host / name).read_bytes(), name
+    object_bytes = sum(int(name.rsplit("-", 1)[1]) for name in names)
+    assert sum(written) == object_bytes and len(written) > len(names)  # in pieces, each object once
+    assert sum(hashed) >= object_bytes  # hashed through the buffers too, not brought to the host whole
+    restored, restored_opt = fine_tune()
+    torchkeep.load_checkpoint(tmp_path / "staged" / "step-00000001", model=restored, optimizer=restored_opt)
+    assert_same_tensors(restored.state_dict(), model.state_dict())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_incremental_checkpoints_resume(tmp_path: Path) -> None:
+    model, optimizer = fine_tune()
+    model.cuda()
+    optimizer = torch.optim.SGD(model[1].parameters(), lr=0.1, momentum=0.9)
+    with torchkeep.CheckpointManager(tmp_path, incremental=True) as mgr:
+        for step in (1, 2):
+            g = torch.Generator().manual_seed(step)
+            optimizer.zero_grad()
+            model(torch.randn(8, 512, generator=g).cuda()).square().mean().backward()
+            optimizer.step()
+            mgr.save(step, model=model, optimizer=optimizer)
+    restored, restored_opt = fine_tune()
+    restored.cuda()
+    restored_opt = torch.optim.SGD(restored[1].parameters(), lr=0.1, momentum=0.9)
+    torchkeep.load_checkpoint(tmp_path / "step-00000002", model=restored, optimizer=restored_opt)
+    assert_same_tensors(restored.state_dict(), model.state_dict())
+    assert all(t.is_cuda for t in restored.state_dict().values())

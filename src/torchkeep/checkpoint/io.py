@@ -74,7 +74,8 @@ def share_tensors(plan: CheckpointPlan, store: Storage) -> tuple[CheckpointPlan,
     before the manifest that lists them is written.
     """
     stored, aliases = plan.tensors.tensors, plan.tensors.aliases
-    large = {n: t.cpu() for n, t in stored.items() if t.numel() * t.element_size() >= objects.MIN_OBJECT_BYTES}
+    # GPU tensors stay where they are: hashed and written through the staging buffers, one piece at a time.
+    large = {n: t for n, t in stored.items() if t.numel() * t.element_size() >= objects.MIN_OBJECT_BYTES}
     if not large:
         return plan, 0
     keys = objects.keys_of(large)

@@ -23,6 +23,7 @@ from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError
 from torchkeep.format.dtypes import CODE_TO_DTYPE, DTYPE_TO_CODE, ITEMSIZE
 from torchkeep.format.io import write_all
 from torchkeep.format.layout import byte_view, digest, fill_from
+from torchkeep.format.staging import host_pieces, is_staged, staged_digests
 from torchkeep.storage.base import Storage
 from torchkeep.storage.local import LocalStorage, is_temporary, write_errors
 
@@ -54,10 +55,15 @@ def key_of(tensor: torch.Tensor) -> str:
 
 
 def keys_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
-    """Every tensor's object key, hashed in parallel (xxh3 releases the GIL)."""
-    names = list(tensors)
+    """Every tensor's object key: host tensors hashed in parallel (xxh3 releases the GIL), GPU tensors
+    through the staging buffers (never copied to the host whole)."""
+    staged = {n: t for n, t in tensors.items() if is_staged(t)}
+    digests = staged_digests(staged)
+    names = [n for n in tensors if n not in staged]
     with ThreadPoolExecutor(max_workers=max(1, _config.HASH_THREADS)) as pool:
-        return dict(zip(names, pool.map(lambda n: key_of(tensors[n]), names), strict=True))
+        keys = dict(zip(names, pool.map(lambda n: key_of(tensors[n]), names), strict=True))
+    keys.update((n, f"{digests[n]}-{t.numel() * t.element_size()}") for n, t in staged.items())
+    return {n: keys[n] for n in tensors}
 
 
 def describe(tensor: torch.Tensor, key: str) -> dict[str, Any]:
@@ -70,7 +76,11 @@ def put(store: Storage, key: str, tensor: torch.Tensor) -> int:
     if store.exists(key) and store.size(key) == nbytes:
         return 0
     with store.open_write(key) as sink:  # atomic: whole or not at all, on a disk or an object store
-        write_all(sink, byte_view(tensor))
+        if is_staged(tensor):  # a GPU tensor: its bytes pass through the small pinned buffers
+            for _, piece in host_pieces([tensor]):
+                write_all(sink, piece)
+        else:
+            write_all(sink, byte_view(tensor))
     return nbytes
 
 
