@@ -311,11 +311,13 @@ class Walk:
         arg = op.arg
         assert arg is not None
         if arg is pickletools.stringnl_noescape_pair:  # GLOBAL, INST: decoded as the C unpickler does
-            names = []
+            names: list[Any] = []
             for _ in range(2):
                 text = self.source.line(self.limits.max_line_bytes)
                 try:
-                    names.append(text.decode("utf-8") if text is not None else None)
+                    # An over-long name is not an error to the unpickler: under protocol 4 a dotted name of any
+                    # length is resolved (``os.path.os.path....os.system``), so it is kept as unknown (ANY).
+                    names.append(text.decode("utf-8") if text is not None else ANY)
                 except UnicodeDecodeError:
                     names.append(None)
             return names
@@ -365,18 +367,30 @@ class Walk:
         elif name == "DUP":
             self.push(self.top())
         elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
-            self.memo_put(int(arg) if type(arg) is int else -1, self.top())
+            value = self.top()
+            if isinstance(arg, int):  # pickletools reads PUT "01" as True: the unpickler stores key 1
+                self.memo_put(int(arg), value)
+            else:  # a key pickletools cannot parse but the unpickler might: later lookups are unknown
+                self.memo_lost = True
         elif name == "MEMOIZE":
             self.memo_put(len(self.memo), self.top())
         elif name in ("GET", "BINGET", "LONG_BINGET"):
-            self.push(self.memo_get(arg) if type(arg) is int else ANY)
+            self.push(self.memo_get(int(arg)) if isinstance(arg, int) else ANY)
         elif name in ("GLOBAL", "INST"):
             if name == "INST":
                 self.pop_mark()  # CPython finds the mark before it imports
-            module, attr = cast("list[str | None]", arg)
+            module, attr = cast("list[Any]", arg)
             if module is None or attr is None:
-                raise PickleEnded(f"{name} names a module that is not UTF-8 or over-long: the real unpickler fails")
-            self.import_(module, attr)
+                raise PickleEnded(f"{name} names a module that is not UTF-8: the real unpickler fails here")
+            if isinstance(module, str) and isinstance(attr, str):
+                self.import_(module, attr)
+            else:
+                if isinstance(module, str) and not _importable(module):
+                    raise PickleEnded(f"imports {module!r}, which no import can resolve: the real unpickler fails here")
+                shown = (
+                    module if isinstance(module, str) else f"<a module name over {self.limits.max_line_bytes:,} bytes>"
+                )
+                self.add(shown, f"<a name over {self.limits.max_line_bytes:,} bytes, not read>", "dangerous")
             self.push(ANY)
         elif name == "STACK_GLOBAL":
             attr, module = self.pop(), self.pop()

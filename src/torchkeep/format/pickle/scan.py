@@ -35,6 +35,7 @@ from typing import Any, BinaryIO, cast
 
 import numpy as np
 
+from torchkeep.format import zipdir
 from torchkeep.format.layout import ByteRange
 from torchkeep.format.pickle.opwalk import (
     LIMITS,
@@ -188,10 +189,12 @@ class _Scanner:
             self.report.files[location] = "zip"
             self.archive(f, location, depth)
             return
-        if head.startswith(b"\x93NUMPY"):
-            self.npy(f, size, location)
-            return
         kinds = []
+        if head.startswith(b"\x93NUMPY"):
+            # Not the end of it: the same bytes can be a tar archive too, which torch.load opens (and unpickles
+            # its 'storages' member) before anything else; so the other readings below are made as well.
+            kinds.append(self.npy(f, size, location))
+            f.seek(0)
         if self.pickles(f, size, location, extra):
             kinds.append("pickle")
         for magic, kind in _COMPRESSED.items():
@@ -234,24 +237,23 @@ class _Scanner:
         self.report.pickles.extend(found)
         return bool(found)
 
-    def npy(self, f: BinaryIO, size: int, location: str) -> None:
-        """An .npy file: an object array's data is a pickle (NumPy runs it when pickles are allowed)."""
+    def npy(self, f: BinaryIO, size: int, location: str) -> str:
+        """An .npy file: an object array's data is a pickle (NumPy runs it when pickles are allowed).
+        Returns what the file is, as an .npy."""
         try:
             version = np.lib.format.read_magic(f)
             shape, _, dtype = (
                 np.lib.format.read_array_header_1_0(f) if version == (1, 0) else np.lib.format.read_array_header_2_0(f)
             )
         except Exception as exc:  # numpy raises ValueError, SyntaxError, ... on a damaged header
-            self.report.files[location] = "npy (damaged)"
             self.problem(location, f"unreadable .npy header: {type(exc).__name__}: {exc}")
-            return
+            return "npy (damaged)"
         if not dtype.hasobject:
-            self.report.files[location] = f"npy ({dtype}, shape {shape})"
-            return
-        self.report.files[location] = "npy (object array: a pickle)"
+            return f"npy ({dtype}, shape {shape})"
         offset = f.tell()
         scan, _ = walk_pickle(f, f"{location}[object array]", size=size - offset, limits=self.limits)
         self.report.pickles.append(scan)
+        return "npy (object array: a pickle)"
 
     def safetensors(self, f: BinaryIO, size: int, head: bytes, location: str) -> bool:
         """A safetensors header (no pickle in such a file); a damaged one is a problem."""
@@ -314,35 +316,54 @@ class _Scanner:
             self.problem(location, f"unreadable zip archive: {type(exc).__name__}: {exc}")
             return
         with archive:
-            infos = archive.infolist()
-            if len(infos) > MAX_MEMBERS:
-                self.problem(location, f"more than {MAX_MEMBERS} members; the rest is not scanned")
-            self.deployment(archive, infos[:MAX_MEMBERS], location)
-            names: dict[str, int] = {}
-            for info in infos[:MAX_MEMBERS]:
-                names[info.filename] = names.get(info.filename, 0) + 1
-                inner = f"{location}:{info.filename}" + (f"#{names[info.filename]}" if names[info.filename] > 1 else "")
-                if info.filename.endswith("/"):  # a folder entry (is_dir() fails on an empty name)
-                    continue
-                if info.compress_type not in _ZIP_METHODS:
-                    self.problem(inner, f"compression method {info.compress_type} cannot be read here, so it was "
-                                 "not scanned")  # fmt: skip
-                    continue
-                if info.flag_bits & 0x1:
-                    self.problem(inner, "encrypted (zip flag bit 0): not verified")
-                    info = copy.copy(info)  # torch ignores the flag: read what is there as if it were plain
-                    info.flag_bits &= ~0x1
-                try:
-                    with archive.open(info) as member:  # opening checks the member's local header
-                        # torch does not check CRCs: read what is there (a wrong CRC hides nothing from us)
-                        member._expected_crc = None  # type: ignore[attr-defined]
-                        if info.compress_type == zipfile.ZIP_STORED:
-                            with _stored_member(f, info) as stored:
-                                self.member(stored, info.file_size, inner, depth)
-                        else:
-                            self.member(cast(BinaryIO, member), info.file_size, inner, depth)
-                except Exception as exc:  # a damaged member: bad local header, CRC, compressed data
-                    self.problem(inner, f"unreadable zip member: {type(exc).__name__}: {exc}")
+            self.members(archive, f, location, depth)
+        declared = zipdir.declared_directory(f)
+        if declared is None:
+            return
+        f.seek(0)
+        if f.read(4) == b"PK\x03\x04":  # torch's reader takes it (a prefixed zip differs by design)
+            self.problem(location, f"{declared.describe()}; both were scanned", "unknown")
+        view = zipdir.declared_view(f, declared, _size(f))
+        if view is None:
+            return
+        try:
+            other = zipfile.ZipFile(view)
+        except Exception:  # no reader finds members there: nothing more to scan
+            return
+        with other:
+            self.members(other, view, f"{location}[directory at {declared.offset}]", depth)
+
+    def members(self, archive: zipfile.ZipFile, f: BinaryIO, location: str, depth: int) -> None:
+        """Every member of an open zip archive (of the stream ``f``), by content."""
+        infos = archive.infolist()
+        if len(infos) > MAX_MEMBERS:
+            self.problem(location, f"more than {MAX_MEMBERS} members; the rest is not scanned")
+        self.deployment(archive, infos[:MAX_MEMBERS], location)
+        names: dict[str, int] = {}
+        for info in infos[:MAX_MEMBERS]:
+            names[info.filename] = names.get(info.filename, 0) + 1
+            inner = f"{location}:{info.filename}" + (f"#{names[info.filename]}" if names[info.filename] > 1 else "")
+            if info.filename.endswith("/"):  # a folder entry (is_dir() fails on an empty name)
+                continue
+            if info.compress_type not in _ZIP_METHODS:
+                self.problem(inner, f"compression method {info.compress_type} cannot be read here, so it was "
+                             "not scanned")  # fmt: skip
+                continue
+            if info.flag_bits & 0x1:
+                self.problem(inner, "encrypted (zip flag bit 0): not verified")
+                info = copy.copy(info)  # torch ignores the flag: read what is there as if it were plain
+                info.flag_bits &= ~0x1
+            try:
+                with archive.open(info) as member:  # opening checks the member's local header
+                    # torch does not check CRCs: read what is there (a wrong CRC hides nothing from us)
+                    member._expected_crc = None  # type: ignore[attr-defined]
+                    if info.compress_type == zipfile.ZIP_STORED:
+                        with _stored_member(f, info) as stored:
+                            self.member(stored, info.file_size, inner, depth)
+                    else:
+                        self.member(cast(BinaryIO, member), info.file_size, inner, depth)
+            except Exception as exc:  # a damaged member: bad local header, CRC, compressed data
+                self.problem(inner, f"unreadable zip member: {type(exc).__name__}: {exc}")
 
     def deployment(self, archive: zipfile.ZipFile, infos: list[zipfile.ZipInfo], location: str) -> None:
         """TorchScript and ExportedProgram archives hold code their loaders run: never verified (2, or 1)."""
@@ -393,6 +414,10 @@ def _stored_member(f: BinaryIO, info: zipfile.ZipInfo) -> BinaryIO:
     # end (for a zip directory), which read a tensor's storage three times.
     raw = ByteRange(f, start, min(info.file_size, info.compress_size))
     return cast(BinaryIO, io.BufferedReader(raw))
+
+
+def _size(f: BinaryIO) -> int:
+    return f.seek(0, io.SEEK_END)
 
 
 def _has_zip_directory(f: BinaryIO) -> bool:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from torchkeep.errors import CorruptCheckpointError
+from torchkeep.format import zipdir
 from torchkeep.format.layout import byte_view, fill_from
 from torchkeep.format.pickle import rebuild
 from torchkeep.format.pickle.rebuild import LoadedStorage, StorageType, itemsize
@@ -64,9 +65,14 @@ ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedE
 def open_zip(raw: Any, path: str) -> zipfile.ZipFile:
     """The one way torchkeep opens a zip archive: any damage is a CorruptCheckpointError naming ``path``."""
     try:
-        return zipfile.ZipFile(raw)
+        archive = zipfile.ZipFile(raw)
     except ZIP_ERRORS as exc:
         raise CorruptCheckpointError(path, f"not a readable zip archive: {exc}") from exc
+    declared = zipdir.declared_directory(raw)
+    if declared is not None:  # two directories: torch.load would read other members than these
+        archive.close()
+        raise CorruptCheckpointError(path, f"{declared.describe()}; the file is damaged or built to mislead a scanner")
+    return archive
 
 
 def is_zip(head: bytes) -> bool:
