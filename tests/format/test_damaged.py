@@ -242,3 +242,41 @@ def test_hostile_files_fail_within_a_small_memory_limit(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "all refused" in done.stdout
+
+
+def test_a_lone_surrogate_in_a_name_or_metadata_is_corrupt_everywhere(tmp_path: Path) -> None:
+    # JSON may spell "\ud800", which decodes to no text: convert used to fail writing it back (UnicodeEncodeError),
+    # and a terminal printing the name would too. The safetensors library refuses such a header as well.
+    entry = '{"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}'
+    cases = {
+        "name": '{"\\ud800": ' + entry + "}",
+        "metadata": '{"__metadata__": {"k": "v\\udfff"}, "a": ' + entry + "}",
+        "alias map": '{"__metadata__": {"torchkeep.aliases": "{\\"\\\\ud800\\": \\"a\\"}"}, "a": ' + entry + "}",
+    }
+    for what, header in cases.items():
+        raw = header.encode()
+        raw += b" " * (-(8 + len(raw)) % 8)
+        if len(raw) & 0xFF == 0x80:  # a length whose first byte is PROTO: load names the file a failed pickle instead
+            raw += b" " * 8
+        path = handmade(tmp_path / f"{what.replace(' ', '-')}.safetensors", None, b"\0" * 4, raw_header=raw)
+        expect_corrupt(path, problem="lone UTF-16 surrogate")
+        for reader in (torchkeep.inspect, torchkeep.verify):
+            with pytest.raises(CorruptCheckpointError, match="surrogate"):
+                reader(path)
+        with pytest.raises(CorruptCheckpointError, match="surrogate"):
+            torchkeep.convert(path, tmp_path / "out.safetensors")
+        assert not (tmp_path / "out.safetensors").exists()
+    # A surrogate pair is one character (an emoji): a valid name.
+    raw = ('{"\\ud83d\\ude00": ' + entry + "}").encode()
+    path = handmade(tmp_path / "pair.safetensors", None, b"\0" * 4, raw_header=raw + b" " * (-(8 + len(raw)) % 8))
+    assert list(torchkeep.load(path)) == ["\U0001f600"]
+
+
+def test_a_format_version_of_unicode_digits_is_corrupt_not_a_value_error(tmp_path: Path) -> None:
+    # "²".isdigit() is True and int("²") raises a plain ValueError, which escaped every reader.
+    meta = {"torchkeep.format": "\u00b2", "torchkeep.xxh3_64": "{}", "torchkeep.header_xxh3_64": "0" * 16}
+    path = handmade(tmp_path / "version.safetensors", {"__metadata__": meta})
+    for reader in (torchkeep.load, torchkeep.inspect, torchkeep.verify):
+        with pytest.raises(CorruptCheckpointError) as info:
+            reader(path)
+        assert str(path) in str(info.value)

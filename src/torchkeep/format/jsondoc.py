@@ -8,6 +8,7 @@ walks the document recursively, and a document cut short says so.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from torchkeep import _config
@@ -23,6 +24,29 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
                 raise ValueError(f"duplicate key {key!r}")
             seen.add(key)
     return out
+
+
+# A JSON escape of a UTF-16 surrogate; only a string holding one can decode to a lone surrogate.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def loads(text: str) -> Any:
+    """``json.loads`` as every torchkeep document is read: no duplicate keys, and no lone UTF-16 surrogate
+    (``"\\ud800"``): no UTF-8 text holds one, so a name or value holding it could not be printed, written
+    back or compared with what another reader sees (the safetensors library refuses it too).
+
+    Raises:
+        ValueError: the text is not such JSON (RecursionError: it nests too deeply for the parser).
+    """
+    document = json.loads(text, object_pairs_hook=_no_duplicates)
+    if _SURROGATE_ESCAPE.search(text):  # rare: only then is every string checked
+        try:
+            json.dumps(document, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"a string holds a lone UTF-16 surrogate ({exc.object[exc.start]!a}), which is not text"
+            ) from exc
+    return document
 
 
 def depth(document: Any) -> int:
@@ -55,7 +79,7 @@ def parse_json(raw: bytes, path: str, what: str, *, max_bytes: int | None = None
     except UnicodeDecodeError as exc:
         raise CorruptCheckpointError(path, f"{what} is not UTF-8 text: {exc}") from exc
     try:
-        document = json.loads(text, object_pairs_hook=_no_duplicates)
+        document = loads(text)
     except json.JSONDecodeError as exc:
         cut = exc.pos >= len(text.rstrip())
         hint = " (the file ends early: truncated?)" if cut else ""

@@ -29,6 +29,7 @@ import xxhash
 
 from torchkeep import _config
 from torchkeep.errors import CorruptCheckpointError
+from torchkeep.format import jsondoc
 from torchkeep.format.dtypes import CODE_TO_DTYPE, DTYPE_TO_CODE, ITEMSIZE
 from torchkeep.format.jsondoc import check_version
 
@@ -122,19 +123,10 @@ def read_header(f: Any, path: str, file_size: int) -> Header:
     return parse_header(raw, path=path, data_start=8 + header_len, data_size=file_size - 8 - header_len)
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen: set[str] = set()
-        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-        raise ValueError(f"duplicate key {duplicate!r}")
-    return out
-
-
 def parse_header(raw: bytes, *, path: str, data_start: int, data_size: int) -> Header:
     """Validate a JSON header against the size of the data region that follows it."""
     try:
-        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+        obj = jsondoc.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CorruptCheckpointError(path, f"header is not valid JSON: {exc}") from exc
     if not isinstance(obj, dict):
@@ -151,7 +143,8 @@ def parse_header(raw: bytes, *, path: str, data_start: int, data_size: int) -> H
         raise CorruptCheckpointError(path, f"torchkeep header is incomplete: has only {ours}")
     if META_FORMAT in raw_meta:
         version = raw_meta[META_FORMAT]
-        number = int(version) if version.isdigit() and len(version) < 10 else None
+        # ASCII digits only: str.isdigit is also true of "²", which int() refuses.
+        number = int(version) if version.isascii() and version.isdigit() and len(version) < 10 else None
         check_version(path, "tensor file", number if number is not None else version, int(FORMAT_VERSION))
     if META_HEADER in raw_meta:
         _check_header_digest(raw, raw_meta[META_HEADER], path)
@@ -198,9 +191,9 @@ def _parse_name_map(meta: Mapping[str, str], key: str, path: str) -> dict[str, s
     if key not in meta:
         return None
     try:
-        value = json.loads(meta[key])
+        value = jsondoc.loads(meta[key])
     except (ValueError, RecursionError) as exc:
-        raise CorruptCheckpointError(path, f"metadata {key} is not valid JSON") from exc
+        raise CorruptCheckpointError(path, f"metadata {key} is not valid JSON: {exc!s:.200}") from exc
     if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
         raise CorruptCheckpointError(path, f"metadata {key} must map names to strings")
     return value
