@@ -280,3 +280,26 @@ def test_a_format_version_of_unicode_digits_is_corrupt_not_a_value_error(tmp_pat
         with pytest.raises(CorruptCheckpointError) as info:
             reader(path)
         assert str(path) in str(info.value)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="needs FIFOs")
+def test_a_fifo_or_device_under_a_weight_name_is_refused_not_waited_on(tmp_path: Path) -> None:
+    # Opening a FIFO blocks until a writer comes: load, inspect, verify, scan and `torchkeep ls` waited forever.
+    import os
+
+    from torchkeep.cli.main import main
+
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)
+    device = tmp_path / "zero.pt"
+    device.symlink_to("/dev/zero")
+    for path, kind in ((fifo, "FIFO"), (device, "device")):
+        for reader in (torchkeep.load, torchkeep.load_raw, torchkeep.inspect, torchkeep.verify):
+            with pytest.raises(CorruptCheckpointError, match=f"is a {kind}.*not a regular file") as info:
+                reader(path)
+            assert info.value.path == str(path)
+        report = torchkeep.scan(path)
+        assert report.exit_code == 2
+        assert [p.reason for p in report.problems] == [f"is a {kind}{' (named pipe)' if kind == 'FIFO' else ''}, "
+                                                       "not a regular file: not read"]  # fmt: skip
+    assert main(["ls", str(tmp_path)]) == 0  # each entry says it is not readable; the listing goes on

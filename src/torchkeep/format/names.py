@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from torchkeep.errors import CorruptCheckpointError
@@ -44,3 +45,29 @@ def member(folder: str | os.PathLike[str], name: object, source: str | os.PathLi
                 source, f"{what} {name!r} is a link that leaves its folder (to {real}); refused"
             )
     return path
+
+
+def special_file(path: str | os.PathLike[str]) -> str | None:
+    """What ``path`` is when it is neither a regular file nor a folder (a FIFO, a device, a socket), else None.
+
+    Opening a FIFO blocks until something writes to it, and a device such as ``/dev/zero`` never ends: a
+    folder from elsewhere (an archive unpacked without a filter) may hold either under a weight file's name.
+    """
+    try:
+        mode = os.stat(path).st_mode  # through links: a link to /dev/zero is a device
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+
+
+def refuse_special(path: str | os.PathLike[str]) -> None:
+    """CorruptCheckpointError naming ``path`` when it is a FIFO, a device or a socket (see :func:`special_file`)."""
+    kind = special_file(path)
+    if kind is not None:
+        raise CorruptCheckpointError(path, f"is {kind}, not a regular file: reading it could block or never end")

@@ -19,6 +19,7 @@ from torchkeep._gc import gc_paused
 from torchkeep.format import deploy
 from torchkeep.format.dtypes import dtype_name
 from torchkeep.format.layout import Header
+from torchkeep.format.names import refuse_special
 from torchkeep.format.pickle.dcp import is_dcp_dir, read_dcp
 from torchkeep.format.pickle.torchfile import is_zip, read_torch_file
 from torchkeep.storage.remote import is_url
@@ -213,6 +214,7 @@ def inspect(path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] 
 
         found, indexed = remote_headers(str(path), storage_options)
         return _from_headers(str(path), found, _config.INDEX_FILE_NAME if indexed else None)
+    refuse_special(path)
     seen: dict[str, Kind] = {}  # each file's kind, detected once and handed on
     if Path(path).is_file():
         detected = detect_once(os.fspath(path), seen)

@@ -21,6 +21,7 @@ import torch
 
 from torchkeep.errors import CorruptCheckpointError, TorchkeepError, TorchkeepWarning, UnsafeCheckpointError
 from torchkeep.format import deploy
+from torchkeep.format.names import refuse_special
 from torchkeep.format.pickle.torchfile import MAX_DEFLATE_RATIO, PARSE_ERRORS, read_torch_file
 from torchkeep.state import torch_ao
 from torchkeep.weights.contents import array_tensor, classify, holds_numbers, weights_at, weights_candidates
@@ -34,6 +35,7 @@ _PICKLE_STARTS = frozenset(bytes([c]) for c in b"\x80(}])cLIJKMFGNSVXTU")
 
 def detect_kind(path: str) -> Kind:
     """What a file is, from its content: the one place torchkeep decides which reader reads a file."""
+    refuse_special(path)
     with open(path, "rb") as f:
         head = f.read(16)
     if head.startswith(b"\x93NUMPY"):

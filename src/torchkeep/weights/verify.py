@@ -9,6 +9,7 @@ from typing import Any
 
 from torchkeep.format import deploy
 from torchkeep.format.io import verify_tensors
+from torchkeep.format.names import refuse_special
 from torchkeep.format.pickle.dcp import is_dcp_dir, read_dcp
 from torchkeep.storage.remote import is_url
 from torchkeep.weights.files import resolve
@@ -41,6 +42,7 @@ def verify(
         found, _ = remote_headers(str(path), storage_options)
         tensors = load_url(str(path), storage_options=storage_options, verify=True)
         return len(tensors) if any(h.checksums is not None for _, h, _ in found) else None
+    refuse_special(path)
     seen: dict[str, Kind] = {}  # each file's kind, detected once
     if Path(path).is_file():
         kind = detect_once(os.fspath(path), seen)

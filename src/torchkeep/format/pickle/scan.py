@@ -37,6 +37,7 @@ import numpy as np
 
 from torchkeep.format import zipdir
 from torchkeep.format.layout import ByteRange
+from torchkeep.format.names import special_file
 from torchkeep.format.pickle.opwalk import (
     LIMITS,
     RANK,
@@ -439,6 +440,11 @@ def _dcp_extra(path: Path) -> frozenset[tuple[str, str]]:
 def scan_file(path: Path, report: ScanReport, limits: Limits | None = None) -> None:
     scanner = _Scanner(report, limits or LIMITS)
     report.files_scanned += 1
+    special = special_file(path)
+    if special is not None:  # opening a FIFO blocks; a device never ends
+        report.files[str(path)] = special
+        scanner.problem(str(path), f"is {special}, not a regular file: not read")
+        return
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size

@@ -17,6 +17,7 @@ import torch
 from torchkeep.errors import CorruptCheckpointError
 from torchkeep.format import zipdir
 from torchkeep.format.layout import byte_view, fill_from
+from torchkeep.format.names import refuse_special
 from torchkeep.format.pickle import rebuild
 from torchkeep.format.pickle.rebuild import LoadedStorage, StorageType, itemsize
 from torchkeep.format.pickle.unpickler import BUDGET_FLOOR, RestrictedUnpickler, restricted_loads
@@ -86,6 +87,7 @@ def read_torch_file(path: str, *, read_limit: int | None = None) -> Any:
     dtype and strides, no memory), for describing a file without reading its weights; sizes are still
     checked against the file. None reads everything.
     """
+    refuse_special(path)
     with open(path, "rb") as f:
         head = f.read(4)
     if is_zip(head):
