@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import warnings
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -437,6 +438,98 @@ def _check_optimizer(optimizer: Any, saved: Any, path: str) -> None:
             )
 
 
+# The per-parameter state slots each torch.optim optimizer keeps in its parameter's shape (torch's sources);
+# per-parameter scalars (step, eta, mu, mu_product) and factored statistics (Adafactor's row_var / col_var)
+# are not. Found by the optimizer's class (or the torch.optim class it derives from): a custom optimizer
+# may keep slots of the same names in other shapes, so it is not checked.
+_PARAM_SHAPED_SLOTS: dict[str, frozenset[str]] = {
+    "SGD": frozenset({"momentum_buffer"}),
+    "Adam": frozenset({"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}),
+    "AdamW": frozenset({"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}),
+    "Adamax": frozenset({"exp_avg", "exp_inf"}),
+    "NAdam": frozenset({"exp_avg", "exp_avg_sq"}),
+    "RAdam": frozenset({"exp_avg", "exp_avg_sq"}),
+    "SparseAdam": frozenset({"exp_avg", "exp_avg_sq"}),
+    "Adadelta": frozenset({"square_avg", "acc_delta"}),
+    "Adagrad": frozenset({"sum"}),
+    "ASGD": frozenset({"ax"}),
+    "RMSprop": frozenset({"square_avg", "momentum_buffer", "grad_avg"}),
+    "Rprop": frozenset({"prev", "step_size"}),
+    "Adafactor": frozenset({"variance"}),
+    "Muon": frozenset({"momentum_buffer"}),
+}
+
+
+def _param_shaped_slots(optimizer: Any) -> frozenset[str]:
+    """The state slots of ``optimizer`` that must have their parameter's shape; empty for other classes."""
+    # A wrapper (Accelerate's AcceleratedOptimizer) keeps the real optimizer as .optimizer.
+    for candidate in (optimizer, getattr(optimizer, "optimizer", None)):
+        for cls in type(candidate).__mro__:
+            if cls.__module__.startswith("torch.optim.") and cls.__name__ in _PARAM_SHAPED_SLOTS:
+                return _PARAM_SHAPED_SLOTS[cls.__name__]
+    return frozenset()
+
+
+def _fit_state_shapes(optimizer: Any, saved: Any, path: str, model: Any, strict: bool) -> Any:
+    """Check each saved parameter-shaped state tensor against the live parameter it will be paired with
+    (as torch pairs them: the saved ``param_groups``' ids with the live groups' parameters, in order).
+
+    ``strict``: a misfit raises StateMismatchError. Otherwise the saved state of those parameters is
+    dropped (they start fresh, as a new parameter would) with a warning, and the rest is kept.
+    """
+    slots = _param_shaped_slots(optimizer)
+    state = saved.get("state")
+    if not slots or not isinstance(state, dict) or not state:
+        return saved
+    paired: dict[Any, tuple[Any, str]] = {}
+    for g, (mine, theirs) in enumerate(zip(optimizer.param_groups, saved["param_groups"], strict=True)):
+        for i, (param, saved_id) in enumerate(zip(mine["params"], theirs["params"], strict=True)):
+            with contextlib.suppress(TypeError):  # an unhashable id pairs with nothing: torch's load refuses it
+                paired[saved_id] = (param, f"group {g}, parameter {i}")
+    names: dict[int, str] = {}
+    if isinstance(model, nn.Module):
+        names = {
+            id(p): drop_compile_segments(n) for n, p in unwrap_model(model).named_parameters(remove_duplicate=False)
+        }
+    misfits: dict[Any, str] = {}
+    for key, per_param in state.items():
+        if key not in paired or not isinstance(per_param, Mapping):
+            continue
+        param, position = paired[key]
+        for slot in sorted(slots & set(per_param)):
+            value = per_param[slot]
+            if isinstance(value, torch.Tensor) and tuple(value.shape) != tuple(param.shape):
+                name = f"{names[id(param)]!r}" if id(param) in names else position
+                misfits[key] = f"{name} (saved {slot} {list(value.shape)}, parameter {list(param.shape)})"
+                break
+    if not misfits:
+        return saved
+    listed = "; ".join(list(misfits.values())[:5]) + (f"; and {len(misfits) - 5} more" if len(misfits) > 5 else "")
+    if strict:
+        raise StateMismatchError(
+            path,
+            f"the saved optimizer state does not fit the shapes of the parameters it would be restored into: "
+            f"{listed}. The optimizer must be built over the same parameters, in the same order, as the one "
+            "saved; pass strict=False to restore the rest and start these afresh; nothing changed",
+        )
+    warnings.warn(
+        f"{path}: the saved optimizer state of {len(misfits)} parameter(s) does not fit their shapes, so they "
+        f"start with fresh optimizer state (the rest is restored): {listed}",
+        TorchkeepWarning,
+        stacklevel=_caller_stacklevel(),
+    )
+    return {**saved, "state": {k: v for k, v in state.items() if k not in misfits}}
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside torchkeep: a warning points at the caller's line."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
+    return level
+
+
 def _apply(key: str, obj: Any, state: Any, source: str, done: list[str]) -> None:
     """``obj.load_state_dict(state)``, with a failure named (and what was restored before it)."""
     try:
@@ -612,6 +705,7 @@ def prepare_restore(source: str, saved: Mapping[str, Any], wanted: Mapping[str, 
             if key == "optimizer" or hasattr(obj, "param_groups"):
                 state = _fqn_state_keys(_int_state_keys(state), wanted.get("model"), obj, f"{source} [{key}]")
                 _check_optimizer(obj, state, f"{source} [{key}]")
+                state = _fit_state_shapes(obj, state, f"{source} [{key}]", wanted.get("model"), strict)
             restore.states.append((key, obj, state))
     return restore
 

@@ -1,0 +1,153 @@
+"""load_checkpoint's checks before anything is modified: optimizer state shapes, the objects a file holds,
+map_location, and errors that name what is wrong."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import torchkeep
+from tests.checkpoint.helpers import assert_same_state
+
+X = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+
+
+def net(classes: int = 3, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, classes))
+
+
+def trained(optimizer: Any = torch.optim.Adam, **kwargs: Any) -> tuple[nn.Sequential, torch.optim.Optimizer]:
+    model = net()
+    opt = optimizer(model.parameters(), **kwargs)
+    for _ in range(2):
+        opt.zero_grad()
+        model(X).sum().backward()
+        opt.step()
+    return model, opt
+
+
+def saved_both_ways(tmp_path: Path, model: nn.Module, opt: Any) -> list[Path]:
+    """The same state as the tutorials' torch.save dict and as a torchkeep checkpoint."""
+    pth = tmp_path / "ck.pth"
+    torch.save({"model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict(), "epoch": 1}, pth)
+    torchkeep.save_checkpoint(tmp_path / "ck", model=model, optimizer=opt, epoch=1, rng=False)
+    return [pth, tmp_path / "ck"]
+
+
+def step(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    opt.zero_grad()
+    model(X).sum().backward()
+    opt.step()
+
+
+# 1. optimizer state shapes
+
+
+@pytest.mark.parametrize("kind", ["pth", "torchkeep"])
+def test_an_optimizer_over_the_parameters_in_another_order_is_refused_strictly(tmp_path: Path, kind: str) -> None:
+    source = saved_both_ways(tmp_path, *trained())[0 if kind == "pth" else 1]
+    model = net(seed=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.Adam([*model[2].parameters(), *model[0].parameters()])
+    with pytest.raises(torchkeep.StateMismatchError) as caught:
+        torchkeep.load_checkpoint(source, model=model, optimizer=opt, rng=False)
+    message = str(caught.value)
+    assert str(source) in message
+    assert "'2.weight' (saved exp_avg [16, 4], parameter [3, 16])" in message
+    assert "'0.bias' (saved exp_avg [3], parameter [16])" in message
+    assert "nothing changed" in message
+    assert_same_state(before, dict(model.state_dict()))  # the model was not touched either
+    assert not opt.state
+
+
+@pytest.mark.parametrize("kind", ["pth", "torchkeep"])
+def test_a_new_head_with_strict_false_starts_its_optimizer_state_fresh(tmp_path: Path, kind: str) -> None:
+    old_model, old_opt = trained()
+    source = saved_both_ways(tmp_path, old_model, old_opt)[0 if kind == "pth" else 1]
+    model = net(classes=10, seed=1)
+    opt = torch.optim.Adam(model.parameters())
+    with pytest.warns(torchkeep.TorchkeepWarning, match=r"optimizer state of 2 parameter\(s\)") as caught:
+        torchkeep.load_checkpoint(source, model=model, optimizer=opt, strict=False, rng=False)
+    message = " ".join(str(w.message) for w in caught)
+    assert "'2.weight' (saved exp_avg [3, 16], parameter [10, 16])" in message and "'2.bias'" in message
+    assert all(w.filename == __file__ for w in caught)  # points at the caller's line
+    saved = old_opt.state_dict()["state"]
+    restored = opt.state_dict()["state"]
+    assert set(restored) == {0, 1}  # the backbone's state; the head's was dropped
+    for index in (0, 1):
+        assert_same_state(saved[index], restored[index])
+    step(model, opt)  # the head's state starts fresh, the backbone's continues
+    assert opt.state_dict()["state"][2]["step"].item() == 1
+    assert opt.state_dict()["state"][0]["step"].item() == 3
+
+
+def test_the_parameter_is_named_by_position_without_a_model(tmp_path: Path) -> None:
+    _, old_opt = trained(torch.optim.SGD, lr=0.1, momentum=0.9)
+    torchkeep.save_checkpoint(tmp_path / "ck", optimizer=old_opt, rng=False)
+    model = net(classes=5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(torchkeep.StateMismatchError, match=r"group 0, parameter 2 \(saved momentum_buffer \[3, 16\]"):
+        torchkeep.load_checkpoint(tmp_path / "ck", optimizer=opt, rng=False)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+        lambda p: torch.optim.AdamW(p, amsgrad=True),
+        lambda p: torch.optim.RMSprop(p, momentum=0.5, centered=True),
+        lambda p: torch.optim.Adagrad(p),
+        lambda p: torch.optim.Adadelta(p),
+        lambda p: torch.optim.Adamax(p),
+        lambda p: torch.optim.NAdam(p),
+        lambda p: torch.optim.RAdam(p),
+        lambda p: torch.optim.ASGD(p),
+        lambda p: torch.optim.Rprop(p),
+        lambda p: torch.optim.Adafactor(p),
+    ],
+)
+def test_matching_state_of_every_optimizer_restores_and_steps(tmp_path: Path, make: Any) -> None:
+    model = net()
+    opt = make(model.parameters())
+    step(model, opt)
+    torchkeep.save_checkpoint(tmp_path / "ck", model=model, optimizer=opt, rng=False)
+    model2 = net(seed=1)
+    opt2 = make(model2.parameters())
+    torchkeep.load_checkpoint(tmp_path / "ck", model=model2, optimizer=opt2, rng=False)
+    assert_same_state(opt.state_dict(), opt2.state_dict())
+    step(model, opt)
+    step(model2, opt2)
+    assert_same_state(dict(model.state_dict()), dict(model2.state_dict()))
+
+
+class FactoredMomentum(torch.optim.Optimizer):
+    """A custom optimizer whose ``exp_avg`` is not shaped like its parameter."""
+
+    def __init__(self, params: Any) -> None:
+        super().__init__(params, {"lr": 0.1})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                state.setdefault("exp_avg", torch.zeros(p.shape[:1]))
+                state["exp_avg"].add_(p.grad.reshape(p.shape[0], -1).mean(1))
+
+
+def test_a_custom_optimizer_keeps_its_own_slot_shapes(tmp_path: Path) -> None:
+    model = net()
+    opt = FactoredMomentum(model.parameters())
+    step(model, opt)
+    torchkeep.save_checkpoint(tmp_path / "ck", model=model, optimizer=opt, rng=False)
+    opt2 = FactoredMomentum(net(seed=1).parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torchkeep.load_checkpoint(tmp_path / "ck", optimizer=opt2, rng=False)
+    assert_same_state(opt.state_dict(), opt2.state_dict())
