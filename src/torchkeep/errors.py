@@ -48,7 +48,11 @@ class CheckpointNotFoundError(TorchkeepError, FileNotFoundError):
 
 
 class CorruptCheckpointError(TorchkeepError, ValueError):
-    """The file is damaged or malformed: truncated, a bad header, bad offsets, a checksum mismatch."""
+    """The file is damaged or malformed: truncated, a bad header, bad offsets, a checksum mismatch.
+
+    Also raised when the file is intact but holds nothing of what was asked for (``load`` of a file holding an
+    optimizer's state and no weights): the message says so, lists what it holds and names the call that reads it.
+    """
 
     def __init__(self, path: str | os.PathLike[str], problem: str, *, key: str | None = None) -> None:
         self.path = os.fspath(path)

@@ -151,3 +151,53 @@ def test_a_custom_optimizer_keeps_its_own_slot_shapes(tmp_path: Path) -> None:
         warnings.simplefilter("error")
         torchkeep.load_checkpoint(tmp_path / "ck", optimizer=opt2, rng=False)
     assert_same_state(opt.state_dict(), opt2.state_dict())
+
+
+# 2. a file holding one object's state alone
+
+
+def test_a_file_holding_only_an_optimizer_state_restores_it(tmp_path: Path) -> None:
+    model, opt = trained()
+    path = tmp_path / "opt_only.pth"
+    torch.save(opt.state_dict(), path)
+    with pytest.raises(torchkeep.CorruptCheckpointError) as caught:  # load reads weights; it says which call works
+        torchkeep.load(path)
+    assert "the file itself is intact" in str(caught.value)
+    assert "load_checkpoint(path, optimizer=...) restores it" in str(caught.value)
+
+    model2 = net(seed=1)
+    model2.load_state_dict(model.state_dict())
+    opt2 = torch.optim.Adam(model2.parameters())
+    assert torchkeep.load_checkpoint(path, optimizer=opt2, rng=False) == {}
+    assert_same_state(opt.state_dict(), opt2.state_dict())
+    step(model, opt)
+    step(model2, opt2)
+    assert_same_state(dict(model.state_dict()), dict(model2.state_dict()))
+
+
+def test_a_file_holding_only_a_scheduler_or_a_scaler_state_restores_it(tmp_path: Path) -> None:
+    model, opt = trained()
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    for _ in range(3):
+        step(model, opt)
+        scheduler.step()
+    scaler = torch.amp.GradScaler("cpu", init_scale=512.0, growth_interval=7)
+    torch.save(scheduler.state_dict(), tmp_path / "sched.pth")
+    torch.save(scaler.state_dict(), tmp_path / "scaler.pth")
+    with pytest.raises(torchkeep.CorruptCheckpointError, match=r"load_checkpoint\(path, scaler=\.\.\.\) restores it"):
+        torchkeep.load(tmp_path / "scaler.pth")
+
+    _, opt2 = trained()
+    scheduler2 = torch.optim.lr_scheduler.StepLR(opt2, step_size=2, gamma=0.5)
+    torchkeep.load_checkpoint(tmp_path / "sched.pth", scheduler=scheduler2, rng=False)
+    assert_same_state(scheduler.state_dict(), scheduler2.state_dict())
+    scaler2 = torch.amp.GradScaler("cpu")
+    torchkeep.load_checkpoint(tmp_path / "scaler.pth", scaler=scaler2, rng=False)
+    assert scaler2.state_dict() == scaler.state_dict()
+
+
+def test_asking_for_a_model_from_an_optimizer_state_file_names_the_model(tmp_path: Path) -> None:
+    _, opt = trained()
+    torch.save(opt.state_dict(), tmp_path / "opt_only.pth")
+    with pytest.raises(torchkeep.LoadMismatchError, match="model"):
+        torchkeep.load_checkpoint(tmp_path / "opt_only.pth", model=net(), optimizer=opt, rng=False)

@@ -21,11 +21,12 @@ The model's weights are the ``weights`` part whose key comes first in ``STATE_DI
 ``load`` says which it took when there are several, and ``key=`` picks another. With no weights part, loose
 top-level tensors are the weights. Two parts of one role (two optimizers): the name first in ``OBJECT_KEYS``.
 
-The file's layout: ``state dict``, ``optimizer state``, ``scheduler state`` or ``RNG state`` when the whole
-object is one; ``Lightning checkpoint`` when it has ``state_dict`` and ``pytorch-lightning_version`` or
-``global_step``; ``training checkpoint`` when it holds weights or an optimizer beside other entries; ``RNG
-state`` when it holds generators and plain values only (Accelerate's ``random_states_0.pkl``); ``state dict
-with other values`` for loose tensors beside values; else ``object``.
+The file's layout: ``state dict``, ``optimizer state``, ``scheduler state``, ``scaler state`` (a
+GradScaler's) or ``RNG state`` when the whole object is one (``load_checkpoint(path, optimizer=...)``,
+``scheduler=``, ``scaler=`` restore the first three); ``Lightning checkpoint`` when it has ``state_dict``
+and ``pytorch-lightning_version`` or ``global_step``; ``training checkpoint`` when it holds weights or an
+optimizer beside other entries; ``RNG state`` when it holds generators and plain values only (Accelerate's
+``random_states_0.pkl``); ``state dict with other values`` for loose tensors beside values; else ``object``.
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ OBJECT_KEYS: dict[str, tuple[str, ...]] = {
     "scheduler": ("scheduler_state_dict", "scheduler", "lr_scheduler", "lr_schedulers"),
     "scaler": ("scaler_state_dict", "scaler", "grad_scaler", "amp_scaling_state", "amp_scaler", "amp"),
 }
+
+# Layouts where the whole file is one training object's state, by the name load_checkpoint restores it as.
+_WHOLE_OBJECT = {"optimizer state": "optimizer", "scheduler state": "scheduler", "scaler state": "scaler"}
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,8 @@ def classify(obj: Any) -> Contents:
         return Contents("optimizer state", None, [_optimizer("(all)", obj)])
     if any(k in obj for k in _SCHEDULER_KEYS):
         return Contents("scheduler state", None, [_scheduler("(all)", obj)])
+    if _is_scaler(obj):
+        return Contents("scaler state", None, [_scaler("(all)", obj)])
     parts = [_part(str(key), value) for key, value in obj.items()]
     candidates = weights_candidates(parts)
     weights_key = candidates[0] if candidates else ("" if any(p.role == "tensor" for p in parts) else None)
@@ -195,6 +201,8 @@ def split_objects(obj: Mapping[Any, Any], contents: Contents) -> tuple[dict[str,
     the remaining entries. Lightning keeps lists of one optimizer or scheduler: the one is taken."""
     if contents.layout == "state dict":  # the whole object is the model's weights
         return {"model": dict(obj)}, {}
+    if contents.layout in _WHOLE_OBJECT:  # torch.save(optimizer.state_dict()): the whole object is one
+        return {_WHOLE_OBJECT[contents.layout]: dict(obj)}, {}
     rest = dict(obj)
     objects: dict[str, Any] = {}
     if contents.weights_key is not None:
@@ -228,8 +236,8 @@ def _part(key: str, value: Any) -> Part:
             return Part(key, "weights", f"under {inner!r}: {found.summary}", {**found.detail, "path": f"{key}/{inner}"})
     if isinstance(value, Mapping) and any(k in value for k in _SCHEDULER_KEYS):
         return _scheduler(key, value)
-    if isinstance(value, Mapping) and "scale" in value and ("growth_factor" in value or "_growth_tracker" in value):
-        return Part(key, "scaler", ", ".join(f"{k}={_plain(v)}" for k, v in value.items()))
+    if _is_scaler(value):
+        return _scaler(key, value)
     if _is_cpu_rng(value) or (any(w in key.lower() for w in _RNG_WORDS) and _plain(value) is None):
         return Part(key, "rng", _short(value))
     if isinstance(value, Mapping) and not value:  # an empty state: its name says what it is (a disabled scaler)
@@ -300,6 +308,14 @@ def _optimizer(key: str, value: Mapping[str, Any]) -> Part:
 def _scheduler(key: str, value: Mapping[str, Any]) -> Part:
     shown = {k: _plain(value[k]) for k in ("last_epoch", "_last_lr", "base_lrs", "_step_count") if k in value}
     return Part(key, "scheduler", ", ".join(f"{k}={v}" for k, v in shown.items()), {k: v for k, v in shown.items()})
+
+
+def _scaler(key: str, value: Mapping[str, Any]) -> Part:
+    return Part(key, "scaler", ", ".join(f"{k}={_plain(v)}" for k, v in value.items()))
+
+
+def _is_scaler(value: Any) -> bool:
+    return isinstance(value, Mapping) and "scale" in value and ("growth_factor" in value or "_growth_tracker" in value)
 
 
 def _is_optimizer(value: Any) -> bool:

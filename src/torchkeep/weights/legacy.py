@@ -216,7 +216,9 @@ def extract_state_dict(obj: Any, path: str, key: str | None = None) -> dict[str,
     weights = weights_at(obj, contents)
     if weights is None:
         raise CorruptCheckpointError(
-            path, f"found no weights in it: it holds {describe_top(obj)}; {_which_call(obj, contents.layout)}"
+            path,
+            f"found no weights in it (the file itself is intact): it holds {describe_top(obj)}; "
+            f"{_which_call(obj, contents.layout)}",
         )
     candidates = weights_candidates(contents.parts)
     if len(candidates) > 1:
@@ -255,6 +257,8 @@ def _which_call(obj: Any, layout: str) -> str:
         return "it is an optimizer's state: load_checkpoint(path, optimizer=...) restores it, load_raw returns it"
     if layout == "scheduler state":
         return "it is a scheduler's state: load_checkpoint(path, scheduler=...) restores it, load_raw returns it"
+    if layout == "scaler state":
+        return "it is a GradScaler's state: load_checkpoint(path, scaler=...) restores it, load_raw returns it"
     if layout == "RNG state":
         return "it is a random generator state, not weights: load_raw returns it"
     if isinstance(obj, Mapping) and any(isinstance(v, Mapping) for v in obj.values()):
