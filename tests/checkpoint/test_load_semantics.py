@@ -201,3 +201,55 @@ def test_asking_for_a_model_from_an_optimizer_state_file_names_the_model(tmp_pat
     torch.save(opt.state_dict(), tmp_path / "opt_only.pth")
     with pytest.raises(torchkeep.LoadMismatchError, match="model"):
         torchkeep.load_checkpoint(tmp_path / "opt_only.pth", model=net(), optimizer=opt, rng=False)
+
+
+# 4. map_location
+
+
+def every_kind(tmp_path: Path) -> dict[str, Path]:
+    """One model's state as each kind of input load_checkpoint reads, with a tensor value beside it."""
+    import torch.distributed.checkpoint as dcp
+
+    model = net()
+    loss = torch.tensor(1.5)
+    paths = {kind: tmp_path / name for kind, name in
+             [("pth", "ck.pth"), ("safetensors", "w.safetensors"), ("dcp", "dcp"), ("torchkeep", "ck")]}  # fmt: skip
+    torch.save({"model_state_dict": model.state_dict(), "loss": loss}, paths["pth"])
+    torchkeep.save(model, paths["safetensors"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP warns that no process group is initialised
+        dcp.save({"model": model.state_dict(), "loss": loss}, checkpoint_id=paths["dcp"])
+    torchkeep.save_checkpoint(paths["torchkeep"], model=model, loss=loss, rng=False)
+    return paths
+
+
+@pytest.mark.parametrize("kind", ["pth", "safetensors", "dcp", "torchkeep"])
+def test_a_bad_map_location_is_refused_before_anything_is_read(tmp_path: Path, kind: str) -> None:
+    source = every_kind(tmp_path)[kind]
+    model = net(seed=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(torchkeep.InvalidDeviceError, match="bogus"):
+        torchkeep.load_checkpoint(source, model=model, map_location="bogus", rng=False)
+    with pytest.raises(
+        TypeError, match=r"map_location must be a str, torch\.device, dict or callable, not int"
+    ) as caught:
+        torchkeep.load_checkpoint(source, model=model, map_location=42, rng=False)  # type: ignore[arg-type]
+    assert not isinstance(caught.value, torchkeep.CorruptCheckpointError)  # the file is not to blame
+    assert_same_state(before, dict(model.state_dict()))
+
+
+@pytest.mark.parametrize("kind", ["pth", "safetensors", "dcp", "torchkeep"])
+def test_map_location_is_applied_to_every_kind_of_input(tmp_path: Path, kind: str) -> None:
+    source = every_kind(tmp_path)[kind]
+    placed: list[str] = []
+
+    def where(storage: Any, location: str) -> None:
+        placed.append(location)
+
+    model = net(seed=1)
+    torchkeep.load_checkpoint(source, model=model, map_location=where, rng=False)
+    assert len(placed) >= 4  # the model's four tensors at least went through map_location
+    assert_same_state(dict(net().state_dict()), dict(model.state_dict()))
+    if kind != "safetensors":  # values come back where map_location says
+        values = torchkeep.load_checkpoint(source, map_location="meta", rng=False)
+        assert values["loss"].device.type == "meta"

@@ -52,7 +52,7 @@ from torchkeep.storage.local import LocalStorage, commit_dir, fsync_dir, tempora
 from torchkeep.storage.remote import is_url
 from torchkeep.weights.contents import array_tensor, classify, split_objects
 from torchkeep.weights.legacy import detect_kind, read_raw
-from torchkeep.weights.load import load, read_file
+from torchkeep.weights.load import load, on_cpu, place_all, read_file
 from torchkeep.weights.load_into import PendingLoad, match_model
 from torchkeep.weights.report import LoadReport
 from torchkeep.weights.save import write_weights
@@ -570,7 +570,8 @@ def load_checkpoint(
     checkpoint at a URL written by :func:`save_checkpoint` (``s3://...``, ``storage_options`` for fsspec).
 
     Everything is read, verified and matched before any object is modified: with
-    ``strict=True`` a mismatch raises and leaves every object as it was.
+    ``strict=True`` a mismatch raises and leaves every object as it was. ``map_location`` (the forms
+    :func:`torchkeep.load` takes) is checked before anything is read and applied to every kind of input.
 
     A checkpoint saved by several ranks loads with any number of ranks (every rank calls this; the
     process group is the initialised default one, or ``process_group``), or in one process:
@@ -586,8 +587,10 @@ def load_checkpoint(
         CheckpointNotFoundError, CorruptCheckpointError: as for :func:`torchkeep.load`.
         LoadMismatchError: a model does not match (strict), or an object was not saved.
         StateMismatchError: an optimizer whose parameter groups differ from the saved ones (a ValueError).
+        InvalidDeviceError, TypeError: a malformed or unavailable ``map_location``.
         DistributedError: on every rank, when a rank failed or the world size cannot restore ``per_rank``.
     """
+    place = placer(map_location)  # a bad map_location is the caller's error: raised before any file is read
     source = os.fspath(path)
     saved_rng: SavedState | None = None
     foreign_rng: dict[str, Any] | None = None  # generators saved by another library, in torchkeep's form
@@ -620,6 +623,8 @@ def load_checkpoint(
         if objects.get("rng") is not None:
             saved_rng = SavedState(objects["rng"], loaded)
         user_state = loaded.state()
+    if loaded is None and not on_cpu(map_location):  # read to the CPU; a torchkeep checkpoint placed them itself
+        saved, user_state = place_all(saved, place), place_all(user_state, place)
     if loaded is not None and "distributed" in loaded.manifest:
         from torchkeep.distributed.load import load_distributed
 

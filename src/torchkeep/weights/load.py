@@ -218,7 +218,7 @@ def load(
     elif is_dcp_dir(path):
         tensors = extract_state_dict(read_dcp(path), os.fspath(path), key)
     else:
-        mapped = mmap if mmap is not None else dtype is None and _on_cpu(map_location)
+        mapped = mmap if mmap is not None else dtype is None and on_cpu(map_location)
         tensors = read_weights(resolve(path), mmap=mapped, verify=verify and mmap is not True, trusted=trusted, key=key)
     if dtype is None and isinstance(map_location, str) and map_location == "cpu":
         return tensors  # already where and what they should be
@@ -244,7 +244,7 @@ def is_training_checkpoint(path: str | os.PathLike[str], storage_options: Mappin
     return RemoteStorage(str(path), storage_options).exists(CHECKPOINT_MANIFEST)
 
 
-def _on_cpu(map_location: MapLocation) -> bool:
+def on_cpu(map_location: MapLocation) -> bool:
     return map_location is None or (isinstance(map_location, (str, torch.device)) and str(map_location) == "cpu")
 
 
@@ -268,24 +268,25 @@ def load_raw(path: str | os.PathLike[str], *, trusted: bool = False, map_locatio
         objects = {name: loaded.decode(node) for name, node in loaded.objects.items()}
         return {**objects, **loaded.state()}
     if is_dcp_dir(p):
-        return _map_tensors(read_dcp(p), placer(map_location))
+        return place_all(read_dcp(p), placer(map_location))
     kind = None if p.is_dir() else detect_kind(str(p))
     if kind is None or kind in ("safetensors", "unknown"):
         return load(p, map_location=map_location)
     obj = read_raw(str(p), trusted=trusted, kind=kind)
     place = placer(map_location)
-    return _map_tensors(obj, place)
+    return place_all(obj, place)
 
 
-def _map_tensors(obj: Any, place: Any) -> Any:
+def place_all(obj: Any, place: Any) -> Any:
+    """``obj`` with every tensor in it (nested in dicts, lists and tuples) put through ``place``; dicts in place."""
     if isinstance(obj, torch.Tensor):
         return place(obj)
     if isinstance(obj, dict):
         for key, value in obj.items():
-            obj[key] = _map_tensors(value, place)
+            obj[key] = place_all(value, place)
         return obj
     if isinstance(obj, list):
-        return [_map_tensors(v, place) for v in obj]
+        return [place_all(v, place) for v in obj]
     if isinstance(obj, tuple) and type(obj) is tuple:
-        return tuple(_map_tensors(v, place) for v in obj)
+        return tuple(place_all(v, place) for v in obj)
     return obj
