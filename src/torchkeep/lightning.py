@@ -39,9 +39,9 @@ from torchkeep import _config
 from torchkeep.checkpoint.io import read_checkpoint, write_checkpoint_dir
 from torchkeep.checkpoint.layout import CheckpointPlan, SaveRequest, plan_checkpoint
 from torchkeep.errors import CorruptCheckpointError
-from torchkeep.manager.folders import TEMPORARY, remove_leftover
+from torchkeep.manager.folders import remove_leftover
 from torchkeep.state.devices import MapLocation
-from torchkeep.storage.local import temporary_sibling
+from torchkeep.storage.local import TEMPORARY, temporary_sibling
 from torchkeep.storage.remote import is_url
 from torchkeep.weights.load import load_raw
 

@@ -66,6 +66,7 @@ def test_manifest_that_does_not_fit_fails_and_keeps_the_old_checkpoint(disk: Pat
         torchkeep.save_checkpoint(path, model=nn.Linear(4, 2), epoch=2, history=long_history)
     assert caught.value.errno == errno.ENOSPC
     assert "ckpt" in str(caught.value) and "no space left" in str(caught.value).lower()
+    assert caught.value.path == str(path)  # the path asked for, not its temporary (gone by now)
     restored = nn.Linear(4, 2)
     assert torchkeep.load_checkpoint(path, model=restored)["epoch"] == 1
     assert_same_tensors(before, torchkeep.load(path / "tensors.safetensors"))

@@ -28,6 +28,7 @@ from torchkeep.checkpoint.layout import (
     TENSORS_FILE,
     CheckpointPlan,
     SaveRequest,
+    is_checkpoint_file,
     manifest_bytes,
     parse_manifest,
     plan_checkpoint,
@@ -48,7 +49,15 @@ from torchkeep.state.rng import check_rng, restore_rng
 from torchkeep.state.tensors import PreparedTensors
 from torchkeep.state.values import Decoder
 from torchkeep.storage.base import Storage
-from torchkeep.storage.local import LocalStorage, commit_dir, fsync_dir, temporary_sibling, write_errors
+from torchkeep.storage.local import (
+    LocalStorage,
+    commit_dir,
+    folder_errors,
+    fsync_dir,
+    refuse_foreign,
+    temporary_sibling,
+    write_errors,
+)
 from torchkeep.storage.remote import is_url
 from torchkeep.weights.contents import array_tensor, classify, split_objects
 from torchkeep.weights.legacy import detect_kind, read_raw
@@ -95,16 +104,25 @@ def share_tensors(plan: CheckpointPlan, store: Storage) -> tuple[CheckpointPlan,
 
 
 def write_checkpoint_dir(target: Path, plan: CheckpointPlan) -> int:
-    """Write a checkpoint directory beside ``target`` and commit it atomically."""
+    """Write a checkpoint directory beside ``target`` and commit it atomically. An existing ``target`` is
+    replaced only if it is a checkpoint folder (files a save writes, nothing else).
+
+    Raises:
+        CheckpointWriteError: ``target`` is a file or a folder holding other files (nothing written), or
+            the write failed (``target`` as it was).
+    """
+    target = Path(os.path.abspath(target))  # "." and "..": a name to put a temporary beside
+    refuse_foreign(target, is_checkpoint_file)  # before anything is written
     temp = temporary_sibling(target)
     with write_errors(target, "creating the checkpoint folder"):
         target.parent.mkdir(parents=True, exist_ok=True)
         temp.mkdir()
     try:
-        size = write_checkpoint(LocalStorage(temp), plan)
+        with folder_errors(temp, target):
+            size = write_checkpoint(LocalStorage(temp), plan)
         with write_errors(target, "syncing the checkpoint folder"):
             fsync_dir(temp)
-        commit_dir(temp, target)
+        commit_dir(temp, target, owned=is_checkpoint_file)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,6 +29,16 @@ DISTRIBUTED_VERSION = 3
 MANIFEST_FILE = "manifest.json"
 TENSORS_FILE = "tensors.safetensors"
 CHECKSUM_KEY = "xxh3_64"
+# The only files a save writes into a checkpoint folder: a save replaces (and retention deletes) nothing
+# else. Saves from several ranks add each rank's file and DCP's (its metadata, its per-rank data files).
+OWN_FILES = frozenset({MANIFEST_FILE, TENSORS_FILE, ".metadata"})
+OWN_PATTERN = re.compile(r"^(rank-\d{5}\.safetensors|__\d+_\d+\.distcp)$")
+DCP_TEMPORARY = ".metadata.tmp"  # DCP writes its metadata under this name first
+
+
+def is_checkpoint_file(name: str) -> bool:
+    """Whether a save writes a file of this name into a checkpoint folder (DCP's temporary included)."""
+    return name in OWN_FILES or name == DCP_TEMPORARY or OWN_PATTERN.match(name) is not None
 
 
 @runtime_checkable

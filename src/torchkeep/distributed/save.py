@@ -31,13 +31,20 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from torchkeep import _config
 from torchkeep.checkpoint.background import StagingBuffers
 from torchkeep.checkpoint.io import share_tensors
-from torchkeep.checkpoint.layout import MANIFEST_FILE, TENSORS_FILE, manifest_bytes
+from torchkeep.checkpoint.layout import MANIFEST_FILE, TENSORS_FILE, is_checkpoint_file, manifest_bytes
 from torchkeep.checkpoint.sharded import describe_stored, layout_of
 from torchkeep.distributed.group import Group, no_message
 from torchkeep.distributed.plan import RANK_FILE, DistributedPlan, snapshot
 from torchkeep.errors import CheckpointWriteError
 from torchkeep.storage.base import Storage
-from torchkeep.storage.local import LocalStorage, commit_dir, fsync_dir, temporary_sibling, write_errors
+from torchkeep.storage.local import (
+    LocalStorage,
+    commit_dir,
+    fsync_dir,
+    refuse_foreign,
+    temporary_sibling,
+    write_errors,
+)
 from torchkeep.storage.remote import RemoteStorage, is_url
 from torchkeep.weights.save import write_weights
 
@@ -48,7 +55,7 @@ class LocalPlace:
     """A folder every rank sees: written as a temporary sibling, committed by renaming it into place."""
 
     def __init__(self, target: Path, temp_name: str | None) -> None:
-        self.target = target
+        self.target = Path(os.path.abspath(target))  # "." and "..": a name to put a temporary beside
         self.temp = target.parent / temp_name if temp_name else temporary_sibling(target)
         self.storage = LocalStorage(self.temp)
         self.made = False
@@ -64,6 +71,7 @@ class LocalPlace:
         return TENSORS_FILE
 
     def create(self) -> None:
+        refuse_foreign(self.target, is_checkpoint_file)  # a checkpoint folder is replaced, nothing else
         with write_errors(self.target, "creating the checkpoint folder"):
             self.target.parent.mkdir(parents=True, exist_ok=True)
             self.temp.mkdir()
@@ -81,7 +89,7 @@ class LocalPlace:
             sink.write(manifest)
         with write_errors(self.target, "syncing the checkpoint folder"):
             fsync_dir(self.temp)
-        commit_dir(self.temp, self.target)
+        commit_dir(self.temp, self.target, owned=is_checkpoint_file)
         self.made = False
 
     def abandon(self) -> None:

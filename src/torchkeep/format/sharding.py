@@ -31,6 +31,12 @@ _UNITS = {
 SHARD_NAME = re.compile(r"^model-(\d{5})-of-(\d{5})(-r[0-9a-f]{6})?\.safetensors$")
 
 
+def is_weights_file(name: str) -> bool:
+    """Whether saving weights into a folder writes (or replaces) a file of this name: the single file, the
+    index, or a shard."""
+    return name in (_config.SINGLE_FILE_NAME, _config.INDEX_FILE_NAME) or SHARD_NAME.match(name) is not None
+
+
 def parse_size(size: int | str) -> int:
     """``"500MB"`` -> 500_000_000, ``"2GiB"`` -> 2**31; ints pass through. Must be positive."""
     if isinstance(size, bool):

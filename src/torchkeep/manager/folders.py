@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import threading
 import warnings
 from collections import deque
@@ -13,18 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torchkeep.checkpoint.layout import MANIFEST_FILE, TENSORS_FILE, parse_manifest
+from torchkeep.checkpoint.layout import DCP_TEMPORARY, MANIFEST_FILE, is_checkpoint_file, parse_manifest
 from torchkeep.errors import CorruptCheckpointError, TorchkeepWarning
 from torchkeep.manager.view import DEFAULT_TEMPLATE, template_pattern
-from torchkeep.storage.local import TEMP_MARKER
-
-# The only files a manager writes into a checkpoint folder; retention deletes nothing else. Saves from
-# several ranks add each rank's file and DCP's (its metadata, its per-rank data files).
-OWN_FILES = frozenset({MANIFEST_FILE, TENSORS_FILE, ".metadata"})
-OWN_PATTERN = re.compile(r"^(rank-\d{5}\.safetensors|__\d+_\d+\.distcp)$")
-DCP_TEMPORARY = ".metadata.tmp"  # DCP writes its metadata under this name first
-# What temporary_sibling names: ".<name>.tmp-<12 hex digits>".
-TEMPORARY = re.compile(r"^\.(?P<base>.+)" + re.escape(TEMP_MARKER) + r"[0-9a-f]{12}$")
+from torchkeep.storage.local import TEMPORARY
 
 
 class Deleter:
@@ -98,12 +89,10 @@ def remove_leftover(folder: Path, *, stacklevel: int) -> None:
 
 
 def own_name(name: str, *, temporaries: bool) -> bool:
-    if name in OWN_FILES or OWN_PATTERN.match(name):
-        return True
     if not temporaries:
-        return False
+        return is_checkpoint_file(name) and name != DCP_TEMPORARY
     match = TEMPORARY.match(name)
-    return name == DCP_TEMPORARY or (match is not None and own_name(match["base"], temporaries=False))
+    return is_checkpoint_file(name) or (match is not None and is_checkpoint_file(match["base"]))
 
 
 def foreign_files(folder: Path, *, temporaries: bool) -> list[str]:

@@ -39,7 +39,6 @@ from torchkeep.errors import (
 )
 from torchkeep.manager import preemption
 from torchkeep.manager.folders import (
-    TEMPORARY,
     Deleter,
     manager_info,
     not_ours,
@@ -57,7 +56,15 @@ from torchkeep.manager.view import CheckpointInfo, RunView
 from torchkeep.state.devices import MapLocation
 from torchkeep.state.tensors import PreparedTensors
 from torchkeep.state.values import Decoder
-from torchkeep.storage.local import LocalStorage, atomic_write, fsync_dir, reason, temporary_sibling, write_errors
+from torchkeep.storage.local import (
+    TEMPORARY,
+    LocalStorage,
+    atomic_write,
+    fsync_dir,
+    reason,
+    temporary_sibling,
+    write_errors,
+)
 from torchkeep.storage.remote import is_url
 
 __all__ = ["LOCK_FILE", "CheckpointInfo", "CheckpointManager"]

@@ -23,6 +23,7 @@ from torchkeep.errors import (
     UnsafeCheckpointError,
 )
 from torchkeep.format.jsondoc import check_version, expect, parse_json
+from torchkeep.format.sharding import is_weights_file
 from torchkeep.model import structure, torch_ao
 from torchkeep.model.config import build, config_of
 from torchkeep.model.quantize import check_recipe, recipe_of, requantize
@@ -34,7 +35,9 @@ from torchkeep.storage.local import (
     LocalStorage,
     atomic_write,
     commit_dir,
+    folder_errors,
     fsync_dir,
+    refuse_foreign,
     temporary_sibling,
     write_errors,
 )
@@ -46,6 +49,11 @@ MODEL_MANIFEST = "torchkeep_model.json"
 CONFIG_FILE = "config.json"
 FORMAT_NAME = "torchkeep.model"
 FORMAT_VERSION = 1
+
+
+def is_model_file(name: str) -> bool:
+    """Whether :func:`save_model` writes a file of this name into a model folder."""
+    return name in (CONFIG_FILE, MODEL_MANIFEST) or is_weights_file(name)
 
 
 def _dtype_of(state: dict[str, torch.Tensor]) -> str | None:
@@ -106,7 +114,8 @@ def save_model(
         manifest["quantization"] = recipe
     if ao_recipe is not None:
         manifest[torch_ao.MANIFEST_KEY] = ao_recipe
-    out = Path(path)
+    out = Path(os.path.abspath(path))  # "." and "..": a name to put a temporary beside
+    refuse_foreign(out, is_model_file)  # a model folder is replaced, nothing else: before anything is written
     temp = temporary_sibling(out)
     with write_errors(out, "creating the model folder"):
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -118,14 +127,15 @@ def save_model(
 
             limit = parse_size(max_shard_size)
         # "format": "pt" is what safetensors' torch writer records; transformers' from_pretrained requires it.
-        save_folder(LocalStorage(temp), prepare(state, keep_devices=True), {"format": "pt"}, limit)
-        with atomic_write(temp / CONFIG_FILE) as sink:
-            sink.write((json.dumps(cfg if cfg is not None else {}, indent=2) + "\n").encode())
-        with atomic_write(temp / MODEL_MANIFEST) as sink:
-            sink.write((json.dumps(manifest, indent=2) + "\n").encode())
+        with folder_errors(temp, out):
+            save_folder(LocalStorage(temp), prepare(state, keep_devices=True), {"format": "pt"}, limit)
+            with atomic_write(temp / CONFIG_FILE) as sink:
+                sink.write((json.dumps(cfg if cfg is not None else {}, indent=2) + "\n").encode())
+            with atomic_write(temp / MODEL_MANIFEST) as sink:
+                sink.write((json.dumps(manifest, indent=2) + "\n").encode())
         with write_errors(out, "syncing the model folder"):
             fsync_dir(temp)
-        commit_dir(temp, out)
+        commit_dir(temp, out, owned=is_model_file)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise

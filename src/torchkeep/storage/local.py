@@ -12,9 +12,10 @@ import contextlib
 import ctypes
 import errno
 import os
+import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -191,6 +192,14 @@ def _rename_new(temp: Path, target: Path) -> None:
         raise OSError(code, os.strerror(code))
 
 
+def _remove_replaced(path: Path) -> None:
+    """Delete what a commit replaced: a folder of the save's own files, or a link (not what it points to)."""
+    if path.is_symlink():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def fsync_tree(root: Path) -> None:
     """fsync every file and directory under ``root`` (bottom-up), and ``root`` itself."""
     for folder, _, files in os.walk(root, topdown=False):
@@ -203,22 +212,85 @@ def fsync_tree(root: Path) -> None:
         fsync_dir(folder)
 
 
+# What temporary_sibling names: ".<name>.tmp-<12 hex digits>" (a long name cut, to fit NAME_MAX).
+TEMPORARY = re.compile(r"^\.(?P<base>.+)" + re.escape(TEMP_MARKER) + r"[0-9a-f]{12}$")
+_NAME_MAX = 255  # bytes: the limit of a name on every filesystem torchkeep writes to
+
+
 def temporary_sibling(target: Path) -> Path:
-    return target.with_name(f".{target.name}{TEMP_MARKER}{uuid.uuid4().hex[:12]}")
+    """A fresh hidden name beside ``target`` (``.<name>.tmp-<hex>``), never longer than a name may be."""
+    name = target.name
+    room = _NAME_MAX - len(f".{TEMP_MARKER}") - 12
+    while len(name.encode(errors="surrogateescape")) > room:  # a name near the limit: its start is enough
+        name = name[:-1]
+    return target.with_name(f".{name}{TEMP_MARKER}{uuid.uuid4().hex[:12]}")
 
 
-def commit_dir(temp: Path, target: Path) -> None:
+def refuse_foreign(target: Path, owned: Callable[[str], bool]) -> None:
+    """Raise unless ``target`` is absent, a link, or a folder holding only files ``owned`` names (what this
+    kind of save writes, and their temporaries): a save never replaces, and so deletes, anything else.
+
+    Raises:
+        CheckpointWriteError: ``target`` is a file, or a folder holding other files; nothing was touched.
+    """
+    with write_errors(target, "checking what the folder holds"):
+        if target.is_symlink() or not target.exists():
+            return  # nothing, or a link (replacing a link leaves what it points to alone)
+        if not target.is_dir():
+            raise CheckpointWriteError(
+                target, "exists and is a file, not a folder this save wrote: pass another path, or remove it"
+            )
+        with os.scandir(target) as entries:
+            foreign = sorted(
+                entry.name + ("/" if entry.is_dir(follow_symlinks=False) else "")
+                for entry in entries
+                if not (entry.is_file(follow_symlinks=False) and _owned_or_temporary(entry.name, owned))
+            )
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise CheckpointWriteError(
+            target,
+            f"is a folder that also holds {shown}, which this save does not write; it was left as it is "
+            "(replacing it would delete them): save to another path, or move them out",
+        )
+
+
+@contextlib.contextmanager
+def folder_errors(temp: Path, target: Path) -> Iterator[None]:
+    """Name ``target`` in a write error from inside its temporary folder ``temp`` (which is gone by the time
+    anyone reads the message): ``ck: writing tensors.safetensors failed: no space left on device``."""
+    try:
+        yield
+    except CheckpointWriteError as exc:
+        inside = Path(exc.path)
+        if inside != temp and temp not in inside.parents:
+            raise
+        where = inside.relative_to(temp).as_posix()
+        problem = exc.problem if where == "." else f"{where}: {exc.problem}"
+        error = CheckpointWriteError(target, problem)
+        if getattr(exc, "errno", None) is not None:
+            error.errno = exc.errno
+        raise error from exc
+
+
+def _owned_or_temporary(name: str, owned: Callable[[str], bool]) -> bool:
+    match = TEMPORARY.match(name)
+    return owned(name) or (match is not None and owned(match["base"]))
+
+
+def commit_dir(temp: Path, target: Path, *, owned: Callable[[str], bool]) -> None:
     """Move a fully written (and fsynced) directory into place atomically.
 
-    A new target is one rename. An existing one is swapped in one step where the OS can
-    (renameat2); elsewhere it is moved aside first, so a crash in between leaves it under a
-    temporary name, never half-replaced.
+    A new target is one rename. An existing one (only a folder of files ``owned`` names:
+    :func:`refuse_foreign`) is swapped in one step where the OS can (renameat2); elsewhere it is
+    moved aside first, so a crash in between leaves it under a temporary name, never half-replaced.
     """
+    refuse_foreign(target, owned)
     with write_errors(target, "moving the new folder into place"):
-        if not target.exists():
+        if not target.exists() and not target.is_symlink():
             _rename_new(temp, target)
         elif _rename_exchange(temp, target):
-            shutil.rmtree(temp, ignore_errors=True)  # now holds the old contents
+            _remove_replaced(temp)  # now holds the old contents
         else:
             old = temporary_sibling(target)
             os.rename(target, old)
@@ -227,6 +299,6 @@ def commit_dir(temp: Path, target: Path) -> None:
             except OSError:
                 os.rename(old, target)  # put the old one back: nothing is lost
                 raise
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_replaced(old)
     with write_errors(target, "syncing its folder (the new folder is in place but may not be durable)"):
         fsync_dir(target.parent)

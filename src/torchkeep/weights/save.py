@@ -18,7 +18,14 @@ from torchkeep._gc import gc_paused
 from torchkeep.errors import CheckpointNotFoundError, CheckpointWriteError, TorchkeepError
 from torchkeep.format.io import write_plan
 from torchkeep.format.layout import RESERVED_PREFIX, plan_file
-from torchkeep.format.sharding import SHARD_NAME, index_document, parse_index, parse_size, shard_names, split_shards
+from torchkeep.format.sharding import (
+    index_document,
+    is_weights_file,
+    parse_index,
+    parse_size,
+    shard_names,
+    split_shards,
+)
 from torchkeep.format.staging import staged_digests
 from torchkeep.state.tensors import PreparedTensors, prepare, state_and_metadata
 from torchkeep.storage.base import Storage
@@ -156,8 +163,7 @@ def save_folder(
             sink.write(index_document(weight_map, prepared.nbytes))
         written.append(_config.INDEX_FILE_NAME)
     for stale in storage.list():
-        is_ours = stale in (_config.SINGLE_FILE_NAME, _config.INDEX_FILE_NAME) or SHARD_NAME.match(stale)
-        if is_ours and stale not in written:
+        if is_weights_file(stale) and stale not in written:
             with contextlib.suppress(CheckpointNotFoundError, FileNotFoundError):
                 storage.delete(stale)
     return written
