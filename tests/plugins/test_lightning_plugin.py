@@ -285,7 +285,7 @@ def test_refuses_what_it_did_not_write(tmp_path: Path) -> None:
     with pytest.raises(torchkeep.CorruptCheckpointError, match="not written by TorchkeepCheckpointIO"):
         io.load_checkpoint(tmp_path / "plain")
     (tmp_path / "half.ckpt").mkdir()
-    with pytest.raises(torchkeep.CorruptCheckpointError, match="no manifest.json"):
+    with pytest.raises(torchkeep.CorruptCheckpointError, match=r"no manifest\.json"):
         io.load_checkpoint(tmp_path / "half.ckpt")
 
 

@@ -129,3 +129,17 @@ def test_read_only_filesystem(disk: Path) -> None:
         assert caught.value.errno == errno.EROFS
         assert "read-only" in str(caught.value)
     assert torchkeep.load_checkpoint(disk / "ckpt", model=nn.Linear(2, 2))["epoch"] == 1
+
+
+def test_a_sharded_save_that_runs_out_of_space_leaves_no_shard_behind(disk: Path) -> None:
+    folder = disk / "sharded"
+    old = {"w": torch.arange(10.0)}
+    torchkeep.save(old, folder)
+    fill(disk, leave=3 * 1024 * 1024)  # room for a few 1 MiB shards, not for eight
+    new = {f"layer{i}": torch.randn(256, 1024) for i in range(8)}
+    with pytest.raises(torchkeep.CheckpointWriteError) as caught:
+        torchkeep.save(new, folder, max_shard_size="1MiB")
+    assert caught.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors"]  # the old save alone
+    assert_same_tensors(old, torchkeep.load(folder))
+    assert debris(disk) == []

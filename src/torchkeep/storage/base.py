@@ -39,11 +39,20 @@ class Storage(Protocol):
 
     def exists(self, name: str) -> bool: ...
 
-    def list(self, prefix: str = "") -> list[str]:
-        """Names under ``prefix``, sorted; never temporary objects of unfinished writes."""
+    def list(self, prefix: str = "", *, recursive: bool = True) -> list[str]:
+        """Names under ``prefix``, sorted; never temporary objects of unfinished writes. ``recursive=False``:
+        only those directly under it (no ``/`` after the prefix)."""
         ...
 
-    def delete(self, name: str) -> None: ...
+    def delete(self, name: str) -> None:
+        """Remove ``name``; one already gone is not an error (another writer may have removed it)."""
+        ...
+
+    def exclusive(self) -> AbstractContextManager[None]:
+        """Held while a writer changes several objects that belong together (shards and their index):
+        other torchkeep writers of this store wait. Local folders: an advisory lock on the folder;
+        object stores have none (their writers are last-one-wins; readers still never see a mix)."""
+        ...
 
     def local_path(self, name: str) -> str | None:
         """A filesystem path for memory mapping, or None if the backend has none."""

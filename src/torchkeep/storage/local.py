@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import os
 import re
 import shutil
@@ -145,18 +146,39 @@ class LocalStorage:
     def exists(self, name: str) -> bool:
         return self._path(name).exists()
 
-    def list(self, prefix: str = "") -> list[str]:
+    def list(self, prefix: str = "", *, recursive: bool = True) -> list[str]:
         base = self._path(prefix) if prefix else self.root
         if not base.is_dir():
             return []
-        names = [p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file()]
+        if recursive:
+            found = [p for p in base.rglob("*") if p.is_file()]
+        else:
+            with os.scandir(base) as entries:
+                found = [Path(e.path) for e in entries if e.is_file()]
+        names = [p.relative_to(self.root).as_posix() for p in found]
         return sorted(n for n in names if not is_temporary(n))
 
     def delete(self, name: str) -> None:
         path = self._path(name)
         with write_errors(path, "deleting"):
-            path.unlink()
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                return
             fsync_dir(path.parent)
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with write_errors(self.root, "creating the folder"):
+            self.root.mkdir(parents=True, exist_ok=True)
+        with write_errors(self.root, "locking the folder"):
+            fd = os.open(self.root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            with write_errors(self.root, "locking the folder"):
+                fcntl.flock(fd, fcntl.LOCK_EX)  # released when the descriptor is closed
+            yield
+        finally:
+            os.close(fd)
 
     def local_path(self, name: str) -> str | None:
         return str(self._path(name))

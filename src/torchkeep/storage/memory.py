@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import threading
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -16,6 +17,7 @@ class MemoryStorage:
 
     def __init__(self) -> None:
         self.objects: dict[str, bytes] = {}
+        self.guard = threading.RLock()
 
     @contextlib.contextmanager
     def _writer(self, name: str) -> Iterator[BinaryIO]:
@@ -39,11 +41,18 @@ class MemoryStorage:
     def exists(self, name: str) -> bool:
         return name in self.objects
 
-    def list(self, prefix: str = "") -> list[str]:
-        return sorted(n for n in self.objects if n.startswith(prefix))
+    def list(self, prefix: str = "", *, recursive: bool = True) -> list[str]:
+        return sorted(
+            n for n in self.objects if n.startswith(prefix) and (recursive or "/" not in n[len(prefix) :].lstrip("/"))
+        )
 
     def delete(self, name: str) -> None:
         self.objects.pop(name, None)
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self.guard:
+            yield
 
     def local_path(self, name: str) -> str | None:
         return None

@@ -136,10 +136,10 @@ class RemoteStorage:
     def exists(self, name: str) -> bool:
         return bool(self.fs.exists(self.key_path(name)))
 
-    def list(self, prefix: str = "") -> list[str]:
+    def list(self, prefix: str = "", *, recursive: bool = True) -> list[str]:
         base = self.key_path(prefix) if prefix else self.root
         try:
-            found = self.fs.find(base)
+            found = self.fs.find(base) if recursive else self.fs.find(base, maxdepth=1)
         except FileNotFoundError:
             return []
         strip = self.root + "/"
@@ -176,6 +176,9 @@ class RemoteStorage:
             pass
         except Exception as exc:
             raise CheckpointWriteError(self._where(name), f"deleting failed: {type(exc).__name__}: {exc}") from exc
+
+    def exclusive(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()  # object stores have no locks (see Storage.exclusive)
 
     def local_path(self, name: str) -> str | None:
         return None

@@ -15,7 +15,7 @@ from torch import nn
 
 from torchkeep import _config
 from torchkeep._gc import gc_paused
-from torchkeep.errors import CheckpointNotFoundError, CheckpointWriteError, TorchkeepError
+from torchkeep.errors import CheckpointWriteError, TorchkeepError
 from torchkeep.format.io import write_plan
 from torchkeep.format.layout import RESERVED_PREFIX, plan_file
 from torchkeep.format.sharding import (
@@ -128,7 +128,12 @@ def write_weights(storage: Storage, name: str, prepared: PreparedTensors, metada
 def save_folder(
     storage: Storage, prepared: PreparedTensors, metadata: Mapping[str, str], max_shard_size: int | None
 ) -> list[str]:
-    """Write ``model.safetensors``, or shards then the index (the commit point), then drop stale shards."""
+    """Write ``model.safetensors``, or shards then the index (the commit point), then drop stale files.
+
+    Other torchkeep writers of the folder wait (``storage.exclusive()``), so two saves never delete each
+    other's shards. A save that fails leaves the folder's previous weights as they were, and none of its
+    own shards behind.
+    """
     names = list(prepared.tensors)
     groups = (
         split_shards(
@@ -137,33 +142,57 @@ def save_folder(
         if max_shard_size is not None
         else [names]
     )
-    files = shard_names(len(groups))
-    if len(files) > 1 and set(files) & _live_shards(storage):
-        tag = uuid.uuid4().hex[:6]
-        files = [name.removesuffix(SAFETENSORS_SUFFIX) + f"-r{tag}{SAFETENSORS_SUFFIX}" for name in files]
-    weight_map: dict[str, str] = {}
-    shards = []
-    for file, group in zip(files, groups, strict=True):
-        members = set(group)
-        shards.append(
-            PreparedTensors(
-                tensors={n: prepared.tensors[n] for n in group},
-                aliases={a: t for a, t in prepared.aliases.items() if t in members},
+    with storage.exclusive():
+        files = shard_names(len(groups))
+        live = _live_shards(storage)
+        if len(files) > 1 and set(files) & live:
+            tag = uuid.uuid4().hex[:6]
+            files = [name.removesuffix(SAFETENSORS_SUFFIX) + f"-r{tag}{SAFETENSORS_SUFFIX}" for name in files]
+        weight_map: dict[str, str] = {}
+        shards = []
+        for file, group in zip(files, groups, strict=True):
+            members = set(group)
+            shards.append(
+                PreparedTensors(
+                    tensors={n: prepared.tensors[n] for n in group},
+                    aliases={a: t for a, t in prepared.aliases.items() if t in members},
+                )
             )
-        )
-        weight_map.update(dict.fromkeys(group, file))
-    # Shards are written by a few threads (hashing and writing release the GIL); each writes from the
-    # tensors themselves, so nothing is staged. The index is written only after every shard is durable.
+            weight_map.update(dict.fromkeys(group, file))
+        try:
+            _write_shards(storage, files, shards, metadata)
+            if len(files) > 1:
+                # Every shard is there before the index names them: a folder removed or emptied meanwhile
+                # (each write would make it again) fails the save instead of committing an index of ghosts.
+                gone = [f for f in files if not storage.exists(f)]
+                if gone:
+                    raise CheckpointWriteError(
+                        storage.local_path(gone[0]) or gone[0],
+                        f"{len(gone)} of the {len(files)} shards written disappeared before the index was "
+                        "written (the folder was removed or changed during the save); nothing was committed",
+                    )
+                with storage.open_write(_config.INDEX_FILE_NAME) as sink:
+                    sink.write(index_document(weight_map, prepared.nbytes))
+        except BaseException:
+            if len(files) > 1:  # this save's shards (never a live one: those names were avoided above)
+                for file in files:
+                    with contextlib.suppress(Exception):
+                        storage.delete(file)
+            raise
+        written = [*files, _config.INDEX_FILE_NAME] if len(files) > 1 else list(files)
+        # The old index goes first: it is what readers follow, so a cut-short cleanup never leaves an
+        # index naming deleted shards. Only the folder's own level is looked at, never below it.
+        stale = [n for n in storage.list(recursive=False) if is_weights_file(n) and n not in written]
+        for name in sorted(stale, key=lambda n: n != _config.INDEX_FILE_NAME):
+            storage.delete(name)
+    return written
+
+
+def _write_shards(
+    storage: Storage, files: list[str], shards: list[PreparedTensors], metadata: Mapping[str, str]
+) -> None:
+    """Shards are written by a few threads (hashing and writing release the GIL); each writes from the
+    tensors themselves, so nothing is staged."""
     with ThreadPoolExecutor(max_workers=max(1, min(_config.IO_THREADS, len(shards)))) as pool:
         for future in [pool.submit(write_weights, storage, f, s, metadata) for f, s in zip(files, shards, strict=True)]:
             future.result()
-    written = list(files)
-    if len(files) > 1:
-        with storage.open_write(_config.INDEX_FILE_NAME) as sink:
-            sink.write(index_document(weight_map, prepared.nbytes))
-        written.append(_config.INDEX_FILE_NAME)
-    for stale in storage.list():
-        if is_weights_file(stale) and stale not in written:
-            with contextlib.suppress(CheckpointNotFoundError, FileNotFoundError):
-                storage.delete(stale)
-    return written
