@@ -107,3 +107,23 @@ def test_verify_and_inspect_a_checkpoint(run_dir: Path, capsys: pytest.CaptureFi
     tensors.write_bytes(bytes(data))
     assert main(["verify", str(ckpt)]) == 1
     assert "checksum mismatch" in capsys.readouterr().err
+
+
+def test_output_into_a_closed_pipe_is_not_an_error(tmp_path: Path) -> None:
+    """``torchkeep ls DIR | head -1``: the reader goes away; the command stops quietly (141, as SIGPIPE)."""
+    import subprocess
+    import sys
+
+    for i in range(2000):  # enough lines to fill the pipe's buffer
+        (tmp_path / f"file-{i:05d}.txt").write_text("x")
+    done = subprocess.run(
+        f"{sys.executable} -m torchkeep ls {tmp_path} | head -1; echo status=${{PIPESTATUS[0]}}",
+        shell=True,
+        executable="/bin/bash",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.stdout.splitlines()[-1] == "status=141", done.stdout[-500:] + done.stderr
+    assert done.stderr == ""

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import sys
 import time
 import traceback
@@ -228,6 +230,14 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+EXIT_CODES = """exit codes (scan, and inspect of a pickle, have their own 1 and 2: see their --help):
+  0    done
+  1    refused or failed: the message names the file and the problem
+  2    a usage error: a missing or malformed option
+  3    a bug in torchkeep (--verbose prints the traceback)
+  130  interrupted (Ctrl-C)
+  141  the reader of the output went away (torchkeep ls | head)"""
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a tool killed by it: the reader of our output went away (| head)
 SCAN_EXIT_CODES = """exit codes:
   0  every pickle in every file was read to its end and imports only allowlisted globals
      (files without pickles, e.g. safetensors with a valid header, count as verified)
@@ -336,7 +346,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="torchkeep", description="Save, load and inspect PyTorch weights safely.")
+    parser = argparse.ArgumentParser(
+        prog="torchkeep",
+        description="Save, load and inspect PyTorch weights safely.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXIT_CODES,
+    )
     parser.add_argument("--verbose", action="store_true", help="on an error, print the traceback too")
     sub = parser.add_subparsers(dest="command", required=True)
     storage_help = "JSON options for fsspec when PATH is a URL (s3://...): credentials, client_kwargs..."
@@ -494,7 +509,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # here, not at exit: a reader gone by now is answered below, not by a traceback
+        return code
+    except BrokenPipeError:
+        with contextlib.suppress(OSError, ValueError):  # nothing more can reach the reader: say nothing
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except TorchkeepError as exc:
         print(f"torchkeep: error: {exc}", file=sys.stderr)
         _detail(args)
