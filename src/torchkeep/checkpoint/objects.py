@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from torchkeep import _config
+from torchkeep.checkpoint.layout import MANIFEST_FILE
 from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError
 from torchkeep.format.dtypes import CODE_TO_DTYPE, DTYPE_TO_CODE, ITEMSIZE
 from torchkeep.format.io import write_all
@@ -144,10 +145,84 @@ def referenced(manifest: Mapping[str, Any]) -> set[str]:
 def referenced_by_folder(checkpoint: Path) -> set[str]:
     """Every key a checkpoint's manifest mentions, read loosely (for a manifest that no longer parses)."""
     try:
-        raw = (checkpoint / "manifest.json").read_bytes()[: _config.MAX_JSON_BYTES]
+        with open(checkpoint / MANIFEST_FILE, "rb") as f:
+            raw = f.read(_config.MAX_JSON_BYTES)
     except OSError:
         return set()
+    return _keys_in(raw)
+
+
+def _keys_in(raw: bytes) -> set[str]:
     return {m.decode() for m in _ANY_KEY.findall(raw)}
+
+
+# What in_use remembers of a local manifest: its (device, inode, size, mtime) and the keys it mentions.
+ManifestMemo = dict[str, tuple[tuple[int, int, int, int], frozenset[str]]]
+
+
+def in_use(run: Storage, *, skip: Collection[str] = (), memo: ManifestMemo | None = None) -> set[str] | None:
+    """Every object key some manifest in the run folder mentions; None when one cannot be read.
+
+    Each direct sub-folder holding a ``manifest.json`` counts, whatever its name: a step folder, one a
+    person renamed (``best``), another template's, a copy, and the temporary folder of a save still being
+    written. Manifests are read loosely (every key-shaped string), so one that no longer parses still
+    protects what it names.
+
+    Args:
+        run: the run folder (a local one, or one at a URL).
+        skip: names of folders being deleted (retired checkpoints, already renamed aside).
+        memo: keys of local manifests remembered between calls; a manifest is replaced, not edited in
+            place, so the same device, inode, size and time mean the same keys.
+    """
+    if isinstance(run, LocalStorage):
+        return _in_use_local(run.root, skip, {} if memo is None else memo)
+    used: set[str] = set()
+    for name in run.list():
+        folder, _, rest = name.partition("/")
+        if rest != MANIFEST_FILE or folder == OBJECTS_DIR or folder in skip:
+            continue
+        try:
+            with run.open_read(name) as f:
+                used |= _keys_in(f.read(_config.MAX_JSON_BYTES))
+        except (OSError, CheckpointNotFoundError):
+            return None  # perhaps readable later: until then it may use any object
+    return used
+
+
+def _in_use_local(root: Path, skip: Collection[str], memo: ManifestMemo) -> set[str] | None:
+    used: set[str] = set()
+    seen: set[str] = set()
+    try:
+        with os.scandir(root) as entries:
+            folders = [e.name for e in entries if e.name != OBJECTS_DIR and e.name not in skip and e.is_dir()]
+    except OSError:
+        return None
+    for name in folders:  # links to folders too: a checkpoint reached through one uses these objects
+        manifest = root / name / MANIFEST_FILE
+        try:
+            st = os.stat(manifest)
+        except (FileNotFoundError, NotADirectoryError):
+            if not os.path.isdir(root / name):
+                return None  # renamed since the listing (a save committing): its new name was not seen
+            continue  # no manifest (yet): uses nothing
+        except OSError:
+            return None
+        signature = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        remembered = memo.get(name)
+        if remembered is None or remembered[0] != signature:
+            try:
+                with open(manifest, "rb") as f:
+                    remembered = (signature, frozenset(_keys_in(f.read(_config.MAX_JSON_BYTES))))
+            except IsADirectoryError:
+                continue  # not a manifest
+            except OSError:
+                return None  # unreadable, or renamed since the listing: perhaps readable later
+            memo[name] = remembered
+        seen.add(name)
+        used |= remembered[1]
+    for name in memo.keys() - seen:
+        del memo[name]
+    return used
 
 
 def collect(store: Storage, keep: Iterable[str]) -> int:
@@ -164,3 +239,19 @@ def collect(store: Storage, keep: Iterable[str]) -> int:
         else:
             store.delete(name)
     return len(doomed)
+
+
+def collect_unused(
+    run: Storage, store: Storage, *, skip: Collection[str] = (), memo: ManifestMemo | None = None
+) -> int:
+    """Delete the objects (``store``, the run's ``objects/``) that no manifest anywhere in the run folder
+    mentions (see :func:`in_use`); returns how many. While some manifest cannot be read, nothing is deleted.
+
+    The one rule every manager follows, at start-up and after retention: which folders the manager itself
+    lists (its template, its steps) does not matter, so a renamed checkpoint, or a run opened with another
+    template, keeps its objects.
+    """
+    used = in_use(run, skip=skip, memo=memo)
+    if used is None:
+        return 0
+    return collect(store, used)

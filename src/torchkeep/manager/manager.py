@@ -110,7 +110,8 @@ class CheckpointManager(RunView):
         read_only: do not take the lock or clean up (for listing and restoring only).
         incremental: store each large tensor once, by content, in the run's ``objects/`` folder: a
             tensor that did not change since a kept checkpoint (a frozen backbone, a fine-tune's base
-            weights) is not written again. An object is deleted only when no kept checkpoint uses it.
+            weights) is not written again. An object is deleted only when no manifest in the run folder
+            names it (a folder you renamed, or another template's, keeps its objects).
             Such checkpoints are format version 2 (torchkeep older than this reads none of them).
         async_save: :meth:`save` returns once the state is copied into reusable staging buffers and
             writes, verifies and commits on a background thread (then moves ``latest`` and applies
@@ -166,7 +167,8 @@ class CheckpointManager(RunView):
         self._pending: PendingSave[CheckpointInfo] | None = None
         self._saving = False
         self.incremental = incremental
-        self._refs: dict[int, set[str]] = {}  # the objects each checkpoint uses
+        self._retiring: set[str] = set()  # retired checkpoints renamed aside, being deleted: they use no object
+        self._manifest_keys: objects.ManifestMemo = {}  # the objects each manifest in the run mentions
         self._deleter = Deleter()
         self._warned: set[str] = set()
         self.directory: Path = Path(directory)
@@ -257,7 +259,6 @@ class CheckpointManager(RunView):
             tensors = manifest.get("tensors_file")
             recorded = tensors.get("size") if isinstance(tensors, dict) else None
             step = info["step"]
-            self._refs[step] = objects.referenced(manifest)
             found[step] = CheckpointInfo(
                 step=step,
                 path=path,
@@ -426,7 +427,7 @@ class CheckpointManager(RunView):
 
         def register(used: Group, _: int) -> CheckpointInfo:
             return self._register_across_ranks(
-                used, step, target, plain, now, lambda: self._register(step, target, None, plain, now)
+                used, step, target, plain, now, lambda: self._register(step, target, plain, now)
             )
 
         with self._save_order:
@@ -453,26 +454,18 @@ class CheckpointManager(RunView):
             raise CheckpointWriteError(
                 exc.path, f"{exc.problem}; earlier checkpoints are intact, nothing was left", cause=exc
             ) from exc
-        return self._register(step, target, plan, plain, now)
+        return self._register(step, target, plain, now)
 
-    def _register(
-        self, step: int, target: Path, plan: CheckpointPlan | None, plain: dict[str, Any], now: float
-    ) -> CheckpointInfo:
+    def _register(self, step: int, target: Path, plain: dict[str, Any], now: float) -> CheckpointInfo:
         """A committed checkpoint read back, then ``latest`` moved to it and retention applied."""
         with self._mutex:
             size = self._read_back(target, step)
             if self._lease is not None:
                 self._lease.check()  # another manager took over while this one was writing
             self._checkpoints[step] = CheckpointInfo(step=step, path=target, metrics=plain, time=now, size=size)
-            self._refs[step] = objects.referenced(plan.manifest if plan is not None else self._manifest(target))
             self._write_latest(target, step)
             self._apply_retention(step)
             return self._decorated(self._checkpoints[step], self._best_step(), step)
-
-    def _manifest(self, target: Path) -> dict[str, Any]:
-        """A committed checkpoint's manifest, parsed (it was just read back)."""
-        path = target / MANIFEST_FILE
-        return parse_manifest(path.read_bytes(), str(path))
 
     def _finish_pending(self) -> None:
         """Wait for the background save, if any; raise its error if nobody has seen it."""
@@ -575,6 +568,7 @@ class CheckpointManager(RunView):
                         cause=exc,
                     ) from exc
                 del self._checkpoints[step]
+                self._retiring.add(doomed.name)
                 self._deleter.add(doomed)
                 retired = True
         finally:
@@ -585,15 +579,17 @@ class CheckpointManager(RunView):
                 self._collect_objects()
 
     def _collect_objects(self) -> None:
-        """Delete shared objects no kept checkpoint uses (after retention, and at start-up for what a crash left)."""
+        """Delete shared objects that no manifest in the run folder mentions (after retention, and at start-up
+        for what a crash left): not only this manager's steps count, but every folder holding a manifest,
+        whatever its name (a renamed checkpoint, another template's), except retired ones being deleted."""
         folder = self.directory / objects.OBJECTS_DIR
         if not folder.is_dir():
             return
         with self._mutex:
-            used = set().union(*(self._refs.get(step, set()) for step in self._checkpoints))
-            for name in self.damaged:  # unreadable now, perhaps repaired later: keep what it may use
-                used |= objects.referenced_by_folder(self.directory / name)
-            objects.collect(LocalStorage(folder), used)
+            self._retiring = {name for name in self._retiring if os.path.lexists(self.directory / name)}
+            objects.collect_unused(
+                LocalStorage(self.directory), LocalStorage(folder), skip=self._retiring, memo=self._manifest_keys
+            )
 
     def wait(self) -> None:
         """Wait for a background save (raising its error) and for deletions of retired checkpoints."""

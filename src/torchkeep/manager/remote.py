@@ -82,7 +82,6 @@ class RemoteCheckpointManager(RunView):
     ) -> None:
         self.group = active_group(process_group)
         self.incremental = incremental
-        self._refs: dict[int, set[str]] = {}  # the objects each checkpoint uses
         self.async_save = async_save
         self._staging = StagingBuffers()
         self._writer = Writer()
@@ -187,7 +186,6 @@ class RemoteCheckpointManager(RunView):
             info = manager_info(manifest, Path(name), self.template)
             if info is None:
                 continue
-            self._refs[info["step"]] = objects.referenced(manifest)
             record = manifest.get("tensors_file", {})
             metrics = info.get("metrics")
             found[info["step"]] = CheckpointInfo(
@@ -292,13 +290,15 @@ class RemoteCheckpointManager(RunView):
         return self._register(step, written, plain, now)
 
     def _collect_objects(self) -> None:
-        """Delete objects no kept checkpoint uses (after retention, and at start-up for what a crash left).
-        While some step's manifest does not parse, nothing is deleted: it may still use any of them."""
+        """Delete objects that no manifest in the run mentions (after retention, and at start-up for what a
+        crash left): every ``<folder>/manifest.json`` counts, whatever the folder's name (a renamed checkpoint,
+        another template's). While some step's manifest does not parse, nothing is deleted: it may still use
+        any of them."""
         if self.damaged:
             return
         with self._mutex:
-            used = set().union(*(self._refs.get(step, set()) for step in self._checkpoints))
-        objects.collect(RemoteStorage(f"{self.directory}/{objects.OBJECTS_DIR}", self.storage_options), used)
+            store = RemoteStorage(f"{self.directory}/{objects.OBJECTS_DIR}", self.storage_options)
+            objects.collect_unused(self.run, store)
 
     def _check_target(self, step: int) -> str:
         """The step's name, after checking it may be written; nothing is written."""
@@ -318,7 +318,7 @@ class RemoteCheckpointManager(RunView):
         """A committed step read back, then ``latest`` moved to it and retention applied."""
         with self._mutex:
             name = self.template.format(step=step)
-            self._refs[step] = objects.referenced(self._read_back(name, step))
+            self._read_back(name, step)
             url = f"{self.directory}/{name}"
             self._checkpoints[step] = CheckpointInfo(step=step, path=url, metrics=plain, time=now, size=size)
             with self.run.open_write(LATEST_OBJECT) as sink:
