@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import os
 import re
+import stat
+import warnings
 from collections.abc import Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
+import xxhash
 
 from torchkeep import _config
 from torchkeep.checkpoint.layout import MANIFEST_FILE
-from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError
+from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError, TorchkeepWarning
 from torchkeep.format.dtypes import CODE_TO_DTYPE, DTYPE_TO_CODE, ITEMSIZE
 from torchkeep.format.io import write_all
 from torchkeep.format.layout import byte_view, digest, fill_from
@@ -72,9 +75,17 @@ def describe(tensor: torch.Tensor, key: str) -> dict[str, Any]:
 
 
 def put(store: Storage, key: str, tensor: torch.Tensor) -> int:
-    """Write an object unless it is there; returns the bytes written (0 when it already was)."""
+    """Write an object unless it is there, sound; returns the bytes written (0 when it already was).
+
+    An object already in a folder is reused only once its bytes are checked against its key (it is
+    usually still in the page cache): one damaged on disk (a flipped bit, a stray write, a truncation)
+    is rewritten, atomically, from ``tensor``, with a warning naming it, so a damaged object never
+    spreads to later checkpoints. On an object store an object of the right size is trusted (reading
+    each one back at every save would download the run's unchanged tensors again).
+    """
     nbytes = tensor.numel() * tensor.element_size()
-    if store.exists(key) and store.size(key) == nbytes:
+    damage = _damage(store, key, nbytes)
+    if damage is None:
         return 0
     with store.open_write(key) as sink:  # atomic: whole or not at all, on a disk or an object store
         if is_staged(tensor):  # a GPU tensor: its bytes pass through the small pinned buffers
@@ -82,7 +93,43 @@ def put(store: Storage, key: str, tensor: torch.Tensor) -> int:
                 write_all(sink, piece)
         else:
             write_all(sink, byte_view(tensor))
+    if damage:
+        warnings.warn(
+            f"{where(store, key)}: this shared object was damaged ({damage}); rewrote it from the tensor being "
+            "saved (the same bytes as its key), so earlier checkpoints that use it load again",
+            TorchkeepWarning,
+            stacklevel=2,
+        )
     return nbytes
+
+
+def _damage(store: Storage, key: str, nbytes: int) -> str | None:
+    """Why the stored object ``key`` cannot be reused: "" when it is absent, None when it is sound."""
+    local = store.local_path(key)
+    if local is None:
+        return None if store.exists(key) and store.size(key) == nbytes else ""
+    try:
+        st = os.lstat(local)
+    except FileNotFoundError:
+        return ""
+    except OSError as exc:
+        return f"it cannot be read: {exc}"
+    if not stat.S_ISREG(st.st_mode):
+        return "it is not a plain file"  # a link or a folder: the reader refuses it
+    if st.st_size != nbytes:
+        return f"it holds {st.st_size} bytes, not {nbytes}"
+    hasher = xxhash.xxh3_64()
+    buffer = bytearray(min(nbytes, _config.OBJECT_CHECK_PIECE_BYTES))
+    view = memoryview(buffer)
+    try:
+        with open(local, "rb", buffering=0) as f:
+            while got := f.readinto(view):
+                hasher.update(view[:got])
+    except OSError as exc:
+        return f"it cannot be read: {exc}"
+    if f"{hasher.hexdigest()}-{nbytes}" != key:
+        return "its bytes no longer match its checksum"
+    return None
 
 
 def where(store: Storage, key: str) -> str:

@@ -110,8 +110,9 @@ class CheckpointManager(RunView):
         read_only: do not take the lock or clean up (for listing and restoring only).
         incremental: store each large tensor once, by content, in the run's ``objects/`` folder: a
             tensor that did not change since a kept checkpoint (a frozen backbone, a fine-tune's base
-            weights) is not written again. An object is deleted only when no manifest in the run folder
-            names it (a folder you renamed, or another template's, keeps its objects).
+            weights) is not written again, once its stored bytes are checked against its key (a damaged
+            one is rewritten, with a warning). An object is deleted only when no manifest in the run
+            folder names it (a folder you renamed, or another template's, keeps its objects).
             Such checkpoints are format version 2 (torchkeep older than this reads none of them).
         async_save: :meth:`save` returns once the state is copied into reusable staging buffers and
             writes, verifies and commits on a background thread (then moves ``latest`` and applies
