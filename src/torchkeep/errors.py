@@ -111,11 +111,15 @@ class TorchkeepWarning(UserWarning):
 
 
 class LoadMismatchError(TorchkeepError, RuntimeError):
-    """A strict load found missing, unexpected or mismatched keys; the model was left unchanged."""
+    """A strict load found missing, unexpected or mismatched keys, or a checkpoint lacks an object asked for
+    (``load_checkpoint(..., scheduler=s)``: ``.report.missing`` names it); nothing was modified."""
 
-    def __init__(self, report: LoadReport, source: str) -> None:
+    def __init__(self, report: LoadReport, source: str, *, problem: str | None = None) -> None:
         self.report = report
         self.source = source
+        if problem is not None:  # not about a model's keys: what is missing, and the way out
+            super().__init__(f"{source}: {problem}")
+            return
         super().__init__(
             f"cannot load {source} strictly, the model was left unchanged:\n{report}\n"
             "Pass strict=False to load the keys that match, or remap= to rename keys."

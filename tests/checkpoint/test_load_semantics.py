@@ -253,3 +253,73 @@ def test_map_location_is_applied_to_every_kind_of_input(tmp_path: Path, kind: st
     if kind != "safetensors":  # values come back where map_location says
         values = torchkeep.load_checkpoint(source, map_location="meta", rng=False)
         assert values["loss"].device.type == "meta"
+
+
+# 5. errors that name what is wrong
+
+
+@pytest.mark.parametrize("kind", ["pth", "torchkeep"])
+def test_a_scheduler_the_checkpoint_lacks_is_named(tmp_path: Path, kind: str) -> None:
+    model, opt = trained()
+    source = saved_both_ways(tmp_path, model, opt)[0 if kind == "pth" else 1]
+    model2, opt2 = net(seed=1), torch.optim.Adam(net(seed=1).parameters())
+    scheduler = torch.optim.lr_scheduler.StepLR(opt2, step_size=3)
+    before = {k: v.clone() for k, v in model2.state_dict().items()}
+    with pytest.raises(torchkeep.LoadMismatchError) as caught:
+        torchkeep.load_checkpoint(source, model=model2, optimizer=opt2, scheduler=scheduler, rng=False)
+    message = str(caught.value)
+    assert message.startswith(f"{source}: the checkpoint holds no state for the scheduler (it holds: model, optim")
+    assert "strict=False" in message and "remap" not in message and "in the model" not in message
+    assert caught.value.report.missing == ["scheduler"]
+    assert_same_state(before, dict(model2.state_dict()))
+    with pytest.warns(torchkeep.TorchkeepWarning, match="holds no state for the scheduler; left as it is") as warned:
+        torchkeep.load_checkpoint(source, model=model2, scheduler=scheduler, strict=False, rng=False)
+    assert all(w.filename == __file__ for w in warned)
+    assert_same_state(dict(model.state_dict()), dict(model2.state_dict()))
+
+
+def test_a_missing_component_is_named_as_passed(tmp_path: Path) -> None:
+    model, _ = trained()
+    torchkeep.save_checkpoint(tmp_path / "ck", model=model, rng=False)
+    ema = net(seed=2)
+    with pytest.raises(torchkeep.LoadMismatchError, match=r"no state for the components\['ema'\] \(it holds: model\)"):
+        torchkeep.load_checkpoint(tmp_path / "ck", components={"ema": ema}, rng=False)
+
+
+@pytest.mark.parametrize("kind", ["pth", "torchkeep"])
+@pytest.mark.parametrize(
+    ("saved_with", "loaded_into", "names"),
+    [
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), torch.optim.Adam, "['dampening', 'momentum', 'nesterov']"),
+        (torch.optim.Adam, lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), "['amsgrad', 'betas'"),
+    ],
+)
+def test_state_of_another_optimizer_class_is_refused(
+    tmp_path: Path, kind: str, saved_with: Any, loaded_into: Any, names: str
+) -> None:
+    source = saved_both_ways(tmp_path, *trained(saved_with))[0 if kind == "pth" else 1]
+    model = net(seed=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = loaded_into(model.parameters())
+    with pytest.raises(torchkeep.StateMismatchError) as caught:
+        torchkeep.load_checkpoint(source, model=model, optimizer=opt, rng=False)
+    message = str(caught.value)
+    assert str(source) in message and "from another optimizer" in message and names in message
+    assert_same_state(before, dict(model.state_dict()))
+    assert not opt.state
+
+
+def test_hyperparameters_added_by_a_newer_torch_or_a_scheduler_still_load(tmp_path: Path) -> None:
+    model, opt = trained()
+    state = opt.state_dict()
+    for group in state["param_groups"]:  # as an older torch saved it, with a scheduler's initial_lr
+        del group["decoupled_weight_decay"], group["fused"]
+        group["initial_lr"] = group["lr"]
+    torch.save({"model_state_dict": model.state_dict(), "optimizer_state_dict": state}, tmp_path / "old.pth")
+    model2 = net(seed=1)
+    opt2 = torch.optim.Adam(model2.parameters())
+    torchkeep.load_checkpoint(tmp_path / "old.pth", model=model2, optimizer=opt2, rng=False)
+    assert_same_state(opt.state_dict()["state"], opt2.state_dict()["state"])
+    step(model, opt)
+    step(model2, opt2)
+    assert_same_state(dict(model.state_dict()), dict(model2.state_dict()))

@@ -430,6 +430,29 @@ def _fqn_state_keys(saved: Any, model: Any, optimizer: Any, source: str) -> Any:
     }
 
 
+# Keys LR schedulers and SWA add to an optimizer's parameter groups, and the parameters themselves: not the
+# optimizer's own hyperparameters.
+_NOT_HYPERPARAMETERS = frozenset(
+    {"params", "param_names", "initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum", "swa_lr"}
+)
+
+
+def _check_same_class(optimizer: Any, mine: Mapping[Any, Any], theirs: Mapping[Any, Any], path: str) -> None:
+    """Saved parameter groups with hyperparameters this optimizer lacks, lacking some of its own, come from
+    another optimizer class (SGD's momentum/nesterov against Adam's betas/eps). Keys on one side only are
+    torch versions adding hyperparameters (``foreach``, ``fused``, ``decoupled_weight_decay``...): they load."""
+    saved_only = sorted(str(k) for k in theirs if k not in mine and k not in _NOT_HYPERPARAMETERS)
+    live_only = sorted(str(k) for k in mine if k not in theirs and k not in _NOT_HYPERPARAMETERS)
+    if saved_only and live_only:
+        raise StateMismatchError(
+            path,
+            f"the saved optimizer state is from another optimizer than this {type(optimizer).__name__}: its "
+            f"parameter groups have {saved_only}, which this one lacks, and lack its {live_only}. Restore it "
+            "into the optimizer class it was saved from, or leave optimizer= out to restore the rest; nothing "
+            "changed",
+        )
+
+
 def _check_optimizer(optimizer: Any, saved: Any, path: str) -> None:
     """The checks torch's load_state_dict makes, before anything is modified."""
     groups = getattr(optimizer, "param_groups", None)
@@ -448,6 +471,7 @@ def _check_optimizer(optimizer: Any, saved: Any, path: str) -> None:
             f"the optimizer has {len(groups)} parameter groups, the checkpoint {len(saved_groups)}; nothing changed",
         )
     for i, (mine, theirs) in enumerate(zip(groups, saved_groups, strict=True)):
+        _check_same_class(optimizer, mine, theirs, path)
         if len(mine["params"]) != len(theirs["params"]):
             raise StateMismatchError(
                 path,
@@ -708,10 +732,21 @@ def prepare_restore(source: str, saved: Mapping[str, Any], wanted: Mapping[str, 
     """
     absent = [key for key in wanted if saved.get(key) is None]
     if absent:
-        message = f"{source}: the checkpoint holds no state for {absent}"
+        names = ", ".join(_object_name(key) for key in absent)
+        it, it_is = ("it", "it is") if len(absent) == 1 else ("them", "they are")
+        held = ", ".join(_object_name(key) for key in saved if saved[key] is not None) or "none of them"
         if strict:
-            raise LoadMismatchError(LoadReport(missing=absent, source=source), source)
-        warnings.warn(message + "; left as they are", TorchkeepWarning, stacklevel=3)
+            raise LoadMismatchError(
+                LoadReport(missing=absent, source=source),
+                source,
+                problem=f"the checkpoint holds no state for the {names} (it holds: {held}); nothing was modified. "
+                f"Pass strict=False to restore the rest and leave {it} as {it_is}",
+            )
+        warnings.warn(
+            f"{source}: the checkpoint holds no state for the {names}; left as {it_is}",
+            TorchkeepWarning,
+            stacklevel=_caller_stacklevel(),
+        )
     restore = Restore(source, [], [])
     for key, obj in wanted.items():
         value = saved.get(key)
@@ -731,6 +766,11 @@ def prepare_restore(source: str, saved: Mapping[str, Any], wanted: Mapping[str, 
                 state = _fit_state_shapes(obj, state, f"{source} [{key}]", wanted.get("model"), strict)
             restore.states.append((key, obj, state))
     return restore
+
+
+def _object_name(key: str) -> str:
+    """How the caller named an object: ``scheduler``, or ``components['ema']``."""
+    return f"components[{key.removeprefix('components.')!r}]" if key.startswith("components.") else key
 
 
 @dataclass
