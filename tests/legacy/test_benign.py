@@ -181,3 +181,37 @@ def test_load_checkpoint_accepts_weights_only_sources(tmp_path: Path) -> None:
         fresh = Net()
         assert torchkeep.load_checkpoint(source, model=fresh) == {}
         assert_same_tensors(model.state_dict(), fresh.state_dict())
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_paths_in_a_checkpoint_are_plain_values(tmp_path: Path, protocol: int) -> None:
+    """``args.data_dir`` saved as a ``pathlib.Path`` is a name, not code: scanned safe, read back as a path."""
+    import pathlib
+    import pickle
+    import subprocess
+    import sys
+
+    model = nn.Linear(2, 2)
+    state = {
+        "model_state_dict": model.state_dict(),
+        "data_dir": pathlib.Path("/data/cifar"),
+        "windows": pathlib.PureWindowsPath("C:/runs/a"),
+        "relative": pathlib.PurePosixPath("runs", "b"),
+    }
+    torch.save(state, tmp_path / "ck.pth", pickle_protocol=protocol)
+    done = subprocess.run(
+        [sys.executable, "-m", "torchkeep", "scan", str(tmp_path / "ck.pth")], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    restored = nn.Linear(2, 2)
+    rest = torchkeep.load_checkpoint(tmp_path / "ck.pth", model=restored)
+    assert rest["data_dir"] == pathlib.Path("/data/cifar") and type(rest["data_dir"]) is type(pathlib.Path())
+    assert rest["windows"] == pathlib.PureWindowsPath("C:/runs/a")
+    assert rest["relative"] == pathlib.PurePosixPath("runs/b")
+    assert_same_tensors(restored.state_dict(), model.state_dict())
+    # A method reached through the class stays what it is: code.
+    hostile = b"\x80\x04\x95\x00\x00\x00\x00\x00\x00\x00\x00\x8c\x07pathlib\x94\x8c\x0fPath.write_text\x94\x93\x94."
+    (tmp_path / "hostile.pkl").write_bytes(hostile)
+    with pytest.raises(torchkeep.UnsafeCheckpointError, match="write_text"):
+        torchkeep.load(tmp_path / "hostile.pkl")
+    assert pickle.loads(hostile) is pathlib.Path.write_text  # what a real unpickler would hand out

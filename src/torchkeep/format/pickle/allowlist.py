@@ -18,6 +18,8 @@ import _compat_pickle
 import codecs
 import collections
 import math
+import os
+import pathlib
 from typing import Any
 
 import numpy as np
@@ -162,7 +164,38 @@ def safe_device(kind: Any, index: Any = None) -> torch.device:
     raise RefusedData(f"torch.device from {describe(kind)}")
 
 
+_MAX_PATH_CHARS = 4096  # PATH_MAX: a longer "path" is no path
+
+
+def _path_parts(parts: tuple[Any, ...], what: str) -> tuple[str, ...]:
+    """A path's parts as pickles write them (``PosixPath('a', 'b')``): a few strings, nothing else."""
+    if not all(type(p) is str for p in parts) or sum(len(p) for p in parts) > _MAX_PATH_CHARS:
+        raise RefusedData(f"{what} from anything but a few strings")
+    charge(_ITEM * len(parts) + sum(len(p) for p in parts), what)
+    return parts
+
+
+def safe_path(*parts: Any) -> pathlib.PurePath:
+    """``pathlib.Path`` (a ``PosixPath``, or a ``WindowsPath`` saved on Windows): only a name, nothing on the
+    disk is touched by making one; a Windows path comes back pure, as no other can exist here."""
+    return pathlib.Path(*_path_parts(parts, "a path"))
+
+
+def safe_windows_path(*parts: Any) -> pathlib.PureWindowsPath:
+    return pathlib.PureWindowsPath(*_path_parts(parts, "a Windows path"))
+
+
+def safe_pure_posix_path(*parts: Any) -> pathlib.PurePosixPath:
+    return pathlib.PurePosixPath(*_path_parts(parts, "a path"))
+
+
 _FIXED: dict[tuple[str, str], Any] = {
+    ("pathlib", "Path"): safe_path,
+    ("pathlib", "PosixPath"): safe_path if os.name == "posix" else safe_pure_posix_path,
+    ("pathlib", "WindowsPath"): safe_windows_path if os.name == "posix" else safe_path,
+    ("pathlib", "PurePath"): safe_pure_posix_path if os.name == "posix" else safe_windows_path,
+    ("pathlib", "PurePosixPath"): safe_pure_posix_path,
+    ("pathlib", "PureWindowsPath"): safe_windows_path,
     ("collections", "OrderedDict"): safe_ordered_dict,
     ("builtins", "set"): safe_set,
     ("builtins", "frozenset"): safe_frozenset,
