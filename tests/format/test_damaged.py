@@ -303,3 +303,27 @@ def test_a_fifo_or_device_under_a_weight_name_is_refused_not_waited_on(tmp_path:
         assert [p.reason for p in report.problems] == [f"is a {kind}{' (named pipe)' if kind == 'FIFO' else ''}, "
                                                        "not a regular file: not read"]  # fmt: skip
     assert main(["ls", str(tmp_path)]) == 0  # each entry says it is not readable; the listing goes on
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="needs FIFOs")
+def test_a_fifo_as_an_index_or_a_shard_is_refused(tmp_path: Path) -> None:
+    import os
+
+    index = tmp_path / "model.safetensors.index.json"
+    os.mkfifo(index)
+    with pytest.raises(CorruptCheckpointError, match="is a FIFO") as info:
+        torchkeep.load(index)
+    assert info.value.path == str(index)
+    with pytest.raises(CorruptCheckpointError, match="is a FIFO"):
+        torchkeep.load_into(torch.nn.Linear(2, 2), index)
+
+
+def test_a_bad_header_whose_length_starts_like_a_pickle_keeps_its_own_problem(tmp_path: Path) -> None:
+    # A 128-byte header: its length prefix begins with 0x80, a pickle's first byte; the message named the
+    # file "not readable as a pickle" instead of the header's real problem.
+    header = json.dumps({"a": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    header += b" " * (128 - len(header))
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(4))
+    with pytest.raises(CorruptCheckpointError, match="unknown dtype 'F99'"):
+        torchkeep.load(path)

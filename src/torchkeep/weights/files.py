@@ -8,7 +8,7 @@ from pathlib import Path
 
 from torchkeep import _config
 from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError
-from torchkeep.format.names import member
+from torchkeep.format.names import member, refuse_special
 from torchkeep.format.sharding import parse_index
 
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -35,6 +35,7 @@ def resolve(path: str | os.PathLike[str]) -> WeightFiles:
     p = Path(path)
     if not p.exists():
         raise CheckpointNotFoundError(p)
+    refuse_special(p)  # a FIFO or a device under a weights name: reading it could block forever
     if p.is_dir():
         return _resolve_dir(p)
     if p.name.endswith(INDEX_SUFFIX) or p.suffix == ".json":
@@ -79,6 +80,7 @@ def _resolve_pickled_dir(folder: Path) -> WeightFiles:
 
 
 def _from_index(index: Path) -> WeightFiles:
+    refuse_special(index)
     try:
         if index.stat().st_size > _config.MAX_JSON_BYTES:
             raise CorruptCheckpointError(index, f"index is over the limit of {_config.MAX_JSON_BYTES} bytes")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,9 +17,11 @@ from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError
 from torchkeep.format.deploy import DEPLOY_KINDS
 from torchkeep.format.io import map_tensors, read_tensors, verify_mapped, verify_mapped_files
 from torchkeep.format.layout import Header, read_header
+from torchkeep.format.names import refuse_special
 from torchkeep.format.pickle.dcp import is_dcp_dir, read_dcp
 from torchkeep.state.devices import MapLocation, placer
 from torchkeep.storage.remote import is_url
+from torchkeep.weights.contents import extra_states_at
 from torchkeep.weights.files import WeightFiles, resolve
 from torchkeep.weights.legacy import Kind, detect_kind, detect_once, extract_state_dict, read_raw
 
@@ -46,15 +49,20 @@ def open_header(f: Any, path: str) -> Header:
         return read_header(f, path, size)
     except CorruptCheckpointError as exc:
         foreign = _describe_foreign(f)
-        if foreign is None:
-            raise
+        f.seek(0)
+        prefix = f.read(9)
+        declared = struct.unpack("<Q", prefix[:8])[0] if len(prefix) == 9 else 0
+        if foreign is None or (prefix[8:9] == b"{" and 0 < declared <= size - 8):
+            raise  # a safetensors header that fits the file: its own problem is the one to tell
         raise CorruptCheckpointError(
             path, f"not a valid safetensors file, and not readable as {foreign} either"
         ) from exc
 
 
 def open_weights_file(path: str) -> BinaryIO:
-    """An unbuffered reader, with a missing file or a folder reported as CheckpointNotFoundError."""
+    """An unbuffered reader, with a missing file or a folder reported as CheckpointNotFoundError (a FIFO or
+    a device as CorruptCheckpointError: reading one could block forever)."""
+    refuse_special(path)
     try:
         return open(path, "rb", buffering=0)
     except FileNotFoundError as exc:
@@ -98,10 +106,12 @@ def read_weights(
     trusted: bool = False,
     key: str | None = None,
     seen: dict[str, Kind] | None = None,
+    extra_state: dict[str, Any] | None = None,
 ) -> dict[str, torch.Tensor]:
     """All tensors of a resolved set of files, checked against the index if there is one (``key``: where a
     pickled checkpoint dict keeps the weights, as :func:`load` takes it; ``seen``: the files' kinds, when the
-    caller detected them already, as :func:`detect_once` keeps them)."""
+    caller detected them already, as :func:`detect_once` keeps them; ``extra_state``: filled with the modules'
+    extra states a pickled file holds beside its weights, which are not tensors)."""
     paths = [files.path(name) for name in files.files]
     seen = {} if seen is None else seen
     kinds = [detect_once(path, seen) for path in paths]
@@ -120,6 +130,8 @@ def read_weights(
         else:
             raw = read_raw(path, trusted=trusted, kind=kind)
             tensors = raw if kind in DEPLOY_KINDS else extract_state_dict(raw, path, key)
+            if extra_state is not None and kind not in DEPLOY_KINDS:
+                extra_state.update(extra_states_at(raw, key))
             aliases = {}
         add_file(out, tensors, aliases, files.expected, name, path)
     return out
