@@ -127,3 +127,12 @@ def test_output_into_a_closed_pipe_is_not_an_error(tmp_path: Path) -> None:
     )
     assert done.stdout.splitlines()[-1] == "status=141", done.stdout[-500:] + done.stderr
     assert done.stderr == ""
+
+
+def test_dot_is_a_path_like_any_other(
+    weights: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(weights.parent)
+    assert main(["inspect", "."]) == 0  # it said "PosixPath('.') has an empty name"
+    assert "head.weight" in capsys.readouterr().out
+    assert main(["verify", "."]) == 0

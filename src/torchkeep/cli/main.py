@@ -53,6 +53,7 @@ def _export_spec(path: Path) -> dict[str, Any] | None:
     from torchkeep.exporting.report import SPEC_FORMAT, SPEC_SUFFIX
     from torchkeep.format.jsondoc import parse_json
 
+    path = Path(os.path.abspath(path))  # "." has no name to put a suffix on
     side = path.with_name(path.name + SPEC_SUFFIX)
     if not side.is_file() or side.stat().st_size > 1 << 20:
         return None

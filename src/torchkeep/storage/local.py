@@ -241,6 +241,8 @@ _NAME_MAX = 255  # bytes: the limit of a name on every filesystem torchkeep writ
 
 def temporary_sibling(target: Path) -> Path:
     """A fresh hidden name beside ``target`` (``.<name>.tmp-<hex>``), never longer than a name may be."""
+    if not target.name or target.name == "..":
+        target = Path(os.path.abspath(target))  # "." and "..": the folder they name
     name = target.name
     room = _NAME_MAX - len(f".{TEMP_MARKER}") - 12
     while len(name.encode(errors="surrogateescape")) > room:  # a name near the limit: its start is enough
