@@ -194,8 +194,10 @@ def load(
             file (writes never reach it), verified by hashing the mapped pages, so no second copy
             is made; a cast or a device move makes a private copy. ``True``: mapped and lazy, nothing
             read until used, checksums not checked (``torchkeep verify`` does). ``False``: a private
-            copy in fresh memory, verified as it is read. A mapped file must not be truncated in
-            place while you hold its tensors (torchkeep never writes in place).
+            copy in fresh memory, verified as it is read. Mapped tensors read the file for as long
+            as they live: a file replaced whole (torchkeep's saves, ``mv``) is safe; one rewritten in
+            place (``cp``, ``shutil.copyfile``) changes their values, and one truncated in place ends
+            the process (SIGBUS). Pass ``mmap=False`` when another program may rewrite the file.
         dtype: cast floating-point tensors to this dtype; integer and bool tensors keep theirs.
         verify: check each tensor against the checksum torchkeep recorded (files from other
             writers have none and are loaded unchecked; zip archives are CRC-checked).
