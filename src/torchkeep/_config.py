@@ -39,3 +39,6 @@ MAX_DCP_LIST = 1 << 20
 # torch.distributed: the longest a collective of a distributed save or load waits for the other ranks
 # (a dead or stuck rank then fails the save everywhere instead of hanging it).
 COLLECTIVE_TIMEOUT_S = 600.0
+# A temporary of a save (".<name>.tmp-...") untouched for this long was left by a killed writer: the next
+# save of the same name removes it (a live writer touches its temporary far more often).
+STALE_TEMPORARY_S = 15 * 60.0

@@ -134,3 +134,36 @@ def test_convert_into_a_project_folder_is_refused(tmp_path: Path, capsys: pytest
     err = capsys.readouterr().err
     assert "Traceback" not in err and "checkpoint_epoch_10.pth" in err
     assert tree(tmp_path / "checkpoints") == before
+
+
+def test_what_killed_saves_left_is_removed_by_the_next_save_of_the_name(tmp_path: Path) -> None:
+    """A SIGKILL leaves a hidden temporary (a whole checkpoint folder, a weights file); once it has not been
+    touched for STALE_TEMPORARY_S, the next save of the same name removes it. Fresh ones (a live writer's)
+    and other names' stay."""
+    import os
+    import time
+
+    from torchkeep import _config
+
+    def leftover(name: str, *, folder: bool, age: float) -> Path:
+        path = tmp_path / f".{name}.tmp-{os.urandom(6).hex()}"
+        if folder:
+            path.mkdir()
+            (path / "tensors.safetensors").write_bytes(b"x" * 100)
+            touched = [path / "tensors.safetensors", path]
+        else:
+            path.write_bytes(b"x" * 100)
+            touched = [path]
+        for p in touched:
+            os.utime(p, (time.time() - age, time.time() - age))
+        return path
+
+    old = _config.STALE_TEMPORARY_S
+    stale_ck = leftover("ck", folder=True, age=old + 60)
+    fresh_ck = leftover("ck", folder=True, age=5)
+    other = leftover("other", folder=True, age=old + 60)
+    stale_file = leftover("m.safetensors", folder=False, age=old + 60)
+    torchkeep.save_checkpoint(tmp_path / "ck", model=nn.Linear(2, 2))
+    torchkeep.save({"w": torch.ones(2)}, tmp_path / "m.safetensors")
+    assert not stale_ck.exists() and not stale_file.exists()
+    assert fresh_ck.exists() and other.exists()

@@ -15,6 +15,7 @@ import fcntl
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -250,6 +251,37 @@ def temporary_sibling(target: Path) -> Path:
     return target.with_name(f".{name}{TEMP_MARKER}{uuid.uuid4().hex[:12]}")
 
 
+def remove_stale_temporaries(folder: Path, belongs: Callable[[str], bool]) -> None:
+    """Remove what killed saves left in ``folder``: temporaries of names ``belongs`` accepts, untouched
+    (they and, for a folder, every entry in it) for ``STALE_TEMPORARY_S``. Best effort: a failure here
+    never fails the save that just committed."""
+    cutoff = time.time() - _config.STALE_TEMPORARY_S
+    with contextlib.suppress(OSError), os.scandir(folder) as entries:
+        stale = [
+            Path(entry.path)
+            for entry in entries
+            if (match := TEMPORARY.match(entry.name)) is not None
+            and belongs(match["base"])
+            and _last_touched(Path(entry.path)) < cutoff
+        ]
+    for path in stale:
+        with contextlib.suppress(OSError):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+
+def _last_touched(path: Path) -> float:
+    """The latest modification time of ``path`` and, for a folder, of what is directly in it."""
+    latest = path.lstat().st_mtime
+    if path.is_dir() and not path.is_symlink():
+        with os.scandir(path) as entries:
+            for entry in entries:
+                latest = max(latest, entry.stat(follow_symlinks=False).st_mtime)
+    return latest
+
+
 def refuse_foreign(target: Path, owned: Callable[[str], bool]) -> None:
     """Raise unless ``target`` is absent, a link, or a folder holding only files ``owned`` names (what this
     kind of save writes, and their temporaries): a save never replaces, and so deletes, anything else.
@@ -324,5 +356,6 @@ def commit_dir(temp: Path, target: Path, *, owned: Callable[[str], bool]) -> Non
                 os.rename(old, target)  # put the old one back: nothing is lost
                 raise
             _remove_replaced(old)
+    remove_stale_temporaries(target.parent, lambda base: base == target.name)
     with write_errors(target, "syncing its folder (the new folder is in place but may not be durable)"):
         fsync_dir(target.parent)

@@ -29,7 +29,7 @@ from torchkeep.format.sharding import (
 from torchkeep.format.staging import staged_digests
 from torchkeep.state.tensors import PreparedTensors, prepare, state_and_metadata
 from torchkeep.storage.base import Storage
-from torchkeep.storage.local import LocalStorage, write_errors
+from torchkeep.storage.local import LocalStorage, remove_stale_temporaries, write_errors
 from torchkeep.storage.remote import RemoteStorage, is_url, split_url
 from torchkeep.weights.files import FOREIGN_SUFFIXES, SAFETENSORS_SUFFIX
 
@@ -83,6 +83,7 @@ def save(
         with write_errors(target.parent, "creating the folder"):
             target.parent.mkdir(parents=True, exist_ok=True)
         write_weights(LocalStorage(target.parent), target.name, prepared, meta)
+        remove_stale_temporaries(target.parent, lambda base: base == target.name)  # what killed saves left
         return
     if target.suffix in FOREIGN_SUFFIXES or target.name.endswith(SAFETENSORS_SUFFIX):
         raise ValueError(
@@ -93,6 +94,7 @@ def save(
         raise CheckpointWriteError(target, "exists and is not a folder; give a folder, or a *.safetensors file name")
     limit = parse_size(max_shard_size) if max_shard_size is not None else None
     save_folder(LocalStorage(target), prepared, meta, limit)
+    remove_stale_temporaries(target, is_weights_file)  # what killed saves left
 
 
 def _live_shards(storage: Storage) -> set[str]:
