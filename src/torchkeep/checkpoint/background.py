@@ -8,16 +8,22 @@ save), and deep-copies the manifest, so training may go on changing the live ten
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import copy
+import os
+import sys
 import threading
+import traceback
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 
 from torchkeep.checkpoint.layout import CheckpointPlan
+from torchkeep.errors import TorchkeepError
 from torchkeep.state.tensors import PreparedTensors
 
 T = TypeVar("T")
@@ -83,7 +89,8 @@ class PendingSave(Generic[T]):
     """A checkpoint being written in the background.
 
     ``wait()`` returns what the save returns when done (a :class:`~torchkeep.CheckpointInfo` for a
-    manager) or raises the error that stopped it; ``done()`` says whether it finished.
+    manager) or raises the error that stopped it; ``done()`` says whether it finished. An error that
+    nothing raised (no ``wait()``, no next save, no ``close()``) is written to stderr at interpreter exit.
     """
 
     def __init__(self, step: int | None, path: Path, future: Future[T]) -> None:
@@ -91,6 +98,7 @@ class PendingSave(Generic[T]):
         self.path = path
         self._future = future
         self._reported = False
+        self._pid = os.getpid()
 
     def done(self) -> bool:
         return self._future.done()
@@ -99,8 +107,9 @@ class PendingSave(Generic[T]):
         """Block until durable (or failed); raises the background error, once."""
         try:
             return self._future.result(timeout)
-        except BaseException:
-            self._reported = True
+        except BaseException as exc:
+            if self._future.done() and self._future.exception() is exc:  # not a timeout of this wait
+                self._mark_reported()
             raise
 
     def join(self) -> None:
@@ -112,18 +121,86 @@ class PendingSave(Generic[T]):
         error = self._future.exception()
         if error is None or self._reported:
             return None
-        self._reported = True
+        self._mark_reported()
         return error
+
+    def _mark_reported(self) -> None:
+        self._reported = True
+        with _GUARD:
+            _UNSEEN.pop(self, None)
 
     def __repr__(self) -> str:
         state = "done" if self.done() else "writing"
         return f"PendingSave(step={self.step}, path={str(self.path)!r}, {state})"
 
 
+# Background saves that may yet fail unseen, in the order they started; one that succeeds, or whose error
+# is raised to someone, leaves. What is left at interpreter exit is written to stderr (_report_at_exit).
+_UNSEEN: dict[PendingSave[Any], None] = {}
+_GUARD = threading.Lock()
+_HOOKED = False
+
+
+def _watch(pending: PendingSave[Any]) -> None:
+    global _HOOKED
+    with _GUARD:
+        _UNSEEN[pending] = None
+        if not _HOOKED:
+            # An atexit function runs after the interpreter has joined the worker threads (finishing the
+            # saves in flight), before it tears modules down.
+            atexit.register(_report_at_exit)
+            _HOOKED = True
+
+    def settled(future: Future[Any]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            with _GUARD:
+                _UNSEEN.pop(pending, None)
+
+    pending._future.add_done_callback(settled)
+
+
+def _report_at_exit() -> None:
+    """Write each background save's error that nobody collected to stderr (warnings could be filtered away)."""
+    with _GUARD:
+        left = list(_UNSEEN)
+    for pending in left:
+        if pending._pid != os.getpid() or not pending.done():  # a forked child's copy; or still running
+            continue
+        error = pending.unreported_error()
+        if error is not None:
+            _to_stderr(_exit_message(pending, error))
+
+
+def _exit_message(pending: PendingSave[Any], error: BaseException) -> str:
+    step = f" (step {pending.step})" if pending.step is not None else ""
+    if isinstance(error, TorchkeepError):
+        detail = "".join(traceback.format_exception_only(type(error), error))
+    else:  # not a failure torchkeep foresaw: the whole traceback
+        detail = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    return (
+        f"torchkeep: the background save of {pending.path}{step} failed, and the program ended without its "
+        "error being raised (wait() on the handle or the manager, close(), or a next save raise it); "
+        f"this checkpoint was not saved:\n{detail}"
+    )
+
+
+def _to_stderr(message: str) -> None:
+    stream = sys.stderr if sys.stderr is not None else sys.__stderr__
+    try:
+        if stream is None:
+            raise OSError("no stderr")
+        stream.write(message if message.endswith("\n") else message + "\n")
+        stream.flush()
+    except (OSError, ValueError):  # closed or replaced by something that no longer works
+        with contextlib.suppress(OSError):
+            os.write(2, message.encode(errors="replace"))
+
+
 class Writer:
     """One worker thread; at most one save in flight (the caller waits for the previous one first).
 
-    The thread is not a daemon: at interpreter exit Python joins it, so a save in flight is finished.
+    The thread is not a daemon: at interpreter exit Python joins it, so a save in flight is finished; an
+    error nobody raised is then written to stderr.
     """
 
     def __init__(self) -> None:
@@ -134,7 +211,9 @@ class Writer:
         with self._lock:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchkeep-save")
-            return PendingSave(step, path, self._executor.submit(work))
+            pending = PendingSave(step, path, self._executor.submit(work))
+        _watch(pending)
+        return pending
 
     def shutdown(self) -> None:
         with self._lock:

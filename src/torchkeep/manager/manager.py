@@ -118,7 +118,8 @@ class CheckpointManager(RunView):
             writes, verifies and commits on a background thread (then moves ``latest`` and applies
             retention). One save is in flight at a time: the next ``save`` first waits for it. A
             background error is raised by the next ``save``, :meth:`wait` or :meth:`close` (or the
-            handle's ``wait()``); at interpreter exit a save in flight is finished.
+            handle's ``wait()``); at interpreter exit a save in flight is finished, and an error that
+            nothing raised is written to stderr (naming the checkpoint; the exit status is unchanged).
 
     Raises:
         CheckpointWriteError: another process writes here (the message names it), or the
@@ -220,6 +221,9 @@ class CheckpointManager(RunView):
         # Attributes are missing when __init__ failed early; at interpreter exit the OS drops the lock.
         if "_lease" in self.__dict__ and "_deleter" in self.__dict__ and "_writer" in self.__dict__:
             with contextlib.suppress(Exception):
+                pending, self._pending = self._pending, None
+                if pending is not None:
+                    pending.join()  # its error is not taken here: it is written to stderr at interpreter exit
                 self.close()
 
     def _clean_temporaries(self) -> None:
