@@ -211,3 +211,25 @@ def test_collected_on_its_own_deleter_thread_the_lock_is_released(tmp_path: Path
     assert lock_is_free(tmp_path)
     CheckpointManager(tmp_path).wait()  # anything the thread left is removed at the next start
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(("step-", ".step-"))] == ["step-00000101"]
+
+
+def test_a_lock_note_of_any_shape_is_no_crash(tmp_path: Path) -> None:
+    """The holder's note is read to name it; one nested too deep for json is just not shown."""
+    from torchkeep.manager.lock import LOCK_FILE
+
+    script = (
+        "import fcntl, sys; f = open(sys.argv[1], 'w'); fcntl.flock(f, fcntl.LOCK_EX); f.write('[' * 4000); "
+        "f.flush(); print('ready', flush=True); input()"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / LOCK_FILE)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        with pytest.raises(torchkeep.CheckpointWriteError, match="did not write which one"):
+            CheckpointManager(tmp_path)
+    finally:
+        child.stdin.write("\n")
+        child.stdin.close()
+        child.wait(timeout=30)
+        child.stdout.close()

@@ -147,5 +147,5 @@ def _holder(fd: int) -> str:
     try:
         note = json.loads(os.pread(fd, 4096, 0).decode())
         return f"pid {int(note['pid'])} on {note['host']}, started at {_clock(float(note['started']))}"
-    except (OSError, ValueError, KeyError, TypeError, OverflowError):
+    except (OSError, ValueError, KeyError, TypeError, OverflowError, RecursionError):  # a note of any shape
         return "it did not write which one; a torchkeep older than this one, or it is starting up"
