@@ -34,3 +34,16 @@ def test_error_tree_inherits_the_builtins_callers_catch() -> None:
     for name in errors.__all__:
         if name != "TorchkeepWarning":
             assert issubclass(getattr(errors, name), errors.TorchkeepError)
+
+
+def test_importing_torchkeep_leaves_the_slow_optional_parts_unimported() -> None:
+    """`torchkeep --help` paid ~1 s for torch.distributed.checkpoint on every start; it is imported when used."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torchkeep, torchkeep.cli.main; "
+        "print(sorted(m for m in ('torch.distributed.checkpoint', 'fsspec') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from torchkeep.checkpoint.sharded import CheckedReader
+from torchkeep.checkpoint.direct_reads import CheckedReader
 from torchkeep.format.pickle.dcp import dcp_metadata
 
 

@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+from torch.distributed.checkpoint.filesystem import FileSystemReader
+from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.futures import Future
 
@@ -79,3 +83,35 @@ def _read_into_destination(window: ByteRange, label: str, item: ReadItem, planne
         raise CorruptCheckpointError(label, f"chunk of {item.dest_index.fqn!r} is truncated")
     planner.commit_tensor(item, target)
     return True
+
+
+class CheckedReader(FileSystemReader):
+    """DCP's file reader, given the metadata torchkeep read and checked instead of unpickling it; for
+    files already verified against the manifest, which it reads straight into the destinations."""
+
+    def __init__(self, path: Path, metadata: Any) -> None:
+        super().__init__(path)
+        self._checked = metadata
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        self._checked.storage_meta = StorageMeta(load_id=self.load_id)
+        return self._checked
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        return read_data_direct(self, plan, planner, super().read_data)
+
+
+class CheckedFsspecReader(FsspecReader):
+    """DCP's fsspec reader (object stores), given the checked metadata instead of unpickling it; for
+    objects already verified against the manifest, which it reads straight into the destinations."""
+
+    def __init__(self, path: str, metadata: Any, **storage_options: Any) -> None:
+        super().__init__(path, **storage_options)
+        self._checked = metadata
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        self._checked.storage_meta = StorageMeta(load_id=self.load_id)
+        return self._checked
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        return read_data_direct(self, plan, planner, super().read_data)

@@ -30,14 +30,8 @@ from typing import Any
 
 import torch
 import xxhash
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
-from torch.distributed.checkpoint.filesystem import FileSystemReader
-from torch.distributed.checkpoint.metadata import MetadataIndex, StorageMeta
-from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
-from torch.futures import Future
 
 from torchkeep import _config
-from torchkeep.checkpoint.direct_reads import read_data_direct
 from torchkeep.checkpoint.layout import CHECKSUM_KEY
 from torchkeep.errors import CorruptCheckpointError
 from torchkeep.format.dtypes import CODE_TO_DTYPE, DTYPE_TO_CODE
@@ -54,6 +48,8 @@ from torchkeep.weights.remote import load_url
 
 def layout_of(metadata: Any) -> dict[str, Any]:
     """DCP's ``Metadata`` of a save (tensors only: torchkeep sends DCP nothing else) as JSON."""
+    from torch.distributed.checkpoint.metadata import MetadataIndex  # DCP: imported when used (slow)
+
     layout: dict[str, Any] = {}
     for key, entry in metadata.state_dict_metadata.items():
         chunks = []
@@ -71,6 +67,7 @@ def layout_metadata(layout: Any, files: dict[str, dict[str, Any]], path: str) ->
     from torch.distributed.checkpoint.metadata import (
         ChunkStorageMetadata,
         Metadata,
+        MetadataIndex,
         TensorProperties,
         TensorStorageMetadata,
     )
@@ -301,38 +298,8 @@ class Where:
         return read_file(path, mmap=False, verify=True)[1]
 
     def dcp_reader(self, folder: str, metadata: Any) -> Any:
+        from torchkeep.checkpoint.direct_reads import CheckedFsspecReader, CheckedReader  # DCP: slow to import
+
         if self.remote:
             return CheckedFsspecReader(self.join(folder), metadata, **dict(self.storage_options or {}))
         return CheckedReader(Path(self.join(folder)), metadata)
-
-
-class CheckedReader(FileSystemReader):
-    """DCP's file reader, given the metadata torchkeep read and checked instead of unpickling it; for
-    files already verified against the manifest, which it reads straight into the destinations."""
-
-    def __init__(self, path: Path, metadata: Any) -> None:
-        super().__init__(path)
-        self._checked = metadata
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-        self._checked.storage_meta = StorageMeta(load_id=self.load_id)
-        return self._checked
-
-    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        return read_data_direct(self, plan, planner, super().read_data)
-
-
-class CheckedFsspecReader(FsspecReader):
-    """DCP's fsspec reader (object stores), given the checked metadata instead of unpickling it; for
-    objects already verified against the manifest, which it reads straight into the destinations."""
-
-    def __init__(self, path: str, metadata: Any, **storage_options: Any) -> None:
-        super().__init__(path, **storage_options)
-        self._checked = metadata
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-        self._checked.storage_meta = StorageMeta(load_id=self.load_id)
-        return self._checked
-
-    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        return read_data_direct(self, plan, planner, super().read_data)
