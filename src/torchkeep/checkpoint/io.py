@@ -44,7 +44,7 @@ from torchkeep.errors import (
 from torchkeep.format.names import member
 from torchkeep.format.pickle.dcp import is_dcp_dir, read_dcp
 from torchkeep.state.devices import MapLocation, parse_device, placer
-from torchkeep.state.keys import WRAPPER_PREFIX, drop_compile_segments, unwrap_model
+from torchkeep.state.keys import WRAPPER_PREFIX, drop_compile_segments, is_extra_state, unwrap_model
 from torchkeep.state.rng import check_rng, restore_rng
 from torchkeep.state.tensors import PreparedTensors
 from torchkeep.state.values import Decoder
@@ -370,6 +370,8 @@ def _check_model_state(saved: Any, path: str) -> None:
     if not isinstance(saved, Mapping):
         raise CorruptCheckpointError(path, f"the saved model state is a {type(saved).__name__}, not a state dict")
     for name, value in saved.items():
+        if is_extra_state(name):  # a module's get_extra_state(): any value, given to its set_extra_state
+            continue
         if not isinstance(name, str) or not isinstance(value, torch.Tensor):
             raise CorruptCheckpointError(
                 path, f"the saved model state holds a {type(value).__name__} under {name!r:.80}, not a tensor"

@@ -85,7 +85,7 @@ class SaveRequest:
 def object_state(obj: Any) -> dict[str, Any]:
     """A module's unwrapped state dict, or any Stateful's ``state_dict()``."""
     if isinstance(obj, nn.Module):
-        return state_dict_of(obj)
+        return state_dict_of(obj, values=True)  # a module's extra state is kept, whatever it is
     if not isinstance(obj, Stateful):
         raise TypeError(f"{type(obj).__name__} has no state_dict()/load_state_dict(); it cannot be checkpointed")
     return obj.state_dict()

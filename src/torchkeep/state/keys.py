@@ -15,6 +15,12 @@ WRAPPER_PREFIX = "module."
 COMPILE_SEGMENT = "_orig_mod."
 
 Remap = Mapping[str, str] | Callable[[str], str]
+EXTRA_STATE_SUFFIX = "_extra_state"  # torch's key for a module's get_extra_state() (nn.Module._EXTRA_STATE_KEY_SUFFIX)
+
+
+def is_extra_state(key: object) -> bool:
+    """A state dict key holding a module's ``get_extra_state()``: any value, restored by ``set_extra_state``."""
+    return isinstance(key, str) and (key == EXTRA_STATE_SUFFIX or key.endswith("." + EXTRA_STATE_SUFFIX))
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

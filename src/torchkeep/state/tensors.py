@@ -14,7 +14,7 @@ from torch import nn
 from torchkeep.errors import TorchkeepWarning, UnsupportedTensorError
 from torchkeep.format.dtypes import DTYPE_TO_CODE, dtype_name
 from torchkeep.state import torch_ao
-from torchkeep.state.keys import drop_compile_segments, unwrap_model
+from torchkeep.state.keys import drop_compile_segments, is_extra_state, unwrap_model
 from torchkeep.state.wrappers import flatten_wrappers
 
 
@@ -30,14 +30,24 @@ class PreparedTensors:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
-def state_dict_of(obj: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors to save: a module's unwrapped state dict, or a mapping as given."""
-    return state_and_metadata(obj)[0]
+def state_dict_of(obj: nn.Module | Mapping[str, torch.Tensor], *, values: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors to save: a module's unwrapped state dict, or a mapping as given.
+
+    ``values``: the destination stores plain values too (a checkpoint's manifest), so a module's extra
+    state (``get_extra_state()``) is kept whatever it is; otherwise (a weights file) it must be a tensor.
+    """
+    return state_and_metadata(obj, values=values)[0]
 
 
-def state_and_metadata(obj: nn.Module | Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def state_and_metadata(
+    obj: nn.Module | Mapping[str, torch.Tensor], *, values: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """:func:`state_dict_of`, and the reserved metadata describing how torch.ao quantized entries were stored."""
     raw = _raw_state(obj)
+    if not values:
+        for key, value in raw.items():
+            if is_extra_state(key) and not isinstance(value, torch.Tensor):
+                raise UnsupportedTensorError(key, _EXTRA_STATE_HINT.format(type(value).__name__))
     metadata: dict[str, str] = {}
     if torch_ao.has_entries(raw):
         flat = torch_ao.flatten(raw)
@@ -49,6 +59,13 @@ def state_and_metadata(obj: nn.Module | Mapping[str, torch.Tensor]) -> tuple[dic
     return flatten_wrappers(raw), metadata
 
 
+_EXTRA_STATE_HINT = (
+    "is a module's extra state (get_extra_state()), a {}, and a weights file holds tensors only: save with "
+    "torchkeep.save_checkpoint(path, model=model), which stores it and restores it through set_extra_state, "
+    "or make get_extra_state() return a tensor"
+)
+
+
 def _raw_state(obj: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, Any]:
     if isinstance(obj, nn.Module):
         module = unwrap_model(obj)
@@ -58,6 +75,9 @@ def _raw_state(obj: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, Any]:
         for key, value in obj.items():
             if not isinstance(key, str):
                 raise TypeError(f"state dict keys must be str, got {key!r} ({type(key).__name__})")
+            if not isinstance(value, torch.Tensor) and is_extra_state(key):
+                out[key] = value  # refused by state_and_metadata unless the destination stores values
+                continue
             if not isinstance(value, torch.Tensor) and not torch_ao.is_entry(key, value):
                 raise UnsupportedTensorError(
                     key, f"is a {type(value).__name__}, not a tensor; save_checkpoint stores other values"

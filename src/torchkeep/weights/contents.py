@@ -5,8 +5,8 @@
 scalars such as a loss saved as a tensor are read). Each top-level entry gets a role, first match wins:
 
 1. a mapping with ``state`` and ``param_groups``: ``optimizer``;
-2. weights (:func:`is_weights`: string keys to tensors or arrays of numbers, not a lone generator state):
-   ``weights``;
+2. weights (:func:`is_weights`: string keys to tensors or arrays of numbers, and modules' extra states under
+   ``..._extra_state`` keys, not a lone generator state): ``weights``;
    also a mapping that holds weights under one of ``STATE_DICT_KEYS`` (nested one level: ``key/inner``);
 3. a mapping with ``last_epoch`` / ``base_lrs`` / ``_last_lr``: ``scheduler``;
 4. a mapping with ``scale`` and ``growth_factor`` (or ``_growth_tracker``): ``scaler`` (GradScaler);
@@ -42,6 +42,7 @@ import torch
 
 from torchkeep.format.dtypes import dtype_name
 from torchkeep.state import torch_ao
+from torchkeep.state.keys import is_extra_state
 
 READ_LIMIT = 64  # bytes: a storage up to this size is read (scalars, steps); larger ones stay meta
 CPU_RNG_STATE_BYTES = 5056  # torch.get_rng_state()'s size
@@ -136,7 +137,12 @@ def is_weights(value: Any) -> bool:
     """Named tensors (a state dict): string keys, tensors or arrays of numbers; not a lone generator state."""
     if not isinstance(value, Mapping) or not value:
         return False
-    if not all(isinstance(k, str) and (holds_numbers(v) or torch_ao.is_entry(k, v)) for k, v in value.items()):
+    if not all(
+        isinstance(k, str) and (holds_numbers(v) or torch_ao.is_entry(k, v) or is_extra_state(k))
+        for k, v in value.items()
+    ):
+        return False
+    if all(is_extra_state(k) for k in value):  # a module's get_extra_state() alone is not weights
         return False
     if len(value) == 1:
         ((key, only),) = value.items()
@@ -194,6 +200,15 @@ def weights_at(obj: Any, contents: Contents, key: str | None = None) -> Mapping[
     for step in where.split("/"):
         node = node.get(step) if isinstance(node, Mapping) else None
     return node if key is None or is_weights(node) else None  # contents found weights there already
+
+
+def extra_states_at(obj: Any, key: str | None = None) -> dict[str, Any]:
+    """The modules' extra states (``get_extra_state()`` values, under ``..._extra_state`` keys) beside the
+    weights that :func:`weights_at` finds in ``obj`` (``key`` as it takes it); tensors-only readers drop them."""
+    if not isinstance(obj, Mapping):
+        return {}
+    weights = weights_at(obj, classify(obj), key)
+    return {k: v for k, v in (weights or {}).items() if is_extra_state(k)}
 
 
 def split_objects(obj: Mapping[Any, Any], contents: Contents) -> tuple[dict[str, Any], dict[Any, Any]]:

@@ -15,7 +15,14 @@ from torchkeep.format.pickle.dcp import is_dcp_dir
 from torchkeep.state import torch_ao
 from torchkeep.state.copies import copy_into_live
 from torchkeep.state.devices import MapLocation
-from torchkeep.state.keys import Remap, compile_remap, drop_compile_segments, strip_wrapper_prefix, unwrap_model
+from torchkeep.state.keys import (
+    Remap,
+    compile_remap,
+    drop_compile_segments,
+    is_extra_state,
+    strip_wrapper_prefix,
+    unwrap_model,
+)
 from torchkeep.state.wrappers import flatten_wrappers
 from torchkeep.storage.remote import is_url
 from torchkeep.weights.files import resolve
@@ -111,7 +118,9 @@ def load_into(
             # Straight from the page cache into the model: the file is mapped, every checksum is checked
             # on the mapped pages first (so a strict load stays all-or-nothing), then each tensor is copied
             # once, into the parameter that already exists. No full copy of the state is ever allocated.
-            raw = read_weights(resolve(source), mmap=True, verify=verify, trusted=trusted)
+            extra: dict[str, Any] = {}  # modules' get_extra_state() values a torch.save file holds
+            raw = read_weights(resolve(source), mmap=True, verify=verify, trusted=trusted, extra_state=extra)
+            raw = {**raw, **extra}
         else:
             raw = load(source, map_location=map_location or "cpu", verify=verify, trusted=trusted)
     pending = match_model(model, raw, remap=remap, source_name=source_name)
@@ -161,7 +170,13 @@ def match_model(
 ) -> PendingLoad:
     """Match a state dict to a (possibly wrapped) model's keys, handling prefixes; touches nothing."""
     target = unwrap_model(model)
-    own_raw = target.state_dict(keep_vars=True)
+    own_all = target.state_dict(keep_vars=True)
+    # Modules' get_extra_state() values are opaque (any type, any shape): matched by key only, then given to
+    # load_state_dict, which calls set_extra_state.
+    own_extra = {drop_compile_segments(k): k for k in own_all if is_extra_state(k)}
+    own_raw = copy.copy(own_all)  # keeps the _metadata torch.ao modules' load hooks read
+    for key in own_extra.values():
+        del own_raw[key]
     quantized_ao = torch_ao.has_entries(own_raw)  # torch.ao modules: their quantized entries as plain parts
     own_state = flatten_wrappers(torch_ao.flatten(own_raw).tensors if quantized_ao else own_raw)
     wrapper_parts = {k: v for k, v in flatten_wrappers(own_raw).items() if k not in own_raw}
@@ -169,18 +184,30 @@ def match_model(
     model_state = {clean: own_state[orig] for clean, orig in model_keys.items()}
 
     cleaned = {drop_compile_segments(k): v for k, v in raw.items()}
-    strip = strip_wrapper_prefix(cleaned, set(model_state))
+    strip = strip_wrapper_prefix(cleaned, set(model_state) | set(own_extra))
     rename = compile_remap(remap)
     renamed: dict[str, torch.Tensor] = {}
+    extra: dict[str, Any] = {}
     for key, value in cleaned.items():
         new_key = rename(strip(key))
-        if new_key in renamed:
+        if new_key in renamed or new_key in extra:
             raise ValueError(f"remap sends two source keys to {new_key!r}")
-        renamed[new_key] = value
+        if is_extra_state(new_key):
+            extra[new_key] = value
+        else:
+            renamed[new_key] = value
     report, to_load = plan_load(model_state, renamed, source_name=source_name)
     pending = {model_keys[k]: v for k, v in to_load.items()}
     if quantized_ao:
         pending = _repack_torch_ao(target, own_raw, report, pending)
+    for key, value in extra.items():
+        if key in own_extra:
+            # the module keeps what it is given: a private copy, never a view of a mapped file
+            pending[own_extra[key]] = value.clone() if isinstance(value, torch.Tensor) else value
+            report.loaded.append(key)
+        else:
+            report.unexpected.append(key)
+    report.missing.extend(key for key in own_extra if key not in extra)
     return PendingLoad(target, report, pending, wrapper_parts, own_raw)
 
 
