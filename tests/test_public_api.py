@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import torchkeep
 import torchkeep.errors as errors
 
@@ -47,3 +49,25 @@ def test_importing_torchkeep_leaves_the_slow_optional_parts_unimported() -> None
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_warnings_name_the_callers_line(tmp_path: Path) -> None:
+    """However deep in torchkeep a warning is raised (through decorators and helpers), it points at the
+    line that called torchkeep, as Python's own warnings do."""
+    import warnings
+
+    import torch
+
+    weights = {"w": torch.ones(2)}
+    torch.save({"state_dict": weights, "model_state_dict": weights}, tmp_path / "two.pth")
+    model = torch.nn.Module()
+    model.register_buffer("w", torch.zeros(2))
+    for call in (
+        lambda: torchkeep.load(tmp_path / "two.pth"),
+        lambda: torchkeep.load_into(model, tmp_path / "two.pth"),
+        lambda: torchkeep.load(tmp_path / "two.pth", trusted=True),
+    ):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+        assert caught and all(w.filename == __file__ for w in caught), [(w.filename, str(w.message)) for w in caught]

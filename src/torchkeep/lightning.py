@@ -362,7 +362,7 @@ class TorchkeepCheckpointIO:
                 path.unlink(missing_ok=True)
                 continue
             with contextlib.suppress(OSError):  # gone meanwhile: nothing to do
-                remove_leftover(path, stacklevel=4)
+                remove_leftover(path)
 
     def _remove_remote(self, url: str) -> None:
         from torchkeep.checkpoint.layout import MANIFEST_FILE

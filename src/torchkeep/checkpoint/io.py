@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import sys
-import warnings
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ from torch import nn
 
 from torchkeep import _config
 from torchkeep._gc import gc_paused
+from torchkeep._warn import warn
 from torchkeep.checkpoint import objects
 from torchkeep.checkpoint.accelerate import is_accelerate_state, read_accelerate_state
 from torchkeep.checkpoint.background import PendingSave, StagingBuffers, submit
@@ -39,7 +38,6 @@ from torchkeep.errors import (
     CorruptCheckpointError,
     LoadMismatchError,
     StateMismatchError,
-    TorchkeepWarning,
 )
 from torchkeep.format.names import member
 from torchkeep.format.pickle.dcp import is_dcp_dir, read_dcp
@@ -556,22 +554,11 @@ def _fit_state_shapes(optimizer: Any, saved: Any, path: str, model: Any, strict:
             f"{listed}. The optimizer must be built over the same parameters, in the same order, as the one "
             "saved; pass strict=False to restore the rest and start these afresh; nothing changed",
         )
-    warnings.warn(
+    warn(
         f"{path}: the saved optimizer state of {len(misfits)} parameter(s) does not fit their shapes, so they "
-        f"start with fresh optimizer state (the rest is restored): {listed}",
-        TorchkeepWarning,
-        stacklevel=_caller_stacklevel(),
+        f"start with fresh optimizer state (the rest is restored): {listed}"
     )
     return {**saved, "state": {k: v for k, v in state.items() if k not in misfits}}
-
-
-def _caller_stacklevel() -> int:
-    """The ``stacklevel`` of the first frame outside torchkeep: a warning points at the caller's line."""
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
-        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
-    return level
 
 
 def _apply(key: str, obj: Any, state: Any, source: str, done: list[str]) -> None:
@@ -744,11 +731,7 @@ def prepare_restore(source: str, saved: Mapping[str, Any], wanted: Mapping[str, 
                 problem=f"the checkpoint holds no state for the {names} (it holds: {held}); nothing was modified. "
                 f"Pass strict=False to restore the rest and leave {it} as {it_is}",
             )
-        warnings.warn(
-            f"{source}: the checkpoint holds no state for the {names}; left as {it_is}",
-            TorchkeepWarning,
-            stacklevel=_caller_stacklevel(),
-        )
+        warn(f"{source}: the checkpoint holds no state for the {names}; left as {it_is}")
     restore = Restore(source, [], [])
     for key, obj in wanted.items():
         value = saved.get(key)

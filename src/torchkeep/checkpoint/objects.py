@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import stat
-import warnings
 from collections.abc import Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,8 +21,9 @@ import torch
 import xxhash
 
 from torchkeep import _config
+from torchkeep._warn import warn
 from torchkeep.checkpoint.layout import MANIFEST_FILE
-from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError, TorchkeepWarning
+from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError
 from torchkeep.format.dtypes import CODE_TO_DTYPE, DTYPE_TO_CODE, ITEMSIZE
 from torchkeep.format.io import write_all
 from torchkeep.format.layout import byte_view, digest, fill_from
@@ -94,11 +94,9 @@ def put(store: Storage, key: str, tensor: torch.Tensor) -> int:
         else:
             write_all(sink, byte_view(tensor))
     if damage:
-        warnings.warn(
+        warn(
             f"{where(store, key)}: this shared object was damaged ({damage}); rewrote it from the tensor being "
-            "saved (the same bytes as its key), so earlier checkpoints that use it load again",
-            TorchkeepWarning,
-            stacklevel=2,
+            "saved (the same bytes as its key), so earlier checkpoints that use it load again"
         )
     return nbytes
 

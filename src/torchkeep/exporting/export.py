@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import time
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +16,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from torchkeep.errors import ExportError, ExportVerificationError, TorchkeepError, TorchkeepWarning
+from torchkeep._warn import warn
+from torchkeep.errors import ExportError, ExportVerificationError, TorchkeepError
 from torchkeep.exporting import formats
 from torchkeep.exporting.inputs import BATCH, Inputs, normalise, redrawn, traceable
 from torchkeep.exporting.outputs import Check, compare, flatten
@@ -95,7 +95,7 @@ def export(
     if format == "onnx":
         formats.require_onnx()
     if format == "torchscript":
-        warnings.warn(TORCHSCRIPT_DEPRECATED, TorchkeepWarning, stacklevel=2)
+        warn(TORCHSCRIPT_DEPRECATED)
     target = unwrap_model(model)
     inputs = normalise(target, example_inputs, example_kwargs)
     if dynamic_batch and inputs.batch_size() is None:

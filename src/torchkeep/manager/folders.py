@@ -5,15 +5,15 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-import warnings
 from collections import deque
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from torchkeep._warn import warn
 from torchkeep.checkpoint.layout import DCP_TEMPORARY, MANIFEST_FILE, is_checkpoint_file, parse_manifest
-from torchkeep.errors import CorruptCheckpointError, TorchkeepWarning
+from torchkeep.errors import CorruptCheckpointError
 from torchkeep.manager.view import DEFAULT_TEMPLATE, template_pattern
 from torchkeep.storage.local import TEMPORARY
 
@@ -73,18 +73,16 @@ def remove_own(folder: Path) -> None:
         os.rmdir(folder)  # fails if anything else is inside: left for a person to look at
 
 
-def remove_leftover(folder: Path, *, stacklevel: int) -> None:
+def remove_leftover(folder: Path) -> None:
     """A folder a cut-short save or deletion left: removed when it holds only what a save writes (and their
     temporaries); else left, with a warning naming what else is in it."""
     foreign = foreign_files(folder, temporaries=True)
     if not foreign:
         remove_own(folder)
         return
-    warnings.warn(
+    warn(
         f"left {folder}: torchkeep left it (a save or a deletion cut short), but it also holds "
-        f"{', '.join(foreign)}, which torchkeep does not write; move them out and delete it",
-        TorchkeepWarning,
-        stacklevel=stacklevel + 1,
+        f"{', '.join(foreign)}, which torchkeep does not write; move them out and delete it"
     )
 
 

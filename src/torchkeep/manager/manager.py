@@ -9,13 +9,13 @@ import shutil
 import signal
 import threading
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from torchkeep._warn import warn
 from torchkeep.checkpoint import objects
 from torchkeep.checkpoint.background import PendingSave, StagingBuffers, Writer
 from torchkeep.checkpoint.io import load_checkpoint, share_tensors, write_checkpoint_dir
@@ -35,7 +35,6 @@ from torchkeep.errors import (
     CorruptCheckpointError,
     DistributedError,
     TorchkeepError,
-    TorchkeepWarning,
 )
 from torchkeep.manager import preemption
 from torchkeep.manager.folders import (
@@ -244,7 +243,7 @@ class CheckpointManager(RunView):
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
             elif self._name_pattern.match(base) and entry.is_dir(follow_symlinks=False):
-                remove_leftover(Path(entry.path), stacklevel=4)
+                remove_leftover(Path(entry.path))
 
     def _scan(self) -> dict[int, CheckpointInfo]:
         """Every checkpoint a manager wrote here, from the disk: one manifest read per folder."""
@@ -360,16 +359,14 @@ class CheckpointManager(RunView):
     def save_now(self, step: int, deadline: float, **kwargs: Any) -> bool:
         """The final, blocking save of :meth:`save_on_signal`; False when skipped (and why, as a warning)."""
         if self._saving:
-            warnings.warn("a signal arrived during save(): that save is the final one", TorchkeepWarning, stacklevel=2)
+            warn("a signal arrived during save(): that save is the final one")
             return False
         pending = self._pending
         if pending is not None:
             try:
                 pending.wait(timeout=max(deadline - time.monotonic(), 0.0))
             except TimeoutError:
-                warnings.warn(
-                    "the save in flight outlasted the deadline: no final save", TorchkeepWarning, stacklevel=2
-                )
+                warn("the save in flight outlasted the deadline: no final save")
                 return False
             except TorchkeepError:
                 pass  # that step failed; the final save below replaces it
@@ -552,11 +549,9 @@ class CheckpointManager(RunView):
                 if why is not None:
                     if path.name not in self._warned:
                         self._warned.add(path.name)
-                        warnings.warn(
+                        warn(
                             f"kept {path}: it {why}, so retention leaves it whole; move what you added out of it "
-                            "and a later save will retire it",
-                            TorchkeepWarning,
-                            stacklevel=4,
+                            "and a later save will retire it"
                         )
                     continue
                 # Renamed first: a crash mid-delete leaves a temporary name, cleaned at the next start.
@@ -641,7 +636,7 @@ class CheckpointManager(RunView):
             for name, why in self.damaged.items():
                 match = self._name_pattern.match(name)
                 if step == "latest" and match and int(match.group(1)) > newest:
-                    warnings.warn(f"skipped {self.directory / name}: {why}", TorchkeepWarning, stacklevel=2)
+                    warn(f"skipped {self.directory / name}: {why}")
             if self.group is not None:  # every rank restores the checkpoint rank 0 chose
                 order = self.group.exchange({"order": order}, self.directory, "choosing the checkpoint")[0]["order"]
             problems = []
@@ -665,7 +660,7 @@ class CheckpointManager(RunView):
                     if not isinstance(step, str):
                         raise
                     problems.append(f"{path}: {exc}")
-                    warnings.warn(f"skipped {path}: {exc}", TorchkeepWarning, stacklevel=2)
+                    warn(f"skipped {path}: {exc}")
                     continue
                 state.setdefault("step", candidate)
                 return state

@@ -6,12 +6,12 @@ import os
 import signal
 import threading
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
 from typing import Any, Protocol
 
-from torchkeep.errors import TorchkeepError, TorchkeepWarning
+from torchkeep._warn import warn
+from torchkeep.errors import TorchkeepError
 
 
 class _Saving(Protocol):
@@ -47,7 +47,7 @@ def install(
             step = kwargs.pop("step")
             manager.save_now(step, time.monotonic() + deadline, **kwargs)
         except (TorchkeepError, ValueError, TypeError, OSError) as exc:
-            warnings.warn(f"no final checkpoint on {sig.name}: {exc}", TorchkeepWarning, stacklevel=2)
+            warn(f"no final checkpoint on {sig.name}: {exc}")
         if callable(before):
             before(signum, frame)
         elif before == signal.SIG_DFL:

@@ -21,7 +21,6 @@ import socket
 import threading
 import time
 import uuid
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 from torch import nn
 
 from torchkeep import _config
+from torchkeep._warn import warn
 from torchkeep.checkpoint import objects
 from torchkeep.checkpoint.background import PendingSave, StagingBuffers, Writer
 from torchkeep.checkpoint.io import load_checkpoint, share_tensors
@@ -42,7 +42,6 @@ from torchkeep.errors import (
     CheckpointWriteError,
     CorruptCheckpointError,
     DistributedError,
-    TorchkeepWarning,
 )
 from torchkeep.manager.folders import manager_info
 from torchkeep.manager.policies import RetentionPolicy, plain_metrics, to_delete
@@ -353,11 +352,7 @@ class RemoteCheckpointManager(RunView):
             members = self._steps().get(name, [])
             foreign = [m for m in members if m != MANIFEST_FILE and not OWN_OBJECT.match(m)]
             if foreign:
-                warnings.warn(
-                    f"kept {self.directory}/{name}: it holds objects the manager did not write ({foreign[:3]})",
-                    TorchkeepWarning,
-                    stacklevel=4,
-                )
+                warn(f"kept {self.directory}/{name}: it holds objects the manager did not write ({foreign[:3]})")
                 continue
             self.run.delete(f"{name}/{MANIFEST_FILE}")  # uncommitted first: no reader takes it from here on
             del self._checkpoints[step]
@@ -415,7 +410,7 @@ class RemoteCheckpointManager(RunView):
                     if not isinstance(step, str):
                         raise
                     problems.append(f"{url}: {exc}")
-                    warnings.warn(f"skipped {url}: {exc}", TorchkeepWarning, stacklevel=2)
+                    warn(f"skipped {url}: {exc}")
                     continue
                 state.setdefault("step", candidate)
                 return state

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import random
-import warnings
 from typing import Any
 
 import numpy as np
 import torch
 
-from torchkeep.errors import CorruptCheckpointError, TorchkeepWarning
+from torchkeep._warn import warn
+from torchkeep.errors import CorruptCheckpointError
 
 
 def capture_rng() -> dict[str, Any]:
@@ -63,11 +63,9 @@ def restore_rng(state: dict[str, Any], *, source: str = "checkpoint") -> None:
     saved = state.get("cuda") or []
     available = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if saved and available != len(saved):
-        warnings.warn(
+        warn(
             f"{source}: saved the RNG state of {len(saved)} CUDA device(s) but {available} are available; "
-            f"restored {min(len(saved), available)}, so GPU randomness will not repeat exactly",
-            TorchkeepWarning,
-            stacklevel=3,
+            f"restored {min(len(saved), available)}, so GPU randomness will not repeat exactly"
         )
     for index in range(min(len(saved), available)):
         torch.cuda.set_rng_state(saved[index].cpu(), index)

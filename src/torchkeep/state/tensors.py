@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchkeep.errors import TorchkeepWarning, UnsupportedTensorError
+from torchkeep._warn import warn
+from torchkeep.errors import UnsupportedTensorError
 from torchkeep.format.dtypes import DTYPE_TO_CODE, dtype_name
 from torchkeep.state import torch_ao
 from torchkeep.state.keys import drop_compile_segments, is_extra_state, unwrap_model
@@ -51,7 +51,7 @@ def state_and_metadata(
     metadata: dict[str, str] = {}
     if torch_ao.has_entries(raw):
         flat = torch_ao.flatten(raw)
-        warnings.warn(torch_ao.MIGRATION, TorchkeepWarning, stacklevel=4)
+        warn(torch_ao.MIGRATION)
         raw, metadata[torch_ao.META_KEY] = (
             flat.tensors,
             json.dumps(flat.description(), sort_keys=True, separators=(",", ":")),

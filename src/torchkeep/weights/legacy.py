@@ -19,7 +19,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from torchkeep.errors import CorruptCheckpointError, TorchkeepError, TorchkeepWarning, UnsafeCheckpointError
+from torchkeep._warn import warn
+from torchkeep.errors import CorruptCheckpointError, TorchkeepError, UnsafeCheckpointError
 from torchkeep.format import deploy
 from torchkeep.format.names import refuse_special
 from torchkeep.format.pickle.torchfile import MAX_DEFLATE_RATIO, PARSE_ERRORS, read_torch_file
@@ -89,11 +90,7 @@ def _read_raw(path: str, *, trusted: bool, kind: Kind) -> Any:
     if kind in deploy.DEPLOY_KINDS:
         return _deployed(path, kind, trusted=trusted)
     if trusted:
-        warnings.warn(
-            f"{path}: loading with full pickle because trusted=True; this runs any code the file holds",
-            TorchkeepWarning,
-            stacklevel=3,
-        )
+        warn(f"{path}: loading with full pickle because trusted=True; this runs any code the file holds")
         try:
             return torch.load(path, map_location="cpu", weights_only=False)  # trusted-path
         except (AttributeError, ImportError) as exc:  # a class or function the pickle names is not importable
@@ -109,11 +106,9 @@ def _deployed(path: str, kind: deploy.DeployKind, *, trusted: bool) -> dict[str,
     """A deployment file's weights by name. ``trusted`` runs the format's own loader, with its code."""
     if not trusted or kind == "onnx":
         return deploy.read_weights(path, kind)
-    warnings.warn(
+    warn(
         f"{path}: loading with {'torch.jit.load' if kind == 'torchscript' else 'torch.export.load'} because "
-        "trusted=True; this runs the code the file holds",
-        TorchkeepWarning,
-        stacklevel=4,
+        "trusted=True; this runs the code the file holds"
     )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)  # torch.jit.load's own deprecation
@@ -222,11 +217,7 @@ def extract_state_dict(obj: Any, path: str, key: str | None = None) -> dict[str,
         )
     candidates = weights_candidates(contents.parts)
     if len(candidates) > 1:
-        warnings.warn(
-            f"{path}: holds weights under {candidates}; loaded {contents.weights_key!r} (pass key= to pick another)",
-            TorchkeepWarning,
-            stacklevel=3,
-        )
+        warn(f"{path}: holds weights under {candidates}; loaded {contents.weights_key!r} (pass key= to pick another)")
     return _tensors_only(weights, path)
 
 
