@@ -91,6 +91,7 @@ def convert(
     config: Any = None,
     max_shard_size: int | str | None = None,
     sharded: bool = False,
+    key: str | None = None,
 ) -> ConvertReport:
     """Convert ``src`` (any format torchkeep reads) to safetensors or a torchkeep checkpoint.
 
@@ -112,6 +113,8 @@ def convert(
         progress: called with (bytes checked, total bytes) while verifying.
         max_shard_size: for weights written to a folder: the Hugging Face sharded layout.
         sharded: write ``dst`` as a sharded (DCP) checkpoint of ``src``'s weights.
+        key: for a checkpoint dict holding several sets of weights, which to convert (as
+            :func:`torchkeep.load` takes it: ``key="state_dict_ema"``); the weights alone are written.
 
     Raises:
         UnsafeCheckpointError: ``src`` needs code to run and ``trusted`` is False.
@@ -121,12 +124,17 @@ def convert(
     pickled = Path(source).is_file() and detect_kind(source) in ("torch", "npy", "npz")
     raw = read_raw(source, trusted=trusted) if pickled else None
     if sharded:
-        weights = extract_state_dict(raw, source) if pickled else load(source)
+        weights = extract_state_dict(raw, source, key) if pickled else load(source, key=key)
         return _write_sharded(weights, source, target, progress)
     if isinstance(raw, nn.Module) and not target.name.endswith(".safetensors"):
         return _convert_whole_model(raw, source, target, config, progress)
-    if target.name.endswith(".safetensors") or max_shard_size is not None or not _is_training_checkpoint(raw):
-        weights = extract_state_dict(raw, source) if pickled else load(source)
+    if (
+        key is not None
+        or target.name.endswith(".safetensors")
+        or max_shard_size is not None
+        or not _is_training_checkpoint(raw)
+    ):
+        weights = extract_state_dict(raw, source, key) if pickled else load(source, key=key)
         save(weights, target, max_shard_size=max_shard_size)
         nbytes = _check(weights, load(target), str(target), progress)
         return ConvertReport(source, str(target), "weights", len(weights), nbytes)

@@ -215,3 +215,21 @@ def test_paths_in_a_checkpoint_are_plain_values(tmp_path: Path, protocol: int) -
     with pytest.raises(torchkeep.UnsafeCheckpointError, match="write_text"):
         torchkeep.load(tmp_path / "hostile.pkl")
     assert pickle.loads(hostile) is pathlib.Path.write_text  # what a real unpickler would hand out
+
+
+def test_key_picks_the_weights_in_load_into_and_convert(tmp_path: Path) -> None:
+    """A checkpoint with trained and EMA weights: key= picks the EMA set on every path that reads weights."""
+    from torchkeep.cli.main import main
+
+    trained, ema = nn.Linear(3, 2), nn.Linear(3, 2)
+    torch.save({"state_dict": trained.state_dict(), "state_dict_ema": ema.state_dict(), "epoch": 5}, tmp_path / "c.pth")
+    model = nn.Linear(3, 2)
+    report = torchkeep.load_into(model, tmp_path / "c.pth", key="state_dict_ema")
+    assert report.ok
+    assert_same_tensors(model.state_dict(), ema.state_dict())
+    torchkeep.convert(tmp_path / "c.pth", tmp_path / "ema.safetensors", key="state_dict_ema")
+    assert_same_tensors(torchkeep.load(tmp_path / "ema.safetensors"), ema.state_dict())
+    assert main(["convert", str(tmp_path / "c.pth"), str(tmp_path / "ema-dir"), "--key", "state_dict_ema"]) == 0
+    assert_same_tensors(torchkeep.load(tmp_path / "ema-dir"), ema.state_dict())
+    with pytest.raises(torchkeep.CorruptCheckpointError, match="no weights at key='nope'"):
+        torchkeep.load_into(model, tmp_path / "c.pth", key="nope")

@@ -298,6 +298,7 @@ def _convert(args: argparse.Namespace) -> int:
         config=config,
         max_shard_size=args.max_shard_size,
         sharded=args.sharded,
+        key=args.key,
     )
     print(report)
     return 0
@@ -400,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action="store_true", help="show a progress bar even for small files")
     p.add_argument("--config", help="JSON config for a pickled whole model whose class has none")
     p.add_argument("--max-shard-size", help="weights into a folder: Hugging Face shards of this size (e.g. 2GB)")
+    p.add_argument("--key", help="which weights of a checkpoint dict holding several (e.g. state_dict_ema)")
     p.add_argument(
         "--sharded", action="store_true", help="DST: a checkpoint in DCP files that any number of ranks loads sharded"
     )

@@ -82,6 +82,7 @@ def load_into(
     verify: bool = True,
     trusted: bool = False,
     storage_options: Mapping[str, Any] | None = None,
+    key: str | None = None,
 ) -> LoadReport:
     """Load weights into ``model`` in place and report what happened, key by key.
 
@@ -100,6 +101,8 @@ def load_into(
         verify: check checksums when reading from a path.
         trusted: allow full unpickling of a pickle-based file you vouch for (runs its code).
         storage_options: for a URL source (``s3://...``): passed to fsspec.
+        key: for a checkpoint dict holding several sets of weights, which (as :func:`torchkeep.load`
+            takes it: ``key="state_dict_ema"``, or ``outer/inner``).
 
     Returns:
         The :class:`LoadReport`.
@@ -119,10 +122,10 @@ def load_into(
             # on the mapped pages first (so a strict load stays all-or-nothing), then each tensor is copied
             # once, into the parameter that already exists. No full copy of the state is ever allocated.
             extra: dict[str, Any] = {}  # modules' get_extra_state() values a torch.save file holds
-            raw = read_weights(resolve(source), mmap=True, verify=verify, trusted=trusted, extra_state=extra)
+            raw = read_weights(resolve(source), mmap=True, verify=verify, trusted=trusted, key=key, extra_state=extra)
             raw = {**raw, **extra}
         else:
-            raw = load(source, map_location=map_location or "cpu", verify=verify, trusted=trusted)
+            raw = load(source, map_location=map_location or "cpu", verify=verify, trusted=trusted, key=key)
     pending = match_model(model, raw, remap=remap, source_name=source_name)
     if strict and not pending.report.ok:
         raise LoadMismatchError(pending.report, source_name)
