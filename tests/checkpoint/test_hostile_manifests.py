@@ -188,8 +188,8 @@ def test_an_object_that_refuses_its_state_is_named_and_models_stay_untouched(tmp
 
 def test_newer_format_versions_say_upgrade(tmp_path: Path) -> None:
     path, _, _ = checkpoint(tmp_path)
-    rewrite_manifest(path, lambda b: b.update(version=4))  # 2: incremental, 3: saved by several ranks
-    with pytest.raises(torchkeep.CorruptCheckpointError, match=r"newer torchkeep \(format version 4.*upgrade"):
+    rewrite_manifest(path, lambda b: b.update(version=5))  # 2: incremental, 3: several ranks, 4: collections
+    with pytest.raises(torchkeep.CorruptCheckpointError, match=r"newer torchkeep \(format version 5.*upgrade"):
         torchkeep.load_checkpoint(path, model=nn.Linear(3, 2))
 
     weights = tmp_path / "w.safetensors"

@@ -18,7 +18,7 @@ from torchkeep.format.layout import digest
 from torchkeep.format.names import is_plain_name
 from torchkeep.state.rng import capture_rng
 from torchkeep.state.tensors import PreparedTensors, prepare, state_dict_of
-from torchkeep.state.values import Encoder
+from torchkeep.state.values import COLLECTION_TAGS, Encoder
 
 FORMAT_NAME = "torchkeep.checkpoint"
 FORMAT_VERSION = 1
@@ -26,6 +26,9 @@ FORMAT_VERSION = 1
 SHARED_VERSION = 2
 # Checkpoints saved by several ranks (per-rank files, sharded tensors in DCP files) are version 3.
 DISTRIBUTED_VERSION = 3
+# Values of dict types that keep their class (OrderedDict, Counter, defaultdict: state/values.py) are version 4.
+COLLECTIONS_VERSION = 4
+READ_VERSION = COLLECTIONS_VERSION  # the newest version this torchkeep reads
 MANIFEST_FILE = "manifest.json"
 TENSORS_FILE = "tensors.safetensors"
 CHECKSUM_KEY = "xxh3_64"
@@ -139,6 +142,9 @@ def _canonical(manifest: Mapping[str, Any]) -> bytes:
 def manifest_bytes(manifest: Mapping[str, Any], tensors_file: Mapping[str, Any]) -> bytes:
     """The manifest file: canonical JSON plus a checksum of everything else in it."""
     body = dict(manifest, tensors_file=dict(tensors_file))
+    # The least version whose readers know every tag in it: one of those tags can only stand as a key.
+    if any(f'"{tag}":'.encode() in _canonical(body) for tag in COLLECTION_TAGS):
+        body["version"] = max(int(body.get("version", FORMAT_VERSION)), COLLECTIONS_VERSION)
     body[CHECKSUM_KEY] = digest(_canonical(body))
     return json.dumps(body, indent=1, ensure_ascii=False).encode("utf-8") + b"\n"
 
@@ -152,7 +158,7 @@ def parse_manifest(raw: bytes, path: str) -> dict[str, Any]:
     body = parse_json(raw, path, "manifest")
     if not isinstance(body, dict) or body.get("format") != FORMAT_NAME:
         raise CorruptCheckpointError(path, "not a torchkeep checkpoint manifest")
-    check_version(path, "checkpoint", body.get("version"), DISTRIBUTED_VERSION)
+    check_version(path, "checkpoint", body.get("version"), READ_VERSION)
     recorded = body.pop(CHECKSUM_KEY, None)
     if recorded != digest(_canonical(body)):
         raise CorruptCheckpointError(path, "manifest checksum mismatch: the manifest is damaged")

@@ -1,9 +1,12 @@
 """Any nested training state <-> a JSON tree plus named tensors. No pickle.
 
 Supported, and restored with their exact types: None, bool, int, float (nan, inf and -0.0
-included), str, list, tuple, dict (keys of any supported scalar type), tensors (any device, 0-dim
-included), NumPy arrays and scalars, torch.Size, torch.dtype and torch.device. Anything else
-raises :class:`UnsupportedValueError` naming where it was found (``optimizer.param_groups[0].fn``).
+included), str, list, tuple, dict (keys of any supported scalar type), ``collections.OrderedDict``,
+``Counter`` and ``defaultdict`` (whose ``default_factory`` is None or a builtin type: list, dict,
+set, int, float, str, bool, tuple, bytes), tensors (any device, 0-dim included), NumPy arrays and
+scalars, torch.Size, torch.dtype and torch.device. Other subclasses of dict and list (a config's
+``EasyDict``) are stored as plain dicts and lists. Anything else raises
+:class:`UnsupportedValueError` naming where it was found (``optimizer.param_groups[0].fn``).
 
 JSON forms (the manifest schema, docs/FORMAT.md): plain JSON for null/bool/int/str/finite float
 and for lists; a dict whose keys are all plain strings not starting with ``$`` is a JSON object;
@@ -12,6 +15,7 @@ every other value is an object with one ``$``-tagged key.
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Callable
 from typing import Any
@@ -24,7 +28,25 @@ from torchkeep.errors import CorruptCheckpointError, TorchkeepError, Unsupported
 from torchkeep.format.dtypes import dtype_name
 
 Json = Any
-TAGS = ("$tensor", "$ndarray", "$npscalar", "$float", "$tuple", "$dict", "$size", "$dtype", "$device", "$dcp")
+# Tags of dict types that keep their class; a manifest holding any is version 4 (an older reader says to upgrade).
+COLLECTION_TAGS = ("$odict", "$counter", "$defaultdict")
+TAGS = (
+    "$tensor",
+    "$ndarray",
+    "$npscalar",
+    "$float",
+    "$tuple",
+    "$dict",
+    "$size",
+    "$dtype",
+    "$device",
+    "$dcp",
+    *COLLECTION_TAGS,
+)
+# The default factories a defaultdict may have: builtin types, named in the manifest, never imported from it.
+DEFAULT_FACTORIES: dict[str, type] = {
+    t.__name__: t for t in (list, dict, set, frozenset, int, float, complex, str, bool, tuple, bytes)
+}
 
 
 class Encoder:
@@ -71,6 +93,8 @@ class Encoder:
             return {"$tuple": [self.encode(v, f"{where}[{i}]", depth) for i, v in enumerate(value)]}
         if isinstance(value, list):
             return [self.encode(v, f"{where}[{i}]", depth) for i, v in enumerate(value)]
+        if type(value) in (collections.OrderedDict, collections.Counter, collections.defaultdict):
+            return self._collection(value, where, depth)
         if isinstance(value, dict):
             return self._dict(value, where, depth)
         raise UnsupportedValueError(
@@ -82,12 +106,32 @@ class Encoder:
     def _dict(self, value: dict[Any, Any], where: str, depth: int) -> Json:
         if all(type(k) is str and not k.startswith("$") for k in value):
             return {k: self.encode(v, f"{where}.{k}" if where else k, depth) for k, v in value.items()}
+        return {"$dict": self._pairs(value, where, depth)}
+
+    def _pairs(self, value: dict[Any, Any], where: str, depth: int) -> list[Json]:
         items = []
         for k, v in value.items():
             if not (k is None or isinstance(k, (bool, int, float, str, tuple))):
                 raise UnsupportedValueError(where, f"has a key of type {type(k).__name__}, which cannot be stored")
             items.append([self.encode(k, f"{where}<key>", depth), self.encode(v, f"{where}[{k!r}]", depth)])
-        return {"$dict": items}
+        return items
+
+    def _collection(self, value: dict[Any, Any], where: str, depth: int) -> Json:
+        if type(value) is collections.OrderedDict:
+            return {"$odict": self._pairs(value, where, depth)}
+        if type(value) is collections.Counter:
+            return {"$counter": self._pairs(value, where, depth)}
+        factory = value.default_factory  # type: ignore[attr-defined]
+        if factory is not None and DEFAULT_FACTORIES.get(getattr(factory, "__name__", "")) is not factory:
+            raise UnsupportedValueError(
+                where,
+                f"is a defaultdict whose default_factory is {factory!r}, which cannot be stored without pickle; "
+                "use a builtin type (defaultdict(list), defaultdict(int)...) or store dict(...) and rebuild it",
+            )
+        return {
+            "$defaultdict": self._pairs(value, where, depth),
+            "factory": None if factory is None else factory.__name__,
+        }
 
     def _tensor(self, value: torch.Tensor, where: str) -> Json:
         name = self._name(where)
@@ -220,10 +264,29 @@ class Decoder:
         return tuple(self._decode(v) for v in items)
 
     def _dict(self, node: dict[str, Any]) -> dict[Any, Any]:
-        pairs = node["$dict"]
+        return dict(self._pairs(node, "$dict"))
+
+    def _pairs(self, node: dict[str, Any], tag: str) -> list[tuple[Any, Any]]:
+        pairs = node[tag]
         if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
-            raise self._bad("$dict must hold [key, value] pairs")
-        return {self._decode(k): self._decode(v) for k, v in pairs}
+            raise self._bad(f"{tag} must hold [key, value] pairs")
+        return [(self._decode(k), self._decode(v)) for k, v in pairs]
+
+    def _odict(self, node: dict[str, Any]) -> collections.OrderedDict[Any, Any]:
+        return collections.OrderedDict(self._pairs(node, "$odict"))
+
+    def _counter(self, node: dict[str, Any]) -> collections.Counter[Any]:
+        return collections.Counter(dict(self._pairs(node, "$counter")))
+
+    def _defaultdict(self, node: dict[str, Any]) -> collections.defaultdict[Any, Any]:
+        name = node.get("factory")
+        if name is not None and name not in DEFAULT_FACTORIES:
+            raise self._bad(f"defaultdict factory {name!r:.80} is not a builtin type torchkeep rebuilds")
+        out: collections.defaultdict[Any, Any] = collections.defaultdict(
+            None if name is None else DEFAULT_FACTORIES[name]
+        )
+        out.update(self._pairs(node, "$defaultdict"))
+        return out
 
     def _size(self, node: dict[str, Any]) -> torch.Size:
         dims = node["$size"]
