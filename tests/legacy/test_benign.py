@@ -127,6 +127,23 @@ def test_dynamically_quantized_linear_state(tmp_path: Path) -> None:
     assert torch.equal(bias, state[packed[0]][1])
 
 
+@pytest.mark.parametrize("width", [4, 256])  # 256: storages past inspect's read limit
+def test_inspect_lists_a_quantized_state_dict_as_load_gives_it(tmp_path: Path, width: int) -> None:
+    """inspect showed only the scales of a quantized state dict (4 of 12 tensors), and past a few bytes
+    of weights called the file a malformed pickle."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = torch.ao.quantization.quantize_dynamic(
+            nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 3)), {nn.Linear}, dtype=torch.qint8
+        )
+        torch.save(model.state_dict(), tmp_path / "q.pth")
+    loaded = torchkeep.load(tmp_path / "q.pth")
+    info = torchkeep.inspect(tmp_path / "q.pth")
+    assert [(t.name, t.shape) for t in info.tensors] == [(k, tuple(v.shape)) for k, v in loaded.items()]
+    assert info.contents is not None and info.contents.parts[0].detail["tensors"] == len(loaded)
+    assert info.scan is not None and info.scan["exit_code"] == 0
+
+
 def test_numpy_npz(tmp_path: Path) -> None:
     np.savez(tmp_path / "w.npz", weight=np.ones((2, 3), dtype=np.float32), bias=np.zeros(3))
     loaded = torchkeep.load(tmp_path / "w.npz")

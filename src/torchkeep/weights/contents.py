@@ -31,6 +31,7 @@ optimizer beside other entries; ``RNG state`` when it holds generators and plain
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Mapping
@@ -40,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from torchkeep.errors import TorchkeepError
 from torchkeep.format.dtypes import dtype_name
 from torchkeep.state import torch_ao
 from torchkeep.state.keys import is_extra_state
@@ -278,6 +280,9 @@ def _part(key: str, value: Any) -> Part:
 
 
 def _weights(key: str, tensors: Mapping[str, Any]) -> Part:
+    if torch_ao.has_entries(tensors):  # quantized entries, counted as the tensors load gives for them
+        with contextlib.suppress(TorchkeepError):  # one that does not flatten is reported when loaded
+            tensors = torch_ao.flatten(tensors).tensors
     numel = nbytes = count = 0
     dtypes: dict[str, int] = {}
     for v in tensors.values():

@@ -22,6 +22,7 @@ from torchkeep.format.layout import Header
 from torchkeep.format.names import refuse_special
 from torchkeep.format.pickle.dcp import is_dcp_dir, read_dcp
 from torchkeep.format.pickle.torchfile import is_zip, read_torch_file
+from torchkeep.state import torch_ao
 from torchkeep.storage.remote import is_url
 from torchkeep.weights.contents import READ_LIMIT, Contents, classify, weights_at
 from torchkeep.weights.files import resolve
@@ -328,6 +329,8 @@ def _inspect_structure(path: str, names: list[str], root: Path, kind: str) -> In
     contents = classify(obj)
     tensors: list[TensorInfo] = []
     weights = weights_at(obj, contents)
+    if weights is not None and torch_ao.has_entries(weights):  # quantized entries: as load gives them
+        weights = torch_ao.flatten(weights, torch_ao.reading_error(path)).tensors
     if weights is not None:
         for name, tensor in weights.items():
             if isinstance(tensor, torch.Tensor):

@@ -80,6 +80,15 @@ def is_zip(head: bytes) -> bool:
     return head.startswith(b"PK\x03\x04")
 
 
+_QUANTIZED = frozenset({torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4})
+
+
+def _skipped(read_limit: int | None, nbytes: int, dtype: torch.dtype) -> bool:
+    """Whether a storage is left unread (its tensors on the meta device). A quantized one is always read:
+    no quantized tensor exists on the meta device, and its int8 bytes are a quarter of the float weights."""
+    return read_limit is not None and nbytes > read_limit and dtype not in _QUANTIZED
+
+
 def read_torch_file(path: str, *, read_limit: int | None = None) -> Any:
     """The object a torch.save file holds, rebuilt from an allowlist only.
 
@@ -127,7 +136,7 @@ def read_zip_stream(
         def load_storage(kind: StorageType, key: str, location: str, numel: int) -> LoadedStorage:
             # Each key is loaded once, from its own member: storages are backed by the archive's bytes.
             info, nbytes = archive.storage_member(key, kind, numel)
-            if read_limit is not None and nbytes > read_limit:
+            if _skipped(read_limit, nbytes, kind.dtype):
                 return LoadedStorage(_geometry_storage(nbytes), kind.dtype, location)
             if info.compress_type == zipfile.ZIP_STORED and info.file_size == nbytes:
                 untyped = _new_storage(nbytes)
@@ -303,7 +312,7 @@ def _read_legacy(path: str, *, read_limit: int | None = None) -> Any:
             claimed += nbytes
             if claimed > file_size:
                 raise CorruptCheckpointError(path, f"storage {key!r} claims {nbytes} bytes, more than the file holds")
-            skipped = read_limit is not None and nbytes > read_limit
+            skipped = _skipped(read_limit, nbytes, kind.dtype)
             storage = LoadedStorage(
                 _geometry_storage(nbytes) if skipped else _new_storage(nbytes), kind.dtype, location
             )
