@@ -160,6 +160,13 @@ def test_whole_pickled_model_needs_trusted(tmp_path: Path) -> None:
     with pytest.warns(torchkeep.TorchkeepWarning, match="trusted=True"):
         loaded = torchkeep.load(tmp_path / "whole.pt", trusted=True)
     assert_same_tensors(model.state_dict(), loaded)
+    # inspect shows what the scan found and how to proceed, with the scan's exit code; nothing is unpickled
+    from torchkeep.cli.main import main
+
+    info = torchkeep.inspect(tmp_path / "whole.pt")
+    assert info.tensors == [] and info.scan is not None and info.scan["exit_code"] == 2
+    assert any("Linear" in note and "convert --trusted" in note for note in info.notes)
+    assert main(["inspect", str(tmp_path / "whole.pt")]) == 2
 
 
 def test_damaged_torch_files(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ import torch
 
 from torchkeep import _config
 from torchkeep._gc import gc_paused
+from torchkeep.errors import UnsafeCheckpointError
 from torchkeep.format import deploy
 from torchkeep.format.dtypes import dtype_name
 from torchkeep.format.layout import Header
@@ -172,14 +173,17 @@ class Inspection:
         scan = [f"scan: {self.scan['status']} ({self.scan['summary']})"] if self.scan is not None else []
         lines = [
             f"{self.path}: {self.format}, {len(self.files)} file(s), {human_bytes(self.file_bytes)} on disk",
-            *(self.ports() if self.kind is not None else []),
+            *(self.ports() if self.kind is not None else [f"note: {note}" for note in self.notes]),
             *scan,
             *(self.contents.lines() if self.contents is not None else []),
             f"checksums: {check}",
-            self.table(),
-            f"total: {len(self.tensors)} tensors, {self.total_params:,} elements, {human_bytes(self.total_bytes)}",
-            "by module: " + ", ".join(f"{k} {v:,}" for k, v in self.params_by_prefix().items()),
         ]
+        if self.tensors or self.contents is not None or self.kind is not None:  # else: nothing was read
+            lines += [
+                self.table(),
+                f"total: {len(self.tensors)} tensors, {self.total_params:,} elements, {human_bytes(self.total_bytes)}",
+                "by module: " + ", ".join(f"{k} {v:,}" for k, v in self.params_by_prefix().items()),
+            ]
         if self.metadata:
             lines.append("metadata:")
             lines += [f"  {k}: {v}" for k, v in sorted(self.metadata.items())]
@@ -315,17 +319,18 @@ def _inspect_structure(path: str, names: list[str], root: Path, kind: str) -> In
     file_bytes = sum((root / name).stat().st_size for name in names)
     if report is not None and report.exit_code == 1:  # never unpickled, not even by the restricted reader
         return Inspection(path, names, [], {}, False, _format_name(kind, root, names), file_bytes, scan=verdict)
-    if dcp:
-        obj: Any = read_dcp(path, read_limit=READ_LIMIT)
-    elif kind != "torch":
-        obj = numpy_structure(str(root / names[0]), "npy" if kind == "npy" else "npz")
-    elif len(names) == 1:
-        obj = read_torch_file(str(root / names[0]), read_limit=READ_LIMIT)
-    else:
-        obj = {}
-        for name in names:  # the shards of one state dict
-            shard = read_torch_file(str(root / name), read_limit=READ_LIMIT)
-            obj.update(extract_state_dict(shard, str(root / name)))
+    try:
+        obj = _structure(path, names, root, kind)
+    except UnsafeCheckpointError as exc:  # unknown globals (a whole pickled model): the scan says what it needs
+        if report is None or report.exit_code != 2:
+            raise
+        note = (
+            f"not read: it imports {', '.join(exc.globals) or 'globals off the allowlist'}, which only its own code "
+            "builds: a pickled object (torch.save(model)). If you trust the file, `torchkeep convert --trusted` "
+            "turns it into safe files once (its classes must be importable: PYTHONPATH)"
+        )
+        return Inspection(path, names, [], {}, False, _format_name(kind, root, names), file_bytes, scan=verdict,
+                          notes=(note,))  # fmt: skip
     contents = classify(obj)
     tensors: list[TensorInfo] = []
     weights = weights_at(obj, contents)
@@ -340,6 +345,21 @@ def _inspect_structure(path: str, names: list[str], root: Path, kind: str) -> In
                                           numel * tensor.element_size(), file))  # fmt: skip
     return Inspection(path, names, tensors, {}, False, _format_name(kind, root, names), file_bytes,
                       contents=contents, scan=verdict)  # fmt: skip
+
+
+def _structure(path: str, names: list[str], root: Path, kind: str) -> Any:
+    """What the files hold, read by the restricted unpickler with only small storages read."""
+    if kind == "dcp":
+        return read_dcp(path, read_limit=READ_LIMIT)
+    if kind != "torch":
+        return numpy_structure(str(root / names[0]), "npy" if kind == "npy" else "npz")
+    if len(names) == 1:
+        return read_torch_file(str(root / names[0]), read_limit=READ_LIMIT)
+    obj: dict[str, Any] = {}
+    for name in names:  # the shards of one state dict
+        shard = read_torch_file(str(root / name), read_limit=READ_LIMIT)
+        obj.update(extract_state_dict(shard, str(root / name)))
+    return obj
 
 
 def _format_name(kind: str, root: Path, names: list[str]) -> str:
