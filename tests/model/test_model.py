@@ -92,12 +92,12 @@ def test_sequential_of_stock_layers_needs_no_class(tmp_path: Path) -> None:
 
 def test_model_without_a_config_is_refused_with_guidance(tmp_path: Path) -> None:
     class Plain(nn.Module):
-        def __init__(self) -> None:
+        def __init__(self, width: int) -> None:  # a required argument: no config can be guessed
             super().__init__()
-            self.fc = nn.Linear(2, 2)
+            self.fc = nn.Linear(2, width)
 
     with pytest.raises(ValueError, match="register_model"):
-        torchkeep.save_model(Plain(), tmp_path / "plain")
+        torchkeep.save_model(Plain(2), tmp_path / "plain")
     assert not (tmp_path / "plain").exists()
 
 

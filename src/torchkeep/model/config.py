@@ -5,10 +5,14 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import random
 import typing
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+import torch
 from torch import nn
 
 from torchkeep.errors import UnsupportedValueError
@@ -54,6 +58,35 @@ def config_of(model: nn.Module, explicit: Any = None) -> tuple[Any, str]:
     if config is not None and not isinstance(config, nn.Module) and not callable(config):
         return to_json(config), "config attribute"
     return None, "none"
+
+
+def built_by_default(model: nn.Module) -> bool:
+    """Whether ``type(model)()`` (its constructor's defaults: the tutorials' ``SimpleNet()``) builds a model of
+    the same structure, so its config is ``{}``. The probe is built on the meta device (nothing allocated)
+    with every random generator put back after (a save must not move a random stream)."""
+    cls = type(model)
+    try:
+        parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return False
+    if any(p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters):
+        return False
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            probe = cls()
+    except Exception:  # its own code refused to run this way: not a default build
+        return False
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+    mine, theirs = model.state_dict(), probe.state_dict()
+    return (
+        repr(probe) == repr(model)
+        and list(mine) == list(theirs)
+        and all(mine[k].shape == theirs[k].shape and mine[k].dtype == theirs[k].dtype for k in mine)
+    )
 
 
 def _rebuild(value: Any, annotation: Any) -> Any:

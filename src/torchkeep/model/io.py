@@ -25,7 +25,7 @@ from torchkeep.errors import (
 from torchkeep.format.jsondoc import check_version, expect, parse_json
 from torchkeep.format.sharding import is_weights_file
 from torchkeep.model import structure, torch_ao
-from torchkeep.model.config import build, config_of
+from torchkeep.model.config import build, built_by_default, config_of
 from torchkeep.model.quantize import check_recipe, recipe_of, requantize
 from torchkeep.model.registry import import_path, registered
 from torchkeep.state.devices import MapLocation, parse_device
@@ -91,12 +91,16 @@ def save_model(
         described, source = ao_recipe.pop("structure"), "stock"
     elif source == "none":
         described = structure.describe(target)
-        if described is None or not structure.matches(target, structure.rebuild(described)):
+        if described is not None and structure.matches(target, structure.rebuild(described)):
+            source = "stock"
+        elif built_by_default(target):  # SimpleNet(): its class, built with its constructor's defaults
+            cfg, source, described = {}, "defaults", None
+        else:
             raise ValueError(
-                f"cannot record how to rebuild {type(target).__qualname__}: pass config=..., give the class "
-                "get_config()/from_config(), or decorate it with @torchkeep.register_model"
+                f"cannot record how to rebuild {type(target).__qualname__}: pass config=... (torchkeep convert: "
+                "--config '{...}'), give the class get_config()/from_config(), or decorate it with "
+                "@torchkeep.register_model"
             )
-        source = "stock"
     state = state_dict_of(target)
     recipe = recipe_of(target)
     manifest = {

@@ -97,7 +97,8 @@ def _read_raw(path: str, *, trusted: bool, kind: Kind) -> Any:
             raise CorruptCheckpointError(
                 path,
                 f"cannot be unpickled in this program ({type(exc).__name__}: {exc}): the pickle needs that code "
-                "importable under the same module and name; import or define it before loading",
+                "importable under the same module and name; import or define it before loading (from the command "
+                "line: put the folder of its module on PYTHONPATH)",
             ) from exc
     return read_torch_file(path)
 
