@@ -47,7 +47,7 @@ def test_a_dcp_folder_of_get_state_dict_restores_model_and_optimizer(tmp_path: P
     with pytest.warns(UserWarning, match="single process"):
         dcp.save({"model": msd, "optimizer": osd, "epoch": 3}, checkpoint_id=str(tmp_path / "dcp"))
     model2, opt2 = fresh()
-    state = torchkeep.load_checkpoint(tmp_path / "dcp", model=model2, optimizer=opt2, trusted=False)
+    state = torchkeep.load_checkpoint(tmp_path / "dcp", model=model2, optimizer=opt2, trusted=False, rng=False)
     assert state["epoch"] == 3
     assert all(
         torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values(), strict=True)
@@ -64,12 +64,12 @@ def test_a_torch_save_of_name_keyed_state_from_a_ddp_model(tmp_path: Path) -> No
     }
     torch.save({"model_state_dict": msd, "optimizer_state_dict": osd}, tmp_path / "ckpt.pth")
     model2, opt2 = fresh()
-    torchkeep.load_checkpoint(tmp_path / "ckpt.pth", model=model2, optimizer=opt2)
+    torchkeep.load_checkpoint(tmp_path / "ckpt.pth", model=model2, optimizer=opt2, rng=False)
     assert_same_optimizer(opt, opt2)
 
     other = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2), nn.Linear(2, 2))
     opt3 = torch.optim.AdamW([{"params": other[0].parameters()}, {"params": other[3].parameters()}])
     before = {k: v.clone() for k, v in other.state_dict().items()}
     with pytest.raises(torchkeep.StateMismatchError, match="does not hold"):
-        torchkeep.load_checkpoint(tmp_path / "ckpt.pth", model=other, optimizer=opt3, strict=False)
+        torchkeep.load_checkpoint(tmp_path / "ckpt.pth", model=other, optimizer=opt3, strict=False, rng=False)
     assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())

@@ -674,6 +674,12 @@ def load_checkpoint(
     rng_state = (saved_rng.decode() if saved_rng is not None else foreign_rng) if rng else None
     if rng_state is not None:
         check_rng(rng_state, source=source)
+    elif rng and optimizer is not None:  # a resume: say why it cannot repeat an uninterrupted run exactly
+        warn(
+            f"{source}: holds no random generator state, so random streams (dropout, shuffling) go on from this "
+            "process's and the resumed run will not repeat an uninterrupted one exactly (torchkeep.save_checkpoint "
+            "saves them); pass rng=False to say so and silence this"
+        )
     restore.apply()
     if rng_state is not None:
         restore_rng(rng_state, source=source)
