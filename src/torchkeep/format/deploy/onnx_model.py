@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from torchkeep._warn import warn
 from torchkeep.errors import CorruptCheckpointError, UnsupportedTensorError
 from torchkeep.format.deploy.common import KIND_TITLES, Description, Dim, Port, TensorMeta
 from torchkeep.format.dtypes import dtype_name
@@ -190,13 +191,35 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
         UnsupportedTensorError: an element type torch has no dtype for (4-bit, strings).
     """
     model = _load(path)
+    marked = _marked(model.graph)
     out: dict[str, torch.Tensor] = {}
+    left: list[str] = []
     for tensor in model.graph.initializer:
         name = _name(tensor, path)
         if name in out:
             raise CorruptCheckpointError(path, "two initializers share this name", key=name)
+        if marked and name not in marked:
+            left.append(name)  # a constant the exporter made, or a weight folded into another (BatchNorm)
+            continue
         out[name] = _tensor(tensor, path)
+    if left:
+        shown = ", ".join(left[:5]) + (", ..." if len(left) > 5 else "")
+        warn(
+            f"{path}: {len(left)} initializer(s) are not the model's parameters or buffers but constants the "
+            f"exporter made or weights it folded (a BatchNorm into its Conv): {shown}; they are not returned, "
+            "since loading them into a model would change what it computes"
+        )
     return out
+
+
+def _marked(graph: Any) -> set[str]:
+    """The values the exporter marks as the model's parameters or buffers (none for older exporters)."""
+    return {
+        value.name
+        for value in [*graph.input, *graph.value_info]
+        for prop in value.metadata_props
+        if prop.key == _KIND_KEY and prop.value in ("PARAMETER", "BUFFER")
+    }
 
 
 def _type_port(value: Any, onnx: Any) -> Port:
@@ -226,13 +249,8 @@ def describe_file(path: str) -> Description:
         tensors.append(TensorMeta(_name(tensor, path), _dtype(tensor, path), _shape(tensor, path)))
     inputs = tuple(_type_port(v, onnx) for v in graph.input if v.name not in initializers)
     outputs = tuple(_type_port(v, onnx) for v in graph.output)
-    kinds: dict[str, str] = {}
-    for value in [*graph.input, *graph.value_info]:
-        for prop in value.metadata_props:
-            if prop.key == _KIND_KEY:
-                kinds[value.name] = prop.value
     notes: list[str] = []
-    marked = [t.name for t in tensors if kinds.get(t.name) in ("PARAMETER", "BUFFER")]
+    marked = _marked(graph) & initializers
     if marked:
         constants = [t.name for t in tensors if t.name not in marked]
         if constants:
