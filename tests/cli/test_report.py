@@ -131,8 +131,8 @@ def test_without_policies_the_page_says_they_are_unknown(
 def test_one_checkpoint_has_no_diff_and_says_why(tmp_path: Path) -> None:
     with torchkeep.CheckpointManager(tmp_path / "run") as manager:
         manager.save(7, metrics={"loss": 0.5}, model=make_model())
-    page = torchkeep.report(tmp_path / "run", tmp_path / "r.html").read_text(encoding="utf-8")
-    assert list(rows_by_step(page)) == [7]
+    page = torchkeep.report(tmp_path / "run", tmp_path / "new folder" / "r.html").read_text(encoding="utf-8")
+    assert list(rows_by_step(page)) == [7]  # the output's folder made, as every save makes its own
     assert 'id="no-diff"' in page and "one checkpoint (step 7)" in page and 'class="row"' not in page
     assert 'class="leaf"' in page  # the treemap is still there
 

@@ -16,7 +16,7 @@ from torchkeep.manager.manager import CheckpointManager
 from torchkeep.manager.policies import RetentionPolicy
 from torchkeep.report.collect import collect
 from torchkeep.report.html import page
-from torchkeep.storage.local import atomic_write
+from torchkeep.storage.local import atomic_write, write_errors
 
 __all__ = ["report"]
 
@@ -69,6 +69,8 @@ def report(
     )
     summary = collect(manager, template)
     target = Path(output)
+    with write_errors(target.parent, "creating the folder"):  # as every save does
+        target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(target) as sink:  # a reader (a browser reloading it) never sees half a page
         sink.write(page(summary, version=__version__).encode("utf-8"))
     return target
