@@ -136,3 +136,8 @@ def test_dot_is_a_path_like_any_other(
     assert main(["inspect", "."]) == 0  # it said "PosixPath('.') has an empty name"
     assert "head.weight" in capsys.readouterr().out
     assert main(["verify", "."]) == 0
+
+
+def test_ls_of_an_empty_folder_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ls", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == f"{tmp_path}: empty (no files, no checkpoints)\n"

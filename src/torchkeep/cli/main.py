@@ -199,6 +199,9 @@ def _ls_files(folder: Path, as_json: bool) -> int:
     if as_json:
         print(json.dumps({"files": entries}, indent=2))
         return 0
+    if not entries:
+        print(f"{folder}: empty (no files, no checkpoints)")
+        return 0
     rows = [("name", "size", "tensors", "what")]
     rows += [(e["name"], f"{e['size'] / 1e6:.2f} MB", str(e["tensors"]), e["what"]) for e in entries]
     _print_table(rows)
