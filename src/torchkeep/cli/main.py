@@ -399,7 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_scan)
     p = sub.add_parser("convert", help="convert any readable file to safetensors or a torchkeep checkpoint")
     p.add_argument("src")
-    p.add_argument("dst", help="a .safetensors file (weights) or a folder (checkpoint, or weights)")
+    p.add_argument(
+        "dst",
+        help="a .safetensors file (the weights), or a folder: SRC holding training state (an optimizer, an epoch) "
+        "becomes a torchkeep checkpoint folder (a folder holding other files is refused), plain weights "
+        "become DST/model.safetensors (--key: only those weights)",
+    )
     p.add_argument("--trusted", action="store_true", help="allow full unpickling of SRC (runs its code)")
     p.add_argument("--progress", action="store_true", help="show a progress bar even for small files")
     p.add_argument("--config", help="JSON config for a pickled whole model whose class has none")
