@@ -292,6 +292,9 @@ def test_a_missing_component_is_named_as_passed(tmp_path: Path) -> None:
     [
         (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), torch.optim.Adam, "['dampening', 'momentum', 'nesterov']"),
         (torch.optim.Adam, lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), "['amsgrad', 'betas'"),
+        # hyperparameters alike (Adam's are Adamax's and more): told apart by the slots each keeps
+        (torch.optim.Adamax, torch.optim.Adam, "['exp_inf']"),
+        (torch.optim.Adam, torch.optim.Adamax, "['exp_avg_sq']"),
     ],
 )
 def test_state_of_another_optimizer_class_is_refused(

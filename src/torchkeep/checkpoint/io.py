@@ -470,8 +470,10 @@ def _check_optimizer(optimizer: Any, saved: Any, path: str) -> None:
             path,
             f"the optimizer has {len(groups)} parameter groups, the checkpoint {len(saved_groups)}; nothing changed",
         )
-    for i, (mine, theirs) in enumerate(zip(groups, saved_groups, strict=True)):
+    for mine, theirs in zip(groups, saved_groups, strict=True):
         _check_same_class(optimizer, mine, theirs, path)
+    _check_slots(optimizer, saved, path)  # hyperparameters alike (Adamax's and Adam's): the slots tell them apart
+    for i, (mine, theirs) in enumerate(zip(groups, saved_groups, strict=True)):
         if len(mine["params"]) != len(theirs["params"]):
             raise StateMismatchError(
                 path,
@@ -502,14 +504,57 @@ _PARAM_SHAPED_SLOTS: dict[str, frozenset[str]] = {
 }
 
 
-def _param_shaped_slots(optimizer: Any) -> frozenset[str]:
-    """The state slots of ``optimizer`` that must have their parameter's shape; empty for other classes."""
+# The other per-parameter slots of each (scalars, factored statistics): with the shaped ones, every slot
+# the class keeps. A saved slot outside them is another optimizer's (Adamax's exp_inf restored into Adam).
+_OTHER_SLOTS: dict[str, frozenset[str]] = {
+    "Adam": frozenset({"step"}),
+    "AdamW": frozenset({"step"}),
+    "Adamax": frozenset({"step"}),
+    "NAdam": frozenset({"step", "mu_product"}),
+    "RAdam": frozenset({"step"}),
+    "SparseAdam": frozenset({"step"}),
+    "Adadelta": frozenset({"step"}),
+    "Adagrad": frozenset({"step"}),
+    "ASGD": frozenset({"step", "eta", "mu"}),
+    "RMSprop": frozenset({"step"}),
+    "Rprop": frozenset({"step"}),
+    "Adafactor": frozenset({"step", "row_var", "col_var"}),
+}
+
+
+def _builtin_class(optimizer: Any) -> str | None:
+    """The torch.optim class ``optimizer`` is (or derives from) and the slot tables know; None otherwise."""
     # A wrapper (Accelerate's AcceleratedOptimizer) keeps the real optimizer as .optimizer.
     for candidate in (optimizer, getattr(optimizer, "optimizer", None)):
         for cls in type(candidate).__mro__:
             if cls.__module__.startswith("torch.optim.") and cls.__name__ in _PARAM_SHAPED_SLOTS:
-                return _PARAM_SHAPED_SLOTS[cls.__name__]
-    return frozenset()
+                return cls.__name__
+    return None
+
+
+def _param_shaped_slots(optimizer: Any) -> frozenset[str]:
+    """The state slots of ``optimizer`` that must have their parameter's shape; empty for other classes."""
+    name = _builtin_class(optimizer)
+    return _PARAM_SHAPED_SLOTS[name] if name is not None else frozenset()
+
+
+def _check_slots(optimizer: Any, saved: Any, path: str) -> None:
+    """Saved per-parameter slots that this torch.optim class never keeps come from another optimizer (its
+    hyperparameters may look alike: Adamax's against Adam's): refused before anything is modified."""
+    name = _builtin_class(optimizer)
+    state = saved.get("state") if isinstance(saved, dict) else None
+    if name is None or not isinstance(state, dict):
+        return
+    known = _PARAM_SHAPED_SLOTS[name] | _OTHER_SLOTS.get(name, frozenset())
+    foreign = sorted({str(slot) for per_param in state.values() if isinstance(per_param, Mapping)
+                      for slot in per_param if slot not in known})  # fmt: skip
+    if foreign:
+        raise StateMismatchError(
+            path,
+            f"the saved optimizer state is from another optimizer than this {type(optimizer).__name__}: it keeps "
+            f"{foreign} for its parameters, which {name} never does. Restore it into the optimizer class it was "
+            "saved from, or leave optimizer= out to restore the rest; nothing changed",
+        )
 
 
 def _fit_state_shapes(optimizer: Any, saved: Any, path: str, model: Any, strict: bool) -> Any:
