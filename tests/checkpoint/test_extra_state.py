@@ -92,11 +92,12 @@ def test_load_into_and_load_checkpoint_pass_a_torch_files_extra_state(tmp_path: 
     model = Outer(VOCAB)
     torch.save(model.state_dict(), tmp_path / "x.pth")
     torch.save({"model_state_dict": model.state_dict(), "epoch": 3}, tmp_path / "ck.pth")
-    other = Outer(None, seed=1)
-    report = torchkeep.load_into(other, tmp_path / "x.pth")
-    assert report.ok and "inner._extra_state" in report.loaded
-    assert other.inner.extra == VOCAB
-    assert_same_state(dict(model.state_dict()), dict(other.state_dict()))
+    for map_location in (None, "cpu", {"cpu": "cpu"}):  # an explicit map_location dropped the extra state
+        other = Outer(None, seed=1)
+        report = torchkeep.load_into(other, tmp_path / "x.pth", map_location=map_location)
+        assert report.ok and "inner._extra_state" in report.loaded
+        assert other.inner.extra == VOCAB
+        assert_same_state(dict(model.state_dict()), dict(other.state_dict()))
     other = Outer(None, seed=1)
     assert torchkeep.load_checkpoint(tmp_path / "ck.pth", model=other, rng=False) == {"epoch": 3}
     assert other.inner.extra == VOCAB

@@ -103,7 +103,9 @@ def test_a_timm_style_checkpoint_restores_its_scaler_under_its_own_key(tmp_path:
         def load_state_dict(self, state: dict[str, Any]) -> None:
             restored.update(state)
 
-    values = torchkeep.load_checkpoint(tmp_path / "timm.pth.tar", model=fresh, optimizer=fresh_opt, scaler=Scaler())
+    values = torchkeep.load_checkpoint(
+        tmp_path / "timm.pth.tar", model=fresh, optimizer=fresh_opt, scaler=Scaler(), rng=False
+    )
     assert restored["scale"] == 512.0 and restored["_growth_tracker"] == 7
     assert values["epoch"] == 4 and values["metric"] == 0.93 and values["arch"] == "mlp"
     assert "state_dict_ema" in values  # the EMA weights are returned with the other values

@@ -249,3 +249,15 @@ def test_load_into_missing_file_raises_not_found(tmp_path: Path) -> None:
         torchkeep.load_into(MLP(), tmp_path / "nope.safetensors")
     assert isinstance(info.value, FileNotFoundError)
     assert "nope.safetensors" in str(info.value)
+
+
+def test_load_into_from_a_training_checkpoint_takes_its_model(tmp_path: Path) -> None:
+    """A torchkeep checkpoint folder is a path torchkeep.load reads (its model's weights); load_into read its
+    whole tensor file instead and refused it (model.weight, rng.torch... unexpected)."""
+    model = nn.Linear(3, 2)
+    torchkeep.save_checkpoint(tmp_path / "ck", model=model, optimizer=torch.optim.Adam(model.parameters()))
+    for map_location in (None, "cpu"):
+        fresh = nn.Linear(3, 2)
+        report = torchkeep.load_into(fresh, tmp_path / "ck", map_location=map_location)
+        assert report.ok and sorted(report.loaded) == ["bias", "weight"]
+        assert torch.equal(fresh.weight, model.weight) and torch.equal(fresh.bias, model.bias)

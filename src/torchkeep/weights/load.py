@@ -236,8 +236,15 @@ def load(
         tensors = read_weights(resolve(path), mmap=mapped, verify=verify and mmap is not True, trusted=trusted, key=key)
     if dtype is None and isinstance(map_location, str) and map_location == "cpu":
         return tensors  # already where and what they should be
+    return placed(tensors, map_location, dtype)
+
+
+def placed(
+    tensors: Mapping[str, torch.Tensor], map_location: MapLocation, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """``tensors`` cast (floating point only) and moved where ``map_location`` says; shared ones stay shared."""
     place = placer(map_location)
-    converted: dict[int, torch.Tensor] = {}  # keeps shared tensors shared through the conversion
+    converted: dict[int, torch.Tensor] = {}
     out: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         if id(tensor) not in converted:

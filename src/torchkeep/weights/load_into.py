@@ -26,7 +26,7 @@ from torchkeep.state.keys import (
 from torchkeep.state.wrappers import flatten_wrappers
 from torchkeep.storage.remote import is_url
 from torchkeep.weights.files import resolve
-from torchkeep.weights.load import load, read_weights
+from torchkeep.weights.load import is_training_checkpoint, load, placed, read_weights
 from torchkeep.weights.report import LoadReport, Mismatch
 
 
@@ -115,17 +115,25 @@ def load_into(
         source_name = "state dict"
     else:
         source_name = os.fspath(source)
-        if is_url(source):
-            raw = load(source, map_location=map_location or "cpu", verify=verify, storage_options=storage_options)
-        elif map_location is None and not is_dcp_dir(source):
+        if is_url(source) or is_dcp_dir(source) or is_training_checkpoint(source):  # as load reads them
+            raw = load(
+                source,
+                map_location=map_location or "cpu",
+                verify=verify,
+                trusted=trusted,
+                key=key,
+                storage_options=storage_options,
+            )
+        else:
             # Straight from the page cache into the model: the file is mapped, every checksum is checked
             # on the mapped pages first (so a strict load stays all-or-nothing), then each tensor is copied
-            # once, into the parameter that already exists. No full copy of the state is ever allocated.
+            # once, into the parameter that already exists. No full copy of the state is ever allocated
+            # (unless map_location asks for the tensors somewhere first).
             extra: dict[str, Any] = {}  # modules' get_extra_state() values a torch.save file holds
             raw = read_weights(resolve(source), mmap=True, verify=verify, trusted=trusted, key=key, extra_state=extra)
+            if map_location is not None:
+                raw = placed(raw, map_location)
             raw = {**raw, **extra}
-        else:
-            raw = load(source, map_location=map_location or "cpu", verify=verify, trusted=trusted, key=key)
     pending = match_model(model, raw, remap=remap, source_name=source_name)
     if strict and not pending.report.ok:
         raise LoadMismatchError(pending.report, source_name)
