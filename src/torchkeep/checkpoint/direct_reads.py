@@ -85,33 +85,32 @@ def _read_into_destination(window: ByteRange, label: str, item: ReadItem, planne
     return True
 
 
-class CheckedReader(FileSystemReader):
-    """DCP's file reader, given the metadata torchkeep read and checked instead of unpickling it; for
-    files already verified against the manifest, which it reads straight into the destinations."""
+class _Checked:
+    """DCP's reader, given the metadata torchkeep read and checked instead of unpickling it; for files (or
+    objects) already verified against the manifest, which it reads straight into the destinations."""
+
+    _checked: Any
+    load_id: Any
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        self._checked.storage_meta = StorageMeta(load_id=self.load_id)
+        return self._checked
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        return read_data_direct(self, plan, planner, super().read_data)  # type: ignore[misc]
+
+
+class CheckedReader(_Checked, FileSystemReader):
+    """A folder's DCP files."""
 
     def __init__(self, path: Path, metadata: Any) -> None:
         super().__init__(path)
         self._checked = metadata
 
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-        self._checked.storage_meta = StorageMeta(load_id=self.load_id)
-        return self._checked
 
-    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        return read_data_direct(self, plan, planner, super().read_data)
-
-
-class CheckedFsspecReader(FsspecReader):
-    """DCP's fsspec reader (object stores), given the checked metadata instead of unpickling it; for
-    objects already verified against the manifest, which it reads straight into the destinations."""
+class CheckedFsspecReader(_Checked, FsspecReader):
+    """DCP files on object storage."""
 
     def __init__(self, path: str, metadata: Any, **storage_options: Any) -> None:
         super().__init__(path, **storage_options)
         self._checked = metadata
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-        self._checked.storage_meta = StorageMeta(load_id=self.load_id)
-        return self._checked
-
-    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        return read_data_direct(self, plan, planner, super().read_data)

@@ -310,15 +310,13 @@ def fill_from(stream: Any, view: memoryview, chunk: int = 1 << 30) -> bool:
     return True
 
 
-class ByteRange(io.RawIOBase):
-    """``length`` bytes of a seekable ``stream`` from ``offset``, as a seekable stream of their own: a seek
-    costs nothing (clamped to the range) and a read goes straight to its place. zipfile's member files
-    reach a position by reading every byte before it; a DCP chunk is a range of a larger file. A stream
-    that ends inside the range raises EOFError, as zipfile's member files do."""
+class PositionedStream(io.RawIOBase):
+    """A read-only, seekable stream of ``size`` bytes that keeps its own position (a seek costs nothing and
+    is clamped to the stream); a subclass's ``readinto`` reads at ``position`` and advances it."""
 
-    def __init__(self, stream: Any, offset: int, length: int) -> None:
+    def __init__(self, size: int) -> None:
         super().__init__()
-        self.stream, self.offset, self.length = stream, offset, length
+        self.size = size
         self.position = 0
 
     def readable(self) -> bool:
@@ -331,9 +329,20 @@ class ByteRange(io.RawIOBase):
         return self.position
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.length}[whence]
-        self.position = max(0, min(self.length, base + offset))
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
+        self.position = max(0, min(self.size, base + offset))
         return self.position
+
+
+class ByteRange(PositionedStream):
+    """``length`` bytes of a seekable ``stream`` from ``offset``, as a seekable stream of their own: a read
+    goes straight to its place. zipfile's member files reach a position by reading every byte before it;
+    a DCP chunk is a range of a larger file. A stream that ends inside the range raises EOFError, as
+    zipfile's member files do."""
+
+    def __init__(self, stream: Any, offset: int, length: int) -> None:
+        super().__init__(length)
+        self.stream, self.offset, self.length = stream, offset, length
 
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")

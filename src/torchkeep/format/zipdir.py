@@ -18,6 +18,8 @@ import zipfile
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+from torchkeep.format.layout import PositionedStream
+
 _END = struct.Struct("<4s4H2LH")  # signature, disk, disk of directory, entries here, entries, size, offset, comment
 _END64 = struct.Struct("<4sQ2H2L4Q")  # signature, record size, versions, disks, entries here, entries, size, offset
 _LOCATOR = struct.Struct("<4sLQL")  # signature, disk, offset of the zip64 end record, disks
@@ -75,27 +77,12 @@ def declared_directory(f: BinaryIO) -> DeclaredDirectory | None:
         return None
 
 
-class _Spliced(io.RawIOBase):
+class _Spliced(PositionedStream):
     """The first ``length`` bytes of ``stream`` followed by ``tail``: an archive rebuilt around a directory."""
 
     def __init__(self, stream: Any, length: int, tail: bytes) -> None:
-        super().__init__()
+        super().__init__(length + len(tail))
         self.stream, self.length, self.tail = stream, length, tail
-        self.position = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.position
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.length + len(self.tail)}[whence]
-        self.position = max(0, base + offset)
-        return self.position
 
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
