@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from torchkeep.errors import CorruptCheckpointError
 from torchkeep.weights.legacy import read_raw
 from torchkeep.weights.load import load
 
@@ -66,8 +67,13 @@ def read_accelerate_state(
                 plain["step"] = saved["step"]
             names = {"random_state": "python", "numpy_random_seed": "numpy", "torch_manual_seed": "torch"}
             rng = {ours: saved[theirs] for theirs, ours in names.items() if theirs in saved}
-            if saved.get("torch_cuda_manual_seed"):
-                rng["cuda"] = list(saved["torch_cuda_manual_seed"])
+            cuda = saved.get("torch_cuda_manual_seed")
+            if cuda is not None and not isinstance(cuda, (list, tuple)):
+                raise CorruptCheckpointError(
+                    rng_file, f"torch_cuda_manual_seed is a {type(cuda).__name__}, not a list of generator states"
+                )
+            if cuda:  # one state per device (empty: saved without CUDA)
+                rng["cuda"] = list(cuda)
     return objects, plain, rng
 
 

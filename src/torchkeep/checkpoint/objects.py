@@ -147,7 +147,7 @@ def check_entries(entries: Any, where: str) -> dict[str, dict[str, Any]]:
             raise CorruptCheckpointError(where, f"shared tensor {name!r:.80} names object {key!r:.80}, not a key")
         if code not in CODE_TO_DTYPE:
             raise CorruptCheckpointError(where, f"shared tensor {name!r:.80} has dtype {code!r:.40}")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**63 for d in shape):
             raise CorruptCheckpointError(where, f"shared tensor {name!r:.80} has shape {shape!r:.80}")
         numel = 1
         for d in shape:
@@ -162,14 +162,16 @@ def read(store: Storage, name: str, entry: Mapping[str, Any], *, verify: bool) -
     key = entry["object"]
     path = where(store, key)
     dtype = CODE_TO_DTYPE[entry["dtype"]]
-    tensor = torch.empty(entry["shape"], dtype=dtype)
-    view = byte_view(tensor)
     local = store.local_path(key)
     try:
+        # The object is there and of its key's size before anything is allocated for it: a manifest may
+        # claim any size, the file on disk cannot lie about its own.
         if (local is not None and Path(local).is_symlink()) or not store.exists(key):
             raise CorruptCheckpointError(path, f"object of shared tensor {name!r} is missing", key=name)
-        if store.size(key) != view.nbytes:
+        if store.size(key) != int(key.rsplit("-", 1)[1]):
             raise CorruptCheckpointError(path, f"object of shared tensor {name!r} has the wrong size", key=name)
+        tensor = torch.empty(entry["shape"], dtype=dtype)
+        view = byte_view(tensor)
         with store.open_read(key) as f:
             if not fill_from(f, view):  # every backend reads into
                 raise CorruptCheckpointError(path, "object ended early (truncated?)", key=name)

@@ -216,13 +216,11 @@ def _print_table(rows: Sequence[Sequence[str]]) -> None:
 
 def _verify(args: argparse.Namespace) -> int:
     if is_training_checkpoint(args.path, args.storage_options):
-        loaded = read_checkpoint(args.path, storage_options=args.storage_options)  # manifest, shared tensors
-        parts = ""
-        if "distributed" in loaded.manifest:
-            from torchkeep.distributed.load import verify_parts
+        from torchkeep.weights.verify import verify_checkpoint
 
-            parts = f", and {verify_parts(loaded, args.storage_options)} rank and DCP files"
-        print(f"{args.path}: OK, checkpoint with {len(loaded.decoder.tensors)} tensors verified{parts}")
+        tensors, parts = verify_checkpoint(args.path, args.storage_options)  # manifest, objects, ranks' files
+        files = f", and {parts} rank and DCP files" if parts is not None else ""
+        print(f"{args.path}: OK, checkpoint with {tensors} tensors verified{files}")
         return 0
     checked = verify(args.path, storage_options=args.storage_options, progress=Bar("verifying", always=args.progress))
     if checked is None:

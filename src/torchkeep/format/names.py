@@ -30,8 +30,9 @@ def member(folder: str | os.PathLike[str], name: object, source: str | os.PathLi
     """The path of the file ``name`` inside ``folder``, as named by the document ``source``.
 
     Raises:
-        CorruptCheckpointError: ``name`` is not a plain file name, or it is a link that leaves the
-            folder (other than the Hugging Face cache's links to its blobs).
+        CorruptCheckpointError: ``name`` is not a plain file name, it is a link that leaves the folder
+            (other than the Hugging Face cache's links to its blobs), or a FIFO or a device (reading one
+            could block forever).
     """
     if not is_plain_name(name):
         raise CorruptCheckpointError(source, f"{what} {name!r} is not a plain file name inside its folder")
@@ -44,6 +45,7 @@ def member(folder: str | os.PathLike[str], name: object, source: str | os.PathLi
             raise CorruptCheckpointError(
                 source, f"{what} {name!r} is a link that leaves its folder (to {real}); refused"
             )
+    refuse_special(path)
     return path
 
 

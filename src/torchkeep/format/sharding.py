@@ -90,6 +90,8 @@ def parse_index(raw: bytes, path: str) -> dict[str, str]:
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
         raise CorruptCheckpointError(path, "index has no weight_map of tensor name -> file name")
+    if not weight_map:
+        raise CorruptCheckpointError(path, "index lists no tensors (its weight_map is empty)")
     for name, file in weight_map.items():
         if not is_plain_name(file):
             raise CorruptCheckpointError(path, f"index maps {name!r} to {file!r}, not a file in the same folder")

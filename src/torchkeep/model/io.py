@@ -261,7 +261,17 @@ def load_model(
             return construct()
         except TorchkeepError:
             raise
-        except (TypeError, ValueError, KeyError, IndexError, AttributeError, ImportError, RecursionError) as exc:
+        except (
+            TypeError,
+            ValueError,
+            KeyError,
+            IndexError,
+            AttributeError,
+            ImportError,
+            RecursionError,
+            RuntimeError,  # torch's own checks of layer arguments (a negative or overflowing size)
+            AssertionError,  # and its asserts (MultiheadAttention: embed_dim divisible by num_heads)
+        ) as exc:
             raise CorruptCheckpointError(
                 root, f"cannot rebuild the model from its config and manifest: {type(exc).__name__}: {exc}"
             ) from exc
@@ -282,7 +292,16 @@ def load_model(
     model.load_state_dict(pending.to_load, strict=False, assign=True)
     _retie(model, tied)
     if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
-        # Non-persistent buffers (or skipped keys) have no value in the file: build for real instead.
+        # Non-persistent buffers (or skipped keys) have no value in the file: build for real instead, if
+        # this machine can hold it (a manifest of a few bytes may describe a layer of any size).
+        needed = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if needed > memory:
+            raise CorruptCheckpointError(
+                root,
+                f"its structure needs {needed:,} bytes of parameters and buffers to build, more than this "
+                f"machine's {memory:,} bytes of memory, and its weights file does not hold them all",
+            )
         model = construct_checked()
         if dtype is not None:
             model.to(dtype)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -137,6 +137,19 @@ def read_weights(
     return out
 
 
+def check_against_index(held: Iterable[str], expected: Mapping[str, str] | None, name: str, path: str) -> None:
+    """The tensors a shard holds against those its index lists for it (``expected``: the weight map)."""
+    if expected is None:
+        return
+    listed = {k for k, v in expected.items() if v == name}
+    stray = set(held) - listed
+    if stray:
+        raise CorruptCheckpointError(path, f"holds tensors its index does not list: {sorted(stray)[:5]}")
+    absent = listed - set(held)
+    if absent:
+        raise CorruptCheckpointError(path, f"lacks tensors its index lists: {sorted(absent)[:5]}")
+
+
 def add_file(
     out: dict[str, torch.Tensor],
     tensors: dict[str, torch.Tensor],
@@ -146,14 +159,7 @@ def add_file(
     path: str,
 ) -> None:
     """Merge one file's tensors into ``out``, checked against the index's weight map if there is one."""
-    if expected is not None:
-        listed = {k for k, v in expected.items() if v == name}
-        stray = set(tensors) - listed
-        if stray:
-            raise CorruptCheckpointError(path, f"holds tensors its index does not list: {sorted(stray)[:5]}")
-        absent = listed - set(tensors)
-        if absent:
-            raise CorruptCheckpointError(path, f"lacks tensors its index lists: {sorted(absent)[:5]}")
+    check_against_index(tensors, expected, name, path)
     for alias, target in aliases.items():
         tensors[alias] = tensors[target]
     for key, tensor in tensors.items():

@@ -14,7 +14,30 @@ from torchkeep.format.pickle.dcp import is_dcp_dir, read_dcp
 from torchkeep.storage.remote import is_url
 from torchkeep.weights.files import resolve
 from torchkeep.weights.legacy import Kind, detect_once, read_raw
-from torchkeep.weights.load import open_header, open_weights_file, read_weights
+from torchkeep.weights.load import (
+    check_against_index,
+    is_training_checkpoint,
+    open_header,
+    open_weights_file,
+    read_weights,
+)
+
+
+def verify_checkpoint(
+    path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+) -> tuple[int, int | None]:
+    """A torchkeep checkpoint (a folder or a URL) read as load_checkpoint reads it: its manifest, tensor file
+    and shared objects, and (saved by several ranks) every rank's and DCP file. Returns the tensors checked
+    and, for a distributed checkpoint, how many rank and DCP files."""
+    from torchkeep.checkpoint.io import read_checkpoint
+
+    loaded = read_checkpoint(path, storage_options=storage_options)
+    parts = None
+    if "distributed" in loaded.manifest:
+        from torchkeep.distributed.load import verify_parts
+
+        parts = verify_parts(loaded, storage_options)
+    return len(loaded.decoder.tensors), parts
 
 
 def verify(
@@ -36,6 +59,8 @@ def verify(
         CheckpointNotFoundError: nothing at ``path``.
         CorruptCheckpointError: damage, naming the file and the tensor.
     """
+    if is_training_checkpoint(path, storage_options):  # a checkpoint: as load_checkpoint checks it
+        return verify_checkpoint(path, storage_options)[0]
     if is_url(path):  # s3://... (storage_options for fsspec): every tensor fetched and checked
         from torchkeep.weights.remote import load_url, remote_headers
 
@@ -74,6 +99,7 @@ def verify(
         file_path = files.path(name)
         with open_weights_file(file_path) as f:
             header = open_header(f, file_path)
+            check_against_index([e.name for e in header.entries], files.expected, name, file_path)  # as load does
             any_checksums |= header.checksums is not None
             checked += verify_tensors(f, header, file_path, tensor_checked)
     if progress is not None:
