@@ -326,3 +326,24 @@ def test_hyperparameters_added_by_a_newer_torch_or_a_scheduler_still_load(tmp_pa
     step(model, opt)
     step(model2, opt2)
     assert_same_state(dict(model.state_dict()), dict(model2.state_dict()))
+
+
+def test_a_subclass_of_a_torch_optimizer_keeps_slots_of_its_own(tmp_path: Path) -> None:
+    """A subclass (an Adam keeping an EMA per parameter) is a custom optimizer: its slots are its own."""
+
+    class EMAAdam(torch.optim.Adam):
+        @torch.no_grad()
+        def step(self, closure: Any = None) -> Any:
+            loss = super().step(closure)
+            for group in self.param_groups:
+                for p in group["params"]:
+                    state = self.state[p]
+                    state["ema"] = state.get("ema", torch.zeros_like(p)) * 0.9 + p * 0.1
+            return loss
+
+    model, opt = trained(EMAAdam)
+    torchkeep.save_checkpoint(tmp_path / "ck", model=model, optimizer=opt)
+    model2 = net(seed=1)
+    opt2 = EMAAdam(model2.parameters())
+    torchkeep.load_checkpoint(tmp_path / "ck", model=model2, optimizer=opt2)
+    assert_same_state(opt.state_dict()["state"], opt2.state_dict()["state"])

@@ -243,3 +243,42 @@ def test_nothing_on_the_allowlist_allocates_from_a_number_or_calls_what_it_is_gi
 
 def test_the_hostile_corpus_covers_every_kind_of_attack() -> None:
     assert len(HOSTILE) >= 30
+
+
+def test_zip_entries_that_share_their_bytes_are_refused(tmp_path: Path) -> None:
+    """Many central-directory entries pointing at one stored member: a small file whose storages, read by
+    offset, would claim many times its size (inspect reads quantized storages whole). Refused as overlapping."""
+    import struct
+    import warnings
+    import zipfile
+
+    count, size = 12, 4096
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's deprecation of quantized tensors
+        state = {f"w{i}": torch.quantize_per_tensor(torch.zeros(size), 0.1, 0, torch.qint8) for i in range(count)}
+    source = tmp_path / "q.pt"
+    torch.save(state, source)
+    raw = source.read_bytes()
+    with zipfile.ZipFile(source) as archive:
+        infos = sorted(archive.infolist(), key=lambda i: i.header_offset)
+        ends = [i.header_offset for i in infos[1:]] + [archive.start_dir]
+        first = next(i for i in infos if i.filename.endswith("/data/0"))
+        body, offsets = bytearray(), {}
+        for info, end in zip(infos, ends, strict=True):
+            if "/data/" in info.filename and info is not first:
+                continue  # every other storage's bytes dropped: its entry will point at storage 0's
+            offsets[info.filename] = len(body)
+            body += raw[info.header_offset : end]
+        directory = bytearray()
+        for info in archive.infolist():
+            name = info.filename.encode()
+            offset = offsets.get(info.filename, offsets[first.filename])
+            directory += struct.pack("<4s6H3L5HLL", b"PK\x01\x02", 20, 20, 0, 0, 0, 0, info.CRC, info.compress_size,
+                                     info.file_size, len(name), 0, 0, 0, 0, 0, offset) + name  # fmt: skip
+        entries = len(archive.infolist())
+    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, entries, entries, len(directory), len(body), 0)
+    hostile = tmp_path / "shared.pt"
+    hostile.write_bytes(bytes(body + directory + end))
+    for read in (torchkeep.inspect, torchkeep.load_raw):
+        with pytest.raises(torchkeep.CorruptCheckpointError, match="overlap"):
+            read(hostile)

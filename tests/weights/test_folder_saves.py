@@ -109,3 +109,29 @@ def test_storage_lists_one_level_and_deletes_what_is_gone(tmp_path: Path) -> Non
     storage.delete("a.safetensors")
     storage.delete("a.safetensors")  # already gone: another writer removed it
     assert storage.list(recursive=False) == []
+
+
+def test_a_failure_after_the_index_is_in_place_keeps_the_shards_it_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index renamed into place commits the save; a failure after it (syncing the folder) must not delete
+    the shards that index names (the folder then named missing shards and the old ones were unnamed)."""
+    import errno
+
+    from torchkeep.storage import local
+
+    folder = tmp_path / "w"
+    torchkeep.save(state(0), folder, max_shard_size=20_000)
+    real = local.fsync_dir
+
+    def failing(path: Any) -> None:
+        index = Path(path) / _config.INDEX_FILE_NAME
+        if index.exists() and "-r" in index.read_text():  # the new index (tagged shard names) is in place
+            raise OSError(errno.EIO, "Input/output error")
+        real(path)
+
+    monkeypatch.setattr(local, "fsync_dir", failing)
+    with pytest.raises(torchkeep.CheckpointWriteError, match="syncing"):
+        torchkeep.save(state(1), folder, max_shard_size=20_000)
+    monkeypatch.setattr(local, "fsync_dir", real)
+    assert_same_tensors(state(1), torchkeep.load(folder))

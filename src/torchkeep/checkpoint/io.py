@@ -484,8 +484,8 @@ def _check_optimizer(optimizer: Any, saved: Any, path: str) -> None:
 
 # The per-parameter state slots each torch.optim optimizer keeps in its parameter's shape (torch's sources);
 # per-parameter scalars (step, eta, mu, mu_product) and factored statistics (Adafactor's row_var / col_var)
-# are not. Found by the optimizer's class (or the torch.optim class it derives from): a custom optimizer
-# may keep slots of the same names in other shapes, so it is not checked.
+# are not. Found by the optimizer's own class: a custom optimizer, a subclass of a torch.optim one included,
+# may keep other slots or the same names in other shapes, so it is not checked.
 _PARAM_SHAPED_SLOTS: dict[str, frozenset[str]] = {
     "SGD": frozenset({"momentum_buffer"}),
     "Adam": frozenset({"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}),
@@ -526,9 +526,9 @@ def _builtin_class(optimizer: Any) -> str | None:
     """The torch.optim class ``optimizer`` is (or derives from) and the slot tables know; None otherwise."""
     # A wrapper (Accelerate's AcceleratedOptimizer) keeps the real optimizer as .optimizer.
     for candidate in (optimizer, getattr(optimizer, "optimizer", None)):
-        for cls in type(candidate).__mro__:
-            if cls.__module__.startswith("torch.optim.") and cls.__name__ in _PARAM_SHAPED_SLOTS:
-                return cls.__name__
+        cls = type(candidate)  # the class itself: a subclass may keep slots of its own, in shapes of its own
+        if cls.__module__.startswith("torch.optim.") and cls.__name__ in _PARAM_SHAPED_SLOTS:
+            return cls.__name__
     return None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import re
 import time
@@ -91,7 +92,13 @@ def object_state(obj: Any) -> dict[str, Any]:
         return state_dict_of(obj, values=True)  # a module's extra state is kept, whatever it is
     if not isinstance(obj, Stateful):
         raise TypeError(f"{type(obj).__name__} has no state_dict()/load_state_dict(); it cannot be checkpointed")
-    return obj.state_dict()
+    return _as_state(obj.state_dict())  # type: ignore[no-any-return]
+
+
+def _as_state(state: Any) -> Any:
+    """An object's state dict as a plain dict: ``load_state_dict`` takes any mapping, and a module's
+    ``OrderedDict`` would otherwise be kept as one (a version-4 manifest an older torchkeep cannot read)."""
+    return dict(state) if type(state) is collections.OrderedDict else state
 
 
 def plan_checkpoint(
@@ -114,7 +121,7 @@ def plan_checkpoint(
     taken = states or {}
     objects: dict[str, Any] = {}
     for name, obj in request.objects():
-        objects[name] = encoder.encode(taken[name] if name in taken else object_state(obj), name)
+        objects[name] = encoder.encode(_as_state(taken[name]) if name in taken else object_state(obj), name)
     if request.components:
         objects["components"] = {
             name: encoder.encode(object_state(obj), f"components.{name}") for name, obj in request.components.items()

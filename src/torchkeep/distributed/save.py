@@ -56,7 +56,7 @@ class LocalPlace:
 
     def __init__(self, target: Path, temp_name: str | None) -> None:
         self.target = Path(os.path.abspath(target))  # "." and "..": a name to put a temporary beside
-        self.temp = target.parent / temp_name if temp_name else temporary_sibling(target)
+        self.temp = self.target.parent / temp_name if temp_name else temporary_sibling(self.target)
         self.storage = LocalStorage(self.temp)
         self.made = False
         self.dcp_folder = ""  # the DCP files sit beside the manifest (the folder is also a DCP checkpoint)

@@ -61,15 +61,15 @@ def config_of(model: nn.Module, explicit: Any = None) -> tuple[Any, str]:
 
 
 def built_by_default(model: nn.Module) -> bool:
-    """Whether ``type(model)()`` (its constructor's defaults: the tutorials' ``SimpleNet()``) builds a model of
-    the same structure, so its config is ``{}``. The probe is built on the meta device (nothing allocated)
+    """Whether ``type(model)()`` (a constructor that takes nothing: the tutorials' ``SimpleNet()``) builds a
+    model of the same structure, so its config is ``{}``. The probe is built on the meta device (nothing allocated)
     with every random generator put back after (a save must not move a random stream)."""
     cls = type(model)
     try:
         parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
     except (TypeError, ValueError):
         return False
-    if any(p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters):
+    if parameters:  # an argument with a default may hold what neither repr nor the state dict shows
         return False
     python_state, numpy_state = random.getstate(), np.random.get_state()
     try:
@@ -122,6 +122,8 @@ def build(cls: type[nn.Module], config: Any, source: str) -> nn.Module:
     ):
         # transformers: the class takes its config object (a config.json from save_pretrained or torchkeep)
         return cls(config_class.from_dict(config))  # type: ignore[union-attr]
+    if source == "defaults":  # a constructor that takes nothing
+        return cls()
     if source == "get_config" and callable(getattr(cls, "from_config", None)):
         return cls.from_config(config)  # type: ignore[attr-defined, no-any-return]
     try:

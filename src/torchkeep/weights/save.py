@@ -161,6 +161,7 @@ def save_folder(
                 )
             )
             weight_map.update(dict.fromkeys(group, file))
+        committed = False  # once the index is in place, its shards are the folder's weights
         try:
             _write_shards(storage, files, shards, metadata)
             if len(files) > 1:
@@ -175,8 +176,11 @@ def save_folder(
                     )
                 with storage.open_write(_config.INDEX_FILE_NAME) as sink:
                     sink.write(index_document(weight_map, prepared.nbytes))
+                    committed = True  # set before the rename: a failure after it may have published the index
         except BaseException:
             if len(files) > 1:  # this save's shards (never a live one: those names were avoided above)
+                if committed and storage.exists(_config.INDEX_FILE_NAME):
+                    files = [f for f in files if f not in _live_shards(storage)]  # the index in place names them
                 for file in files:
                     with contextlib.suppress(Exception):
                         storage.delete(file)

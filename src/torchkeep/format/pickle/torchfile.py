@@ -132,12 +132,20 @@ def read_zip_stream(
     """A torch.save archive from a seekable binary stream of ``file_size`` bytes (``read_limit``: as
     read_torch_file)."""
     with _Archive(raw, path, file_size) as archive:
+        stored = 0  # bytes read from uncompressed members: more than the file holds means they overlap
 
         def load_storage(kind: StorageType, key: str, location: str, numel: int) -> LoadedStorage:
             # Each key is loaded once, from its own member: storages are backed by the archive's bytes.
+            nonlocal stored
             info, nbytes = archive.storage_member(key, kind, numel)
             if _skipped(read_limit, nbytes, kind.dtype):
                 return LoadedStorage(_geometry_storage(nbytes), kind.dtype, location)
+            if info.compress_type == zipfile.ZIP_STORED:
+                stored += info.file_size
+                if stored > file_size:
+                    raise CorruptCheckpointError(
+                        path, "its uncompressed storages hold more bytes than the file (entries that overlap)"
+                    )
             if info.compress_type == zipfile.ZIP_STORED and info.file_size == nbytes:
                 untyped = _new_storage(nbytes)
                 _read_stored_into(raw, info, path, file_size, untyped)  # straight into the storage: one copy
