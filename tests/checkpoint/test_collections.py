@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -60,4 +61,26 @@ def test_a_factory_name_from_the_file_is_never_imported(tmp_path: Path) -> None:
     body.pop("xxh3_64")
     path.write_bytes(manifest_bytes(body, tensors_file))
     with pytest.raises(torchkeep.CorruptCheckpointError, match=r"'os\.system' is not a builtin type"):
+        torchkeep.load_checkpoint(tmp_path / "ck")
+
+
+@pytest.mark.parametrize(
+    ("node", "problem"),
+    [
+        ({"$counter": [["a", "x"]]}, "counts must be numbers"),
+        ({"$odict": [], "$counter": []}, "two tags"),
+    ],
+    ids=["counter-of-strings", "two-tags"],
+)
+def test_malformed_collection_values_are_corrupt(tmp_path: Path, node: dict[str, Any], problem: str) -> None:
+    torchkeep.save_checkpoint(tmp_path / "ck", counts=collections.Counter({"a": 1}))
+    path = tmp_path / "ck" / "manifest.json"
+    body = json.loads(path.read_text())
+    body["state"]["counts"] = node
+    from torchkeep.checkpoint.layout import manifest_bytes
+
+    tensors_file = body.pop("tensors_file")
+    body.pop("xxh3_64")
+    path.write_bytes(manifest_bytes(body, tensors_file))
+    with pytest.raises(torchkeep.CorruptCheckpointError, match=problem):
         torchkeep.load_checkpoint(tmp_path / "ck")

@@ -200,9 +200,12 @@ class Decoder:
             return [self._decode(v) for v in node]
         if not isinstance(node, dict):
             raise self._bad(f"unexpected JSON value {node!r:.80}")
-        tag = next((k for k in node if k.startswith("$")), None)
-        if tag is None:
+        tags = [k for k in node if k.startswith("$")]
+        if not tags:
             return {k: self._decode(v) for k, v in node.items()}
+        if len(tags) > 1:
+            raise self._bad(f"a value with two tags {tags[:2]!r:.80}")
+        tag = tags[0]
         handler = getattr(self, "_" + tag[1:], None)
         if tag not in TAGS or handler is None:
             raise self._bad(f"unknown tag {tag!r:.80}")
@@ -276,7 +279,10 @@ class Decoder:
         return collections.OrderedDict(self._pairs(node, "$odict"))
 
     def _counter(self, node: dict[str, Any]) -> collections.Counter[Any]:
-        return collections.Counter(dict(self._pairs(node, "$counter")))
+        pairs = self._pairs(node, "$counter")
+        if not all(type(count) in (int, float) for _, count in pairs):
+            raise self._bad("$counter counts must be numbers")
+        return collections.Counter(dict(pairs))
 
     def _defaultdict(self, node: dict[str, Any]) -> collections.defaultdict[Any, Any]:
         name = node.get("factory")
