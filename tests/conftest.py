@@ -45,6 +45,18 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.fixture
+def memory_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh ``memory://`` URL for this test (fsspec's in-memory filesystem), removed after it."""
+    import fsspec
+
+    url = f"memory://torchkeep-test/{request.node.name}"
+    yield url
+    fs = fsspec.filesystem("memory")
+    if fs.exists(url):
+        fs.rm(url, recursive=True)
+
+
 @pytest.fixture(scope="module")
 def s3() -> Iterator[dict[str, Any]]:
     """A real S3 endpoint on loopback (moto's server), and a bucket in it."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -111,33 +110,22 @@ def test_the_temporary_folder_of_a_save_being_written_keeps_its_objects(tmp_path
     loads_as(run / "ckpt-8", weights)
 
 
-@pytest.fixture
-def memory_run(request: pytest.FixtureRequest) -> Iterator[str]:
-    import fsspec
-
-    url = f"memory://torchkeep-collection/{request.node.name}"
-    yield url
-    fs = fsspec.filesystem("memory")
-    if fs.exists(url):
-        fs.rm(url, recursive=True)
-
-
-def test_a_run_at_a_url_keeps_the_objects_of_other_templates_and_renamed_steps(memory_run: str) -> None:
+def test_a_run_at_a_url_keeps_the_objects_of_other_templates_and_renamed_steps(memory_url: str) -> None:
     first, second = model(1), model(2)
-    with torchkeep.CheckpointManager(memory_run, keep_last=3, incremental=True) as mgr:
+    with torchkeep.CheckpointManager(memory_url, keep_last=3, incremental=True) as mgr:
         mgr.save(100, model=first)
         mgr.save(200, model=second)
-    run = RemoteStorage(memory_run)
+    run = RemoteStorage(memory_url)
     for name in [n for n in run.list() if n.startswith("step-00000200/")]:  # renamed by a person: "best"
         with run.open_read(name) as f, run.open_write("best/" + name.partition("/")[2]) as sink:
             sink.write(f.read())
         run.delete(name)
-    with torchkeep.CheckpointManager(memory_run, template="ckpt-{step}", keep_last=1, incremental=True) as other:
+    with torchkeep.CheckpointManager(memory_url, template="ckpt-{step}", keep_last=1, incremental=True) as other:
         other.save(1, model=model(3))
         other.save(2, model=model(4))  # retention retires ckpt-1 and collects objects
-    with torchkeep.CheckpointManager(memory_run, keep_last=1, incremental=True) as mgr:
+    with torchkeep.CheckpointManager(memory_url, keep_last=1, incremental=True) as mgr:
         mgr.save(300, model=model(5))  # retires step 100: its object goes, best's stays
-    for url, expected in ((f"{memory_run}/best", second), (f"{memory_run}/ckpt-2", model(4))):
+    for url, expected in ((f"{memory_url}/best", second), (f"{memory_url}/ckpt-2", model(4))):
         fresh = nn.Linear(256, 256)
         torchkeep.load_checkpoint(url, model=fresh)
         assert_same_tensors(fresh.state_dict(), expected.state_dict())

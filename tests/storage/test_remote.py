@@ -3,7 +3,6 @@ started by the test, with credentials and the endpoint passed as storage_options
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,17 +17,6 @@ from torchkeep.storage.remote import RemoteStorage
 def state() -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     return {"a": torch.randn(64, 32), "b": torch.arange(10), "c": torch.randn(3).half()}
-
-
-@pytest.fixture
-def memory_url(request: pytest.FixtureRequest) -> Iterator[str]:
-    import fsspec
-
-    url = f"memory://torchkeep-test/{request.node.name}"
-    yield url
-    fs = fsspec.filesystem("memory")
-    if fs.exists(url):
-        fs.rm(url, recursive=True)
 
 
 def test_round_trips_on_the_memory_filesystem(memory_url: str) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,15 +46,7 @@ from torchkeep.state.rng import check_rng, restore_rng
 from torchkeep.state.tensors import PreparedTensors
 from torchkeep.state.values import Decoder
 from torchkeep.storage.base import Storage
-from torchkeep.storage.local import (
-    LocalStorage,
-    commit_dir,
-    folder_errors,
-    fsync_dir,
-    refuse_foreign,
-    temporary_sibling,
-    write_errors,
-)
+from torchkeep.storage.local import LocalStorage, new_folder
 from torchkeep.storage.remote import is_url
 from torchkeep.weights.contents import array_tensor, classify, split_objects
 from torchkeep.weights.legacy import detect_kind, read_raw
@@ -109,21 +100,8 @@ def write_checkpoint_dir(target: Path, plan: CheckpointPlan) -> int:
         CheckpointWriteError: ``target`` is a file or a folder holding other files (nothing written), or
             the write failed (``target`` as it was).
     """
-    target = Path(os.path.abspath(target))  # "." and "..": a name to put a temporary beside
-    refuse_foreign(target, is_checkpoint_file)  # before anything is written
-    temp = temporary_sibling(target)
-    with write_errors(target, "creating the checkpoint folder"):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temp.mkdir()
-    try:
-        with folder_errors(temp, target):
-            size = write_checkpoint(LocalStorage(temp), plan)
-        with write_errors(target, "syncing the checkpoint folder"):
-            fsync_dir(temp)
-        commit_dir(temp, target, owned=is_checkpoint_file)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
+    with new_folder(target, is_checkpoint_file, "checkpoint folder") as temp:
+        size = write_checkpoint(LocalStorage(temp), plan)
     return size
 
 

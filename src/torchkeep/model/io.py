@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,16 +30,7 @@ from torchkeep.model.registry import import_path, registered
 from torchkeep.state.devices import MapLocation, parse_device
 from torchkeep.state.keys import unwrap_model
 from torchkeep.state.tensors import prepare, state_dict_of
-from torchkeep.storage.local import (
-    LocalStorage,
-    atomic_write,
-    commit_dir,
-    folder_errors,
-    fsync_dir,
-    refuse_foreign,
-    temporary_sibling,
-    write_errors,
-)
+from torchkeep.storage.local import LocalStorage, atomic_write, new_folder
 from torchkeep.weights.load import load
 from torchkeep.weights.load_into import load_into, match_model
 from torchkeep.weights.save import save_folder
@@ -118,31 +108,18 @@ def save_model(
         manifest["quantization"] = recipe
     if ao_recipe is not None:
         manifest[torch_ao.MANIFEST_KEY] = ao_recipe
-    out = Path(os.path.abspath(path))  # "." and "..": a name to put a temporary beside
-    refuse_foreign(out, is_model_file)  # a model folder is replaced, nothing else: before anything is written
-    temp = temporary_sibling(out)
-    with write_errors(out, "creating the model folder"):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        temp.mkdir()
-    try:
-        limit = None
-        if max_shard_size is not None:
-            from torchkeep.format.sharding import parse_size
+    limit = None
+    if max_shard_size is not None:
+        from torchkeep.format.sharding import parse_size
 
-            limit = parse_size(max_shard_size)
+        limit = parse_size(max_shard_size)
+    with new_folder(Path(path), is_model_file, "model folder") as temp:  # a model folder replaces only one
         # "format": "pt" is what safetensors' torch writer records; transformers' from_pretrained requires it.
-        with folder_errors(temp, out):
-            save_folder(LocalStorage(temp), prepare(state, keep_devices=True), {"format": "pt"}, limit)
-            with atomic_write(temp / CONFIG_FILE) as sink:
-                sink.write((json.dumps(cfg if cfg is not None else {}, indent=2) + "\n").encode())
-            with atomic_write(temp / MODEL_MANIFEST) as sink:
-                sink.write((json.dumps(manifest, indent=2) + "\n").encode())
-        with write_errors(out, "syncing the model folder"):
-            fsync_dir(temp)
-        commit_dir(temp, out, owned=is_model_file)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
+        save_folder(LocalStorage(temp), prepare(state, keep_devices=True), {"format": "pt"}, limit)
+        with atomic_write(temp / CONFIG_FILE) as sink:
+            sink.write((json.dumps(cfg if cfg is not None else {}, indent=2) + "\n").encode())
+        with atomic_write(temp / MODEL_MANIFEST) as sink:
+            sink.write((json.dumps(manifest, indent=2) + "\n").encode())
 
 
 def _version() -> str:

@@ -334,6 +334,31 @@ def _owned_or_temporary(name: str, owned: Callable[[str], bool]) -> bool:
     return owned(name) or (match is not None and owned(match["base"]))
 
 
+@contextlib.contextmanager
+def new_folder(target: Path, owned: Callable[[str], bool], what: str) -> Iterator[Path]:
+    """A folder written whole, then moved into place as ``target`` (:func:`commit_dir`), or not at all.
+
+    Yields the temporary folder to write into. ``target`` is checked first (:func:`refuse_foreign`: only a
+    folder of files ``owned`` names is replaced); a write error inside names ``target``; on any error the
+    temporary folder is removed and ``target`` is as it was. ``what`` names the folder in messages.
+    """
+    target = Path(os.path.abspath(target))  # "." and "..": a name to put a temporary beside
+    refuse_foreign(target, owned)  # before anything is written
+    temp = temporary_sibling(target)
+    with write_errors(target, f"creating the {what}"):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temp.mkdir()
+    try:
+        with folder_errors(temp, target):
+            yield temp
+        with write_errors(target, f"syncing the {what}"):
+            fsync_dir(temp)
+        commit_dir(temp, target, owned=owned)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+
+
 def commit_dir(temp: Path, target: Path, *, owned: Callable[[str], bool]) -> None:
     """Move a fully written (and fsynced) directory into place atomically.
 
