@@ -234,6 +234,12 @@ def test_paths_in_a_checkpoint_are_plain_values(tmp_path: Path, protocol: int) -
     assert rest["windows"] == pathlib.PureWindowsPath("C:/runs/a")
     assert rest["relative"] == pathlib.PurePosixPath("runs/b")
     assert_same_tensors(restored.state_dict(), model.state_dict())
+    # Python 3.13 names the classes in pathlib._local: the same paths.
+    for module in (b"pathlib", b"pathlib._local"):
+        named = b"\x80\x02c" + module + b"\nPosixPath\nX\x04\x00\x00\x00/a/bX\x01\x00\x00\x00c\x86R."
+        (tmp_path / "p.pkl").write_bytes(named)
+        assert torchkeep.load_raw(tmp_path / "p.pkl") == pathlib.Path("/a/b/c")
+        assert torchkeep.scan(tmp_path / "p.pkl").exit_code == 0
     # A method reached through the class stays what it is: code.
     hostile = b"\x80\x04\x95\x00\x00\x00\x00\x00\x00\x00\x00\x8c\x07pathlib\x94\x8c\x0fPath.write_text\x94\x93\x94."
     (tmp_path / "hostile.pkl").write_bytes(hostile)

@@ -196,6 +196,13 @@ _FIXED: dict[tuple[str, str], Any] = {
     ("pathlib", "PurePath"): safe_pure_posix_path if os.name == "posix" else safe_windows_path,
     ("pathlib", "PurePosixPath"): safe_pure_posix_path,
     ("pathlib", "PureWindowsPath"): safe_windows_path,
+    # Python 3.13 keeps the classes in pathlib._local, and pickles name them there.
+    ("pathlib._local", "Path"): safe_path,
+    ("pathlib._local", "PosixPath"): safe_path if os.name == "posix" else safe_pure_posix_path,
+    ("pathlib._local", "WindowsPath"): safe_windows_path if os.name == "posix" else safe_path,
+    ("pathlib._local", "PurePath"): safe_pure_posix_path if os.name == "posix" else safe_windows_path,
+    ("pathlib._local", "PurePosixPath"): safe_pure_posix_path,
+    ("pathlib._local", "PureWindowsPath"): safe_windows_path,
     ("collections", "OrderedDict"): safe_ordered_dict,
     ("builtins", "set"): safe_set,
     ("builtins", "frozenset"): safe_frozenset,
