@@ -24,8 +24,6 @@ MAX_VALUE_DEPTH = 64
 # Threads that hash mapped tensors in parallel (xxh3 releases the GIL), and the least work worth splitting.
 HASH_THREADS = 2
 PARALLEL_HASH_BYTES = 64 * 1024 * 1024
-# Pieces in which an incremental save reads an object it reuses, to check it against its key.
-OBJECT_CHECK_PIECE_BYTES = 8 * 1024 * 1024
 # Threads that copy loaded tensors into a live model, the least work worth splitting, and the size of a piece.
 COPY_THREADS = 2
 PARALLEL_COPY_BYTES = 32 * 1024 * 1024

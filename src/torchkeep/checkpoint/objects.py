@@ -9,6 +9,7 @@ file), and are deleted only when no checkpoint that is kept references them.
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 import stat
@@ -116,18 +117,32 @@ def _damage(store: Storage, key: str, nbytes: int) -> str | None:
         return "it is not a plain file"  # a link or a folder: the reader refuses it
     if st.st_size != nbytes:
         return f"it holds {st.st_size} bytes, not {nbytes}"
-    hasher = xxhash.xxh3_64()
-    buffer = bytearray(min(nbytes, _config.OBJECT_CHECK_PIECE_BYTES))
-    view = memoryview(buffer)
     try:
-        with open(local, "rb", buffering=0) as f:
-            while got := f.readinto(view):
-                hasher.update(view[:got])
+        size, checksum = stored_digest(store, key)
     except OSError as exc:
         return f"it cannot be read: {exc}"
-    if f"{hasher.hexdigest()}-{nbytes}" != key:
+    if f"{checksum}-{size}" != key:
         return "its bytes no longer match its checksum"
     return None
+
+
+def stored_digest(store: Storage, name: str) -> tuple[int, str]:
+    """The size and checksum (``layout.digest``'s) of a stored file's bytes: hashed from the page cache on a
+    disk (mapped, no copy), streamed from an object store."""
+    local = store.local_path(name)
+    if local is not None:
+        with open(local, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                return 0, digest(b"")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                return size, digest(mapped)
+    hasher, size = xxhash.xxh3_64(), 0
+    with store.open_read(name) as f:
+        while chunk := f.read(_config.SMALL_BATCH_BYTES):
+            hasher.update(chunk)
+            size += len(chunk)
+    return size, hasher.hexdigest()
 
 
 def where(store: Storage, key: str) -> str:

@@ -20,8 +20,6 @@ manifest refers to each such tensor by ``{"$dcp": key}``, and ``layout`` repeats
 from __future__ import annotations
 
 import math
-import mmap
-import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,14 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import xxhash
 
-from torchkeep import _config
 from torchkeep.checkpoint.layout import CHECKSUM_KEY
+from torchkeep.checkpoint.objects import stored_digest
 from torchkeep.errors import CorruptCheckpointError
 from torchkeep.format.dtypes import CODE_TO_DTYPE, DTYPE_TO_CODE
 from torchkeep.format.jsondoc import expect
-from torchkeep.format.layout import digest
 from torchkeep.format.names import is_plain_name, member
 from torchkeep.format.pickle.dcp import Chunk, cover_exactly, read_dcp
 from torchkeep.storage.base import Storage
@@ -178,20 +174,8 @@ def parse_section(manifest: dict[str, Any], path: str) -> Section | None:
 def describe_stored(storage: Storage, name: str) -> dict[str, Any]:
     """A stored file's size and checksum, as a manifest records them: hashed through a read-only mapping
     of the page cache on a disk, streamed from an object store."""
-    local = storage.local_path(name)
-    if local is not None:
-        with open(local, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:
-                return {"size": 0, CHECKSUM_KEY: digest(b"")}
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                return {"size": size, CHECKSUM_KEY: digest(mapped)}
-    hasher, size = xxhash.xxh3_64(), 0
-    with storage.open_read(name) as f:
-        while chunk := f.read(_config.SMALL_BATCH_BYTES):
-            hasher.update(chunk)
-            size += len(chunk)
-    return {"size": size, CHECKSUM_KEY: hasher.hexdigest()}
+    size, checksum = stored_digest(storage, name)
+    return {"size": size, CHECKSUM_KEY: checksum}
 
 
 def verify_file(root: Path, name: str, info: dict[str, Any], manifest_path: str) -> None:
