@@ -149,10 +149,12 @@ def _canonical(manifest: Mapping[str, Any]) -> bytes:
 def manifest_bytes(manifest: Mapping[str, Any], tensors_file: Mapping[str, Any]) -> bytes:
     """The manifest file: canonical JSON plus a checksum of everything else in it."""
     body = dict(manifest, tensors_file=dict(tensors_file))
+    canonical = _canonical(body)
     # The least version whose readers know every tag in it: one of those tags can only stand as a key.
-    if any(f'"{tag}":'.encode() in _canonical(body) for tag in COLLECTION_TAGS):
+    if any(f'"{tag}":'.encode() in canonical for tag in COLLECTION_TAGS):
         body["version"] = max(int(body.get("version", FORMAT_VERSION)), COLLECTIONS_VERSION)
-    body[CHECKSUM_KEY] = digest(_canonical(body))
+        canonical = _canonical(body)
+    body[CHECKSUM_KEY] = digest(canonical)
     return json.dumps(body, indent=1, ensure_ascii=False).encode("utf-8") + b"\n"
 
 
