@@ -189,20 +189,18 @@ def safe_pure_posix_path(*parts: Any) -> pathlib.PurePosixPath:
     return pathlib.PurePosixPath(*_path_parts(parts, "a path"))
 
 
+_PATHS: dict[str, Any] = {
+    "Path": safe_path,
+    "PosixPath": safe_path if os.name == "posix" else safe_pure_posix_path,
+    "WindowsPath": safe_windows_path if os.name == "posix" else safe_path,
+    "PurePath": safe_pure_posix_path if os.name == "posix" else safe_windows_path,
+    "PurePosixPath": safe_pure_posix_path,
+    "PureWindowsPath": safe_windows_path,
+}
+
 _FIXED: dict[tuple[str, str], Any] = {
-    ("pathlib", "Path"): safe_path,
-    ("pathlib", "PosixPath"): safe_path if os.name == "posix" else safe_pure_posix_path,
-    ("pathlib", "WindowsPath"): safe_windows_path if os.name == "posix" else safe_path,
-    ("pathlib", "PurePath"): safe_pure_posix_path if os.name == "posix" else safe_windows_path,
-    ("pathlib", "PurePosixPath"): safe_pure_posix_path,
-    ("pathlib", "PureWindowsPath"): safe_windows_path,
-    # Python 3.13 keeps the classes in pathlib._local, and pickles name them there.
-    ("pathlib._local", "Path"): safe_path,
-    ("pathlib._local", "PosixPath"): safe_path if os.name == "posix" else safe_pure_posix_path,
-    ("pathlib._local", "WindowsPath"): safe_windows_path if os.name == "posix" else safe_path,
-    ("pathlib._local", "PurePath"): safe_pure_posix_path if os.name == "posix" else safe_windows_path,
-    ("pathlib._local", "PurePosixPath"): safe_pure_posix_path,
-    ("pathlib._local", "PureWindowsPath"): safe_windows_path,
+    # Python 3.13 keeps the path classes in pathlib._local, and pickles name them there.
+    **{(module, name): make for module in ("pathlib", "pathlib._local") for name, make in _PATHS.items()},
     ("collections", "OrderedDict"): safe_ordered_dict,
     ("builtins", "set"): safe_set,
     ("builtins", "frozenset"): safe_frozenset,
